@@ -1,0 +1,328 @@
+//! Admission: submit stream → validation → `coordinator.tasks` → work stream / `rejected`.
+//!
+//! Messages are handled in batches of whatever is ready (up to `batch_size`): one INSERT for
+//! the admitted tasks, one for the rejections, all publishes in flight together, then all acks.
+//! Nothing is acked before its effects are durable, so a crash at any point only causes a
+//! redelivery, which is recognised by the stored submit sequence and finished, never doubled.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::consumer::PullConsumer;
+use async_nats::jetstream::message::PublishMessage as Publish;
+use async_nats::jetstream::{AckKind, Message};
+use async_nats::HeaderMap;
+use chrono::Utc;
+use futures::StreamExt;
+use taskbus_proto::envelope::work_item_json;
+use taskbus_proto::events::{self, Event, EventKind};
+use taskbus_proto::validate::{self, Rejection};
+use taskbus_proto::{ids, streams, ValidTask};
+use taskbus_runtime::CancellationToken;
+use tracing::{debug, warn};
+
+use crate::store::{self, NewRejection, NewTask};
+use crate::{CoordinatorError, Ctx};
+
+pub(crate) async fn consumer(ctx: &Ctx) -> Result<PullConsumer, CoordinatorError> {
+    let stream = ctx
+        .js
+        .get_stream(ctx.subjects.submit_stream())
+        .await
+        .map_err(CoordinatorError::js)?;
+    stream
+        .get_or_create_consumer("coordinator", streams::submit_consumer())
+        .await
+        .map_err(CoordinatorError::js)
+}
+
+pub(crate) async fn run(ctx: Arc<Ctx>, consumer: PullConsumer, shutdown: CancellationToken) {
+    while !shutdown.is_cancelled() {
+        let messages = match consumer
+            .stream()
+            .max_messages_per_batch(ctx.batch_size)
+            .heartbeat(Duration::from_secs(5))
+            .messages()
+            .await
+        {
+            Ok(m) => m,
+            Err(e) => {
+                warn!(error = %e, "cannot pull from the submit stream; retrying");
+                ctx.metrics.error("submit_pull");
+                crate::pause(&shutdown, Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        let mut chunks = messages.ready_chunks(ctx.batch_size);
+        loop {
+            let chunk = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                c = chunks.next() => c,
+            };
+            let Some(chunk) = chunk else { break };
+            let mut batch = Vec::with_capacity(chunk.len());
+            for m in chunk {
+                match m {
+                    Ok(m) => batch.push(m),
+                    Err(e) => debug!(error = %e, "submit stream notice"),
+                }
+            }
+            if batch.is_empty() {
+                continue;
+            }
+            ctx.metrics.batch_size.observe(batch.len() as f64);
+            if let Err(e) = handle_batch(&ctx, batch).await {
+                warn!(error = %e, "admission batch failed; its messages will be redelivered");
+                ctx.metrics.error("admission");
+                crate::pause(&shutdown, Duration::from_millis(500)).await;
+            }
+        }
+    }
+}
+
+/// One message, classified.
+enum Verdict {
+    Admit(ValidTask),
+    Reject(Rejection, String),
+}
+
+struct Item {
+    msg: Message,
+    seq: u64,
+    verdict: Verdict,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum BatchError {
+    #[error("database: {0}")]
+    Db(#[from] sqlx::Error),
+}
+
+fn fallback_id(msg: &Message, seq: u64) -> String {
+    if let Some(h) = msg.headers.as_ref().and_then(|h| h.get("Nats-Msg-Id")) {
+        if ids::is_valid_task_id(h.as_str()) {
+            return h.as_str().to_string();
+        }
+    }
+    // Deterministic per message: the same redelivered message gets the same id.
+    let ms = msg
+        .info()
+        .map(|i| i.published.timestamp_millis().max(0) as u64)
+        .unwrap_or(0);
+    ulid::Ulid::from_parts(ms, seq as u128).to_string()
+}
+
+/// The pool token to use in event subjects (a single, safe subject token).
+fn subject_pool(pool: &str) -> &str {
+    if !pool.is_empty() && !pool.contains(['.', '*', '>', ' ']) {
+        pool
+    } else {
+        "_invalid"
+    }
+}
+
+async fn handle_batch(ctx: &Ctx, batch: Vec<Message>) -> Result<(), BatchError> {
+    let mut items = Vec::with_capacity(batch.len());
+    for msg in batch {
+        let seq = msg.info().map(|i| i.stream_sequence).unwrap_or(0);
+        let pool = msg
+            .subject
+            .as_str()
+            .strip_prefix(ctx.subjects.prefix())
+            .and_then(|s| s.strip_prefix(".submit."))
+            .unwrap_or("")
+            .to_string();
+        let verdict = match validate::validate(
+            &msg.payload,
+            &pool,
+            &ctx.limits,
+            |p| ctx.pools.exists(p),
+            || fallback_id(&msg, seq),
+        ) {
+            Ok(t) => Verdict::Admit(t),
+            Err(r) => Verdict::Reject(r, pool),
+        };
+        items.push(Item { msg, seq, verdict });
+    }
+
+    // 1. Record admitted tasks.
+    let mut new_tasks = Vec::new();
+    let mut envelopes: HashMap<usize, String> = HashMap::new();
+    let mut seen = std::collections::HashSet::new();
+    for (i, it) in items.iter().enumerate() {
+        if let Verdict::Admit(t) = &it.verdict {
+            if !seen.insert(t.id.as_str()) {
+                continue; // same id twice in one batch: the later one is a duplicate
+            }
+            let env = serde_json::to_string(&t.to_envelope()).unwrap_or_default();
+            envelopes.insert(i, env.clone());
+            new_tasks.push(NewTask {
+                id: t.id.clone(),
+                pool: t.pool.clone(),
+                kind: t.kind.clone(),
+                priority: t.priority.as_str().into(),
+                max_attempts: t.max_attempts as i32,
+                envelope: env,
+                submit_seq: it.seq as i64,
+                payer: t.payer.clone(),
+            });
+        }
+    }
+    let inserted = store::insert_admitted(&ctx.db, &new_tasks).await?;
+    let conflicts: Vec<String> = new_tasks
+        .iter()
+        .filter(|t| !inserted.contains(&t.id))
+        .map(|t| t.id.clone())
+        .collect();
+    let existing: HashMap<String, (Option<i64>, String)> = store::existing(&ctx.db, &conflicts)
+        .await?
+        .into_iter()
+        .map(|(id, seq, status)| (id, (seq, status)))
+        .collect();
+
+    // 2. Record rejections; a rejection whose id is taken by another message is re-keyed.
+    let mut rejections: HashMap<usize, NewRejection> = HashMap::new();
+    for (i, it) in items.iter().enumerate() {
+        if let Verdict::Reject(r, pool) = &it.verdict {
+            rejections.insert(
+                i,
+                NewRejection {
+                    id: r.task_id.clone().unwrap_or_else(|| format!("seq-{}", it.seq)),
+                    pool: pool.clone(),
+                    reason: r.reason.as_str().into(),
+                    message: r.message.clone(),
+                    submit_seq: it.seq as i64,
+                },
+            );
+        }
+    }
+    let rows: Vec<NewRejection> = rejections.values().cloned().collect();
+    let rej_inserted = store::insert_rejected(&ctx.db, &rows).await?;
+    let rej_conflicts: Vec<String> = rows
+        .iter()
+        .filter(|r| !rej_inserted.contains(&r.id))
+        .map(|r| r.id.clone())
+        .collect();
+    let rej_existing: HashMap<String, Option<i64>> = store::existing(&ctx.db, &rej_conflicts)
+        .await?
+        .into_iter()
+        .map(|(id, seq, _)| (id, seq))
+        .collect();
+    let mut rekeyed = Vec::new();
+    for r in rejections.values_mut() {
+        if let Some(seq) = rej_existing.get(&r.id) {
+            if *seq != Some(r.submit_seq) {
+                r.id = format!("seq-{}", r.submit_seq);
+                rekeyed.push(r.clone());
+            }
+        }
+    }
+    store::insert_rejected(&ctx.db, &rekeyed).await?;
+
+    // 3. Publish work and rejected events, all in flight at once.
+    let now = Utc::now();
+    let mut pending = Vec::new(); // (item index, ack future)
+    let mut ackable = vec![true; items.len()];
+    for (i, it) in items.iter().enumerate() {
+        match &it.verdict {
+            Verdict::Admit(t) => {
+                let first_in_batch = envelopes.contains_key(&i);
+                let publish = if first_in_batch && inserted.contains(&t.id) {
+                    ctx.metrics.admitted.inc();
+                    true
+                } else {
+                    match existing.get(&t.id) {
+                        // Our own earlier delivery: finish it (the work publish is deduplicated).
+                        Some((Some(seq), status)) if first_in_batch && *seq == it.seq as i64 => status == "queued",
+                        _ => {
+                            ctx.metrics.duplicates.inc();
+                            debug!(task_id = %t.id, seq = it.seq, "duplicate task id dropped");
+                            false
+                        }
+                    }
+                };
+                if !publish {
+                    continue;
+                }
+                let body = work_item_json(1, &t.pool, envelopes.get(&i).map(String::as_str).unwrap_or("{}"));
+                let mut p = Publish::build()
+                    .payload(body.into())
+                    .message_id(format!("{}:1", t.id));
+                if let Some(tp) = traceparent(&it.msg) {
+                    p = p.header(taskbus_proto::HDR_TRACEPARENT, tp);
+                }
+                match ctx.js.send_publish(ctx.subjects.work(&t.pool, t.priority), p).await {
+                    Ok(f) => pending.push((i, f)),
+                    Err(e) => {
+                        warn!(error = %e, task_id = %t.id, "work publish failed");
+                        ackable[i] = false;
+                    }
+                }
+                if ctx.publish_admitted {
+                    let ev = Event::Admitted(events::Admitted {
+                        task_id: t.id.clone(),
+                        pool: t.pool.clone(),
+                        at: now,
+                        kind: t.kind.clone(),
+                        priority: t.priority,
+                    });
+                    let _ = ctx
+                        .client
+                        .publish(ctx.subjects.event(&t.pool, &t.id, EventKind::Admitted), ev.to_json().into())
+                        .await;
+                }
+            }
+            Verdict::Reject(r, _) => {
+                let Some(row) = rejections.get(&i) else { continue };
+                ctx.metrics
+                    .rejected
+                    .get_or_create(&crate::metrics::ReasonLabel { reason: r.reason.as_str().into() })
+                    .inc();
+                let ev = Event::Rejected(events::Rejected {
+                    task_id: row.id.clone(),
+                    pool: row.pool.clone(),
+                    at: now,
+                    reason: r.reason,
+                    message: r.message.clone(),
+                    submit_seq: Some(it.seq),
+                });
+                let subject = ctx.subjects.event(subject_pool(&row.pool), &row.id, EventKind::Rejected);
+                let p = Publish::build()
+                    .payload(ev.to_json().into())
+                    .message_id(format!("{}:rejected", row.id));
+                match ctx.js.send_publish(subject, p).await {
+                    Ok(f) => pending.push((i, f)),
+                    Err(e) => {
+                        warn!(error = %e, "rejected event publish failed");
+                        ackable[i] = false;
+                    }
+                }
+            }
+        }
+    }
+    let results = futures::future::join_all(pending.into_iter().map(|(i, f)| async move { (i, f.await) })).await;
+    for (i, r) in results {
+        if let Err(e) = r {
+            warn!(error = %e, "publish not acknowledged; the submit message will be redelivered");
+            ackable[i] = false;
+        }
+    }
+
+    // 4. Ack what is done; hand back the rest quickly.
+    let acks = items.iter().zip(ackable).map(|(it, ok)| async move {
+        let kind = if ok { AckKind::Ack } else { AckKind::Nak(Some(Duration::from_millis(500))) };
+        if let Err(e) = it.msg.ack_with(kind).await {
+            debug!(error = %e, "ack failed; message will be redelivered");
+        }
+    });
+    futures::future::join_all(acks).await;
+    Ok(())
+}
+
+fn traceparent(msg: &Message) -> Option<String> {
+    msg.headers
+        .as_ref()
+        .and_then(|h: &HeaderMap| h.get(taskbus_proto::HDR_TRACEPARENT))
+        .map(|v| v.as_str().to_string())
+}

@@ -1,0 +1,203 @@
+//! The taskbus coordinator: admits, validates, routes and tracks tasks.
+//!
+//! A coordinator replica runs four loops, all under one shutdown token:
+//! - **admission** ([`admission`]): pulls raw producer messages from `TASKBUS_SUBMIT` in
+//!   batches, validates each, records the batch in PostgreSQL with one statement, puts the admitted
+//!   tasks on `taskbus.work.<pool>.<priority>` and the refused ones on the events stream as
+//!   `rejected`, then acks the batch;
+//! - **outcomes** ([`outcomes`]): pulls `succeeded`/`failed` events from `TASKBUS_EVENTS` and
+//!   records them with guarded, batched updates (requeueing failed attempts while attempts
+//!   remain, else `dead`);
+//! - **started** tracking from the core-NATS `started` events (best effort, batched);
+//! - the **API** ([`api`]): a NATS services-framework service (`taskbus-coordinator`) answering
+//!   `taskbus.api.task.get` and `taskbus.api.tasks.list`.
+//!
+//! Any number of replicas may run against one NATS and one PostgreSQL: they share the durable
+//! consumers, and every database write is idempotent and guarded.
+
+pub mod admission;
+pub mod api;
+pub mod metrics;
+pub mod outcomes;
+pub mod pools;
+pub mod store;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream;
+use taskbus_proto::streams::StreamOptions;
+use taskbus_proto::{Limits, Subjects};
+use taskbus_runtime::{CancellationToken, TaskTracker};
+use tracing::info;
+
+/// Coordinator settings (the binary fills them from flags and `TASKBUS_*` variables).
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub nats_url: String,
+    pub database_url: String,
+    pub prefix: String,
+    /// Pools created (with default settings) at start when missing.
+    pub ensure_pools: Vec<String>,
+    pub limits: Limits,
+    pub streams: StreamOptions,
+    /// Most messages handled in one batch (one SQL statement, one ack round).
+    pub batch_size: usize,
+    pub db_max_connections: u32,
+    /// `/healthz`, `/readyz`, `/metrics`; `None` serves nothing.
+    pub http_listen: Option<SocketAddr>,
+    /// Publish the informational `admitted` event on core NATS.
+    pub publish_admitted: bool,
+}
+
+impl Config {
+    pub fn new(nats_url: impl Into<String>, database_url: impl Into<String>) -> Self {
+        Self {
+            nats_url: nats_url.into(),
+            database_url: database_url.into(),
+            prefix: taskbus_proto::subjects::DEFAULT_PREFIX.into(),
+            ensure_pools: vec!["default".into()],
+            limits: Limits::default(),
+            streams: StreamOptions::default(),
+            batch_size: 500,
+            db_max_connections: 8,
+            http_listen: None,
+            publish_admitted: true,
+        }
+    }
+}
+
+/// Errors that stop the coordinator.
+#[derive(Debug, thiserror::Error)]
+pub enum CoordinatorError {
+    #[error(transparent)]
+    Nats(#[from] taskbus_runtime::nats::NatsError),
+    #[error(transparent)]
+    Db(#[from] taskbus_runtime::db::DbError),
+    #[error("JetStream: {0}")]
+    JetStream(String),
+    #[error("cannot serve HTTP on {addr}: {source}")]
+    Http {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("pool settings: {0}")]
+    Pools(String),
+}
+
+impl CoordinatorError {
+    pub(crate) fn js(e: impl std::fmt::Display) -> Self {
+        CoordinatorError::JetStream(e.to_string())
+    }
+}
+
+/// Shared state of one replica.
+pub(crate) struct Ctx {
+    pub subjects: Subjects,
+    pub js: jetstream::Context,
+    pub client: async_nats::Client,
+    pub db: sqlx::PgPool,
+    pub pools: pools::Pools,
+    pub limits: Limits,
+    pub metrics: metrics::Metrics,
+    pub batch_size: usize,
+    pub publish_admitted: bool,
+}
+
+/// A started coordinator; [`Running::wait`] returns once every loop has stopped.
+pub struct Running {
+    tracker: TaskTracker,
+    shutdown: CancellationToken,
+    /// The bound health/metrics address, when serving.
+    pub http_addr: Option<SocketAddr>,
+}
+
+impl Running {
+    pub async fn wait(self) {
+        self.tracker.wait().await;
+    }
+    pub fn shutdown(&self) -> &CancellationToken {
+        &self.shutdown
+    }
+}
+
+/// Connect, migrate, create streams and consumers, then start the loops. Returns when the
+/// coordinator is ready (its API answers and its consumers exist).
+pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Running, CoordinatorError> {
+    let subjects = Subjects::new(&config.prefix);
+    let client = taskbus_runtime::nats::connect(&config.nats_url, "taskbus-coordinator").await?;
+    let js = jetstream::new(client.clone());
+    taskbus_runtime::nats::ensure_streams(&js, &subjects, &config.streams).await?;
+    let db = taskbus_runtime::db::connect_and_migrate(&config.database_url, config.db_max_connections).await?;
+
+    let metrics = metrics::Metrics::default();
+    let mut registry = prometheus_client::registry::Registry::with_prefix("taskbus_coordinator");
+    metrics.register(&mut registry);
+    let health = taskbus_runtime::http::Health::new(registry);
+
+    let tracker = TaskTracker::new();
+    let kv = taskbus_runtime::nats::pools_bucket(&js, &subjects, config.streams.replicas).await?;
+    let pools = pools::Pools::load(kv, js.clone(), subjects.clone(), &config.ensure_pools).await?;
+
+    let ctx = Arc::new(Ctx {
+        subjects,
+        js,
+        client,
+        db,
+        pools: pools.clone(),
+        limits: config.limits.clone(),
+        metrics,
+        batch_size: config.batch_size.max(1),
+        publish_admitted: config.publish_admitted,
+    });
+
+    let submit = admission::consumer(&ctx).await?;
+    let outcome = outcomes::consumer(&ctx).await?;
+    let started = outcomes::started_subscription(&ctx).await?;
+    let service = api::start(&ctx).await?;
+
+    tracker.spawn(pools.watch(shutdown.clone()));
+    tracker.spawn(admission::run(ctx.clone(), submit, shutdown.clone()));
+    tracker.spawn(outcomes::run(ctx.clone(), outcome, shutdown.clone()));
+    tracker.spawn(outcomes::run_started(ctx.clone(), started, shutdown.clone()));
+    tracker.spawn(api::run(ctx.clone(), service, shutdown.clone()));
+
+    let mut http_addr = None;
+    if let Some(addr) = config.http_listen {
+        let (listener, bound) = taskbus_runtime::http::bind(addr)
+            .await
+            .map_err(|source| CoordinatorError::Http { addr, source })?;
+        http_addr = Some(bound);
+        let app = taskbus_runtime::http::router(health.clone());
+        let sd = shutdown.clone();
+        tracker.spawn(async move {
+            if let Err(e) = taskbus_runtime::http::serve(listener, app, sd).await {
+                tracing::error!(error = %e, "health server stopped");
+            }
+        });
+    }
+    tracker.close();
+    health.set_ready(true);
+    info!(http = ?http_addr, "coordinator ready");
+    Ok(Running {
+        tracker,
+        shutdown,
+        http_addr,
+    })
+}
+
+/// Start and run until `shutdown` is cancelled.
+pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), CoordinatorError> {
+    start(config, shutdown).await?.wait().await;
+    Ok(())
+}
+
+/// Back-off used by loops after a transient error (NATS or PostgreSQL briefly away).
+pub(crate) async fn pause(shutdown: &CancellationToken, d: Duration) {
+    tokio::select! {
+        _ = tokio::time::sleep(d) => {}
+        _ = shutdown.cancelled() => {}
+    }
+}

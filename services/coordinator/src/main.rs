@@ -1,0 +1,59 @@
+use std::net::SocketAddr;
+
+use clap::Parser;
+use taskbus_runtime::telemetry::{self, LogFormat};
+use taskbus_runtime::CancellationToken;
+
+/// taskbus coordinator: admits tasks from `taskbus.submit.<pool>`, records them in PostgreSQL,
+/// routes them to `taskbus.work.<pool>.<priority>` and records their outcomes.
+///
+/// Run as many replicas as you like against one NATS and one PostgreSQL.
+#[derive(Parser, Debug)]
+#[command(version, about, long_about)]
+struct Args {
+    /// NATS server URL(s), comma separated.
+    #[arg(long, env = "TASKBUS_NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    nats_url: String,
+    /// PostgreSQL URL, e.g. postgres://user:pass@host/db. Migrations run on start.
+    #[arg(long, env = "TASKBUS_DATABASE_URL")]
+    database_url: String,
+    /// Subject prefix (one NATS token).
+    #[arg(long, env = "TASKBUS_PREFIX", default_value = "taskbus")]
+    prefix: String,
+    /// Pools to create with default settings when missing (comma separated).
+    #[arg(long, env = "TASKBUS_POOLS", value_delimiter = ',', default_value = "default")]
+    pools: Vec<String>,
+    /// Address for /healthz, /readyz and /metrics.
+    #[arg(long, env = "TASKBUS_HTTP_LISTEN", default_value = "0.0.0.0:9464")]
+    http_listen: SocketAddr,
+    /// Stream replicas (needs a JetStream cluster for more than 1).
+    #[arg(long, env = "TASKBUS_STREAM_REPLICAS", default_value_t = 1)]
+    stream_replicas: usize,
+    /// Largest submit message accepted, bytes.
+    #[arg(long, env = "TASKBUS_MAX_MESSAGE_BYTES", default_value_t = 256 * 1024)]
+    max_message_bytes: usize,
+    /// Most messages per admission batch.
+    #[arg(long, env = "TASKBUS_BATCH_SIZE", default_value_t = 500)]
+    batch_size: usize,
+    /// Log format.
+    #[arg(long, env = "TASKBUS_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    telemetry::init(args.log_format, "info");
+    let mut config = taskbus_coordinator::Config::new(args.nats_url, args.database_url);
+    config.prefix = args.prefix;
+    config.ensure_pools = args.pools;
+    config.http_listen = Some(args.http_listen);
+    config.streams.replicas = args.stream_replicas;
+    config.limits.max_message_bytes = args.max_message_bytes;
+    config.batch_size = args.batch_size;
+    let shutdown = CancellationToken::new();
+    let running = taskbus_coordinator::start(config, shutdown.clone()).await?;
+    taskbus_runtime::cancel_on_signal(shutdown).await;
+    running.wait().await;
+    Ok(())
+}

@@ -1,0 +1,57 @@
+//! Prometheus metrics of the coordinator.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabel {
+    pub outcome: String,
+}
+
+#[derive(Clone)]
+pub struct Metrics {
+    pub admitted: Counter,
+    pub duplicates: Counter,
+    pub rejected: Family<ReasonLabel, Counter>,
+    pub outcomes: Family<OutcomeLabel, Counter>,
+    pub batch_size: Histogram,
+    pub errors: Family<OutcomeLabel, Counter>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self {
+            admitted: Counter::default(),
+            duplicates: Counter::default(),
+            rejected: Family::default(),
+            outcomes: Family::default(),
+            batch_size: Histogram::new(exponential_buckets(1.0, 2.0, 12)),
+            errors: Family::default(),
+        }
+    }
+}
+
+impl Metrics {
+    pub fn register(&self, r: &mut Registry) {
+        r.register("admitted", "Tasks admitted", self.admitted.clone());
+        r.register("duplicates", "Submit messages dropped because their task id was already admitted", self.duplicates.clone());
+        r.register("rejected", "Submit messages rejected, by reason", self.rejected.clone());
+        r.register("outcomes", "Outcomes recorded, by outcome", self.outcomes.clone());
+        r.register("admission_batch_size", "Messages per admission batch", self.batch_size.clone());
+        r.register("errors", "Transient errors, by stage", self.errors.clone());
+    }
+
+    pub fn error(&self, stage: &str) {
+        self.errors
+            .get_or_create(&OutcomeLabel { outcome: stage.into() })
+            .inc();
+    }
+}

@@ -1,0 +1,152 @@
+//! The pool registry: settings from the JetStream KV bucket, kept fresh by a watcher, plus the
+//! per-pool work consumer each pool needs.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use async_nats::jetstream::{self, kv};
+use futures::StreamExt;
+use taskbus_proto::{streams, PoolSettings, Subjects};
+use taskbus_runtime::CancellationToken;
+use tracing::{info, warn};
+
+use crate::CoordinatorError;
+
+/// Shared, live view of the configured pools.
+#[derive(Clone)]
+pub struct Pools {
+    inner: Arc<RwLock<HashMap<String, PoolSettings>>>,
+    kv: kv::Store,
+    js: jetstream::Context,
+    subjects: Subjects,
+}
+
+impl Pools {
+    /// Create the `ensure` pools when missing, then load every pool and its work consumer.
+    pub async fn load(
+        kv: kv::Store,
+        js: jetstream::Context,
+        subjects: Subjects,
+        ensure: &[String],
+    ) -> Result<Self, CoordinatorError> {
+        let default = serde_json::to_vec(&PoolSettings::default()).unwrap_or_default();
+        for pool in ensure {
+            if !taskbus_proto::ids::is_valid_pool(pool) {
+                return Err(CoordinatorError::Pools(format!("{pool:?} is not a valid pool name (a DNS label)")));
+            }
+            // `create` fails when the key exists, which is what we want.
+            let _ = kv.create(pool, default.clone().into()).await;
+        }
+        let me = Self {
+            inner: Arc::default(),
+            kv,
+            js,
+            subjects,
+        };
+        let mut keys = me.kv.keys().await.map_err(CoordinatorError::js)?;
+        let mut names = Vec::new();
+        while let Some(k) = keys.next().await {
+            names.push(k.map_err(CoordinatorError::js)?);
+        }
+        for name in names {
+            if let Some(bytes) = me.kv.get(&name).await.map_err(CoordinatorError::js)? {
+                me.apply(&name, &bytes).await;
+            }
+        }
+        Ok(me)
+    }
+
+    async fn apply(&self, name: &str, bytes: &[u8]) {
+        if !taskbus_proto::ids::is_valid_pool(name) {
+            warn!(pool = name, "ignoring pool with an invalid name in the pools bucket");
+            return;
+        }
+        let settings = match serde_json::from_slice::<PoolSettings>(bytes) {
+            Ok(s) => match s.validate() {
+                Ok(()) => s,
+                Err(e) => {
+                    warn!(pool = name, error = %e, "ignoring invalid pool settings");
+                    return;
+                }
+            },
+            Err(e) => {
+                warn!(pool = name, error = %e, "ignoring unreadable pool settings");
+                return;
+            }
+        };
+        if let Err(e) = self.ensure_work_consumer(name, &settings).await {
+            warn!(pool = name, error = %e, "cannot create the pool's work consumer");
+        }
+        self.inner
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(name.to_string(), settings);
+    }
+
+    async fn ensure_work_consumer(&self, pool: &str, s: &PoolSettings) -> Result<(), CoordinatorError> {
+        let stream = self
+            .js
+            .get_stream(self.subjects.work_stream())
+            .await
+            .map_err(CoordinatorError::js)?;
+        let cfg = streams::work_consumer(&self.subjects, pool, Duration::from_millis(s.ack_wait_ms));
+        stream.create_consumer(cfg).await.map_err(CoordinatorError::js)?;
+        Ok(())
+    }
+
+    pub fn exists(&self, pool: &str) -> bool {
+        self.inner
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains_key(pool)
+    }
+
+    pub fn get(&self, pool: &str) -> Option<PoolSettings> {
+        self.inner
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(pool)
+            .cloned()
+    }
+
+    /// Follow the bucket until shutdown; reconnects after errors.
+    pub async fn watch(self, shutdown: CancellationToken) {
+        while !shutdown.is_cancelled() {
+            let mut watch = match self.kv.watch_all().await {
+                Ok(w) => w,
+                Err(e) => {
+                    warn!(error = %e, "cannot watch the pools bucket; retrying");
+                    crate::pause(&shutdown, Duration::from_secs(1)).await;
+                    continue;
+                }
+            };
+            loop {
+                let entry = tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    e = watch.next() => e,
+                };
+                match entry {
+                    Some(Ok(e)) => match e.operation {
+                        kv::Operation::Put => {
+                            info!(pool = %e.key, "pool settings changed");
+                            self.apply(&e.key, &e.value).await;
+                        }
+                        kv::Operation::Delete | kv::Operation::Purge => {
+                            info!(pool = %e.key, "pool removed");
+                            self.inner
+                                .write()
+                                .unwrap_or_else(|e| e.into_inner())
+                                .remove(&e.key);
+                        }
+                    },
+                    Some(Err(e)) => {
+                        warn!(error = %e, "pools watch error; restarting the watch");
+                        break;
+                    }
+                    None => break,
+                }
+            }
+        }
+    }
+}

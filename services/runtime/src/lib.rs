@@ -1,0 +1,40 @@
+//! Plumbing every taskbus service shares: the shutdown token, signal handling, telemetry, the
+//! health/metrics HTTP server, NATS and PostgreSQL connections, stream setup, and the dev
+//! servers (`nats-server`, PostgreSQL) that `taskbus dev` and the test harness start.
+
+pub mod db;
+pub mod devservers;
+pub mod http;
+pub mod nats;
+pub mod telemetry;
+
+pub use tokio_util::sync::CancellationToken;
+pub use tokio_util::task::TaskTracker;
+
+/// Cancel `token` on SIGTERM or SIGINT (Ctrl-C). Returns when the signal arrived or the token
+/// was cancelled some other way.
+pub async fn cancel_on_signal(token: CancellationToken) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = match signal(SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot install SIGTERM handler");
+                token.cancelled().await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM received, shutting down"),
+            _ = tokio::signal::ctrl_c() => tracing::info!("interrupt received, shutting down"),
+            _ = token.cancelled() => return,
+        }
+    }
+    #[cfg(not(unix))]
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {},
+        _ = token.cancelled() => return,
+    }
+    token.cancel();
+}

@@ -1,0 +1,101 @@
+//! NATS connection and stream setup.
+
+use std::time::Duration;
+
+use async_nats::jetstream;
+use taskbus_proto::streams::{self, StreamOptions};
+use taskbus_proto::Subjects;
+
+/// Errors while talking to NATS at start-up.
+#[derive(Debug, thiserror::Error)]
+pub enum NatsError {
+    #[error("cannot connect to NATS at {url}: {source}; is nats-server running (with -js)?")]
+    Connect {
+        url: String,
+        #[source]
+        source: async_nats::ConnectError,
+    },
+    #[error("cannot create or update stream {stream}: {message}; is JetStream enabled on the server (nats-server -js)?")]
+    Stream { stream: String, message: String },
+}
+
+/// Connect with a client name (shown by `nats server report connections`). Reconnects forever.
+pub async fn connect(url: &str, name: &str) -> Result<async_nats::Client, NatsError> {
+    async_nats::ConnectOptions::new()
+        .name(name)
+        .connection_timeout(Duration::from_secs(5))
+        .request_timeout(Some(Duration::from_secs(10)))
+        .client_capacity(65_536)
+        .subscription_capacity(262_144)
+        .connect(url)
+        .await
+        .map_err(|source| NatsError::Connect {
+            url: url.to_string(),
+            source,
+        })
+}
+
+/// Create or update the three taskbus streams.
+pub async fn ensure_streams(
+    js: &jetstream::Context,
+    subjects: &Subjects,
+    opts: &StreamOptions,
+) -> Result<(), NatsError> {
+    for cfg in [
+        streams::submit_stream(subjects, opts),
+        streams::work_stream(subjects, opts),
+        streams::events_stream(subjects, opts),
+    ] {
+        ensure_stream(js, cfg).await?;
+    }
+    Ok(())
+}
+
+/// Create `cfg`'s stream, or update it when it exists with other settings.
+pub async fn ensure_stream(js: &jetstream::Context, cfg: jetstream::stream::Config) -> Result<(), NatsError> {
+    let name = cfg.name.clone();
+    let err = |e: &dyn std::fmt::Display| NatsError::Stream {
+        stream: name.clone(),
+        message: e.to_string(),
+    };
+    match js.get_stream(&name).await {
+        Ok(_) => {
+            js.update_stream(cfg).await.map_err(|e| err(&e))?;
+        }
+        Err(_) => {
+            // Another replica may create it at the same time: fall back to get on conflict.
+            if let Err(e) = js.create_stream(cfg).await {
+                js.get_stream(&name).await.map_err(|_| err(&e))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The pool settings KV bucket (created if missing).
+pub async fn pools_bucket(
+    js: &jetstream::Context,
+    subjects: &Subjects,
+    replicas: usize,
+) -> Result<jetstream::kv::Store, NatsError> {
+    let bucket = subjects.pools_bucket();
+    if let Ok(kv) = js.get_key_value(&bucket).await {
+        return Ok(kv);
+    }
+    match js
+        .create_key_value(jetstream::kv::Config {
+            bucket: bucket.clone(),
+            description: "taskbus pool settings".into(),
+            history: 5,
+            num_replicas: replicas,
+            ..Default::default()
+        })
+        .await
+    {
+        Ok(kv) => Ok(kv),
+        Err(e) => js.get_key_value(&bucket).await.map_err(|_| NatsError::Stream {
+            stream: bucket,
+            message: e.to_string(),
+        }),
+    }
+}
