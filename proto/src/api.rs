@@ -58,3 +58,61 @@ pub enum Reply<T> {
     Ok(T),
     Error(ApiError),
 }
+
+/// Service name of the payment ledger under `$SRV.PING.<name>`.
+pub const LEDGER_SERVICE: &str = "taskbus-ledger";
+
+/// Subject of the ledger's batch hold endpoint, used by the coordinator at admission:
+/// `<prefix>.ledger.hold`.
+pub fn ledger_hold_subject(prefix: &str) -> String {
+    format!("{prefix}.ledger.hold")
+}
+
+/// `taskbus.ledger.hold`: put the price of each task on hold, payer → escrow. Idempotent per
+/// task id: repeating a hold with the same content returns the first result.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct HoldRequest {
+    pub holds: Vec<Hold>,
+}
+
+/// One hold of a [`HoldRequest`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Hold {
+    pub task_id: String,
+    pub pool: String,
+    pub payer: String,
+    /// Decimal string.
+    pub amount: String,
+    /// `None`: the ledger's default currency.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub currency: Option<String>,
+}
+
+/// Reply to a [`HoldRequest`]: one result per hold, same order.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct HoldResponse {
+    pub results: Vec<HoldResult>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct HoldResult {
+    pub task_id: String,
+    pub status: HoldStatus,
+    /// Human sentence when not held.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum HoldStatus {
+    /// The hold is (or already was) posted as pending.
+    Held,
+    /// The payer's available balance does not cover the amount: reject the task.
+    InsufficientFunds,
+    /// The hold cannot be made as asked (unknown currency, amount out of the currency's scale,
+    /// same task id with different content): reject the task with `invalid_value`.
+    Invalid,
+}

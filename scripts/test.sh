@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# The whole test suite on a fresh Debian/Ubuntu machine with a Rust toolchain: installs
+# nats-server and PostgreSQL when missing, starts PostgreSQL, then runs fmt, clippy and every
+# test (real nats-server per test, a fresh database per test).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. scripts/lib.sh
+
+ensure_nats
+ensure_postgres
+log "nats-server $(nats-server --version | awk '{print $2}'), PostgreSQL at $TASKBUS_TEST_DATABASE_URL"
+
+log "cargo fmt --check"
+cargo fmt --all -- --check
+log "cargo clippy --all-targets -D warnings"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+if cargo nextest --version >/dev/null 2>&1; then
+  log "cargo nextest run"
+  cargo nextest run --workspace --locked --no-fail-fast "$@"
+else
+  log "cargo test"
+  cargo test --workspace --locked --no-fail-fast "$@"
+fi
