@@ -13,11 +13,11 @@ log "nats-server $(nats-server --version | awk '{print $2}'), PostgreSQL at $TAS
 log "cargo fmt --check"
 cargo fmt --all -- --check
 log "cargo clippy --all-targets -D warnings"
-cargo clippy --workspace --all-targets --locked -- -D warnings
+cargo clippy --workspace --all-targets -- -D warnings
 if cargo nextest --version >/dev/null 2>&1; then
   log "cargo nextest run"
-  cargo nextest run --workspace --locked --no-fail-fast "$@"
+  cargo nextest run --workspace --no-fail-fast "$@"
 else
   log "cargo test"
-  cargo test --workspace --locked --no-fail-fast "$@"
+  cargo test --workspace --no-fail-fast "$@"
 fi

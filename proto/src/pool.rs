@@ -138,10 +138,19 @@ mod tests {
     #[test]
     fn bad_settings() {
         assert!(serde_json::from_str::<PoolSettings>(r#"{"nope":1}"#).is_err());
-        let p = PoolSettings { min_replicas: 5, max_replicas: 2, ..Default::default() };
+        let p = PoolSettings {
+            min_replicas: 5,
+            max_replicas: 2,
+            ..Default::default()
+        };
         assert!(p.validate().unwrap_err().contains("max_replicas"));
         let p = PoolSettings {
-            freeze_windows: vec![FreezeWindow { from: "25:00".into(), to: "01:00".into(), tz: "UTC".into(), weekdays: vec![] }],
+            freeze_windows: vec![FreezeWindow {
+                from: "25:00".into(),
+                to: "01:00".into(),
+                tz: "UTC".into(),
+                weekdays: vec![],
+            }],
             ..Default::default()
         };
         assert!(p.validate().is_err());

@@ -26,10 +26,16 @@ fn event<T: JsonSchema>(kind: EventKind) -> Value {
 pub fn all() -> Vec<(String, Value)> {
     use EventKind::*;
     let mut out = vec![
-        ("envelope.schema.json".to_string(), of::<crate::TaskEnvelope>()),
+        (
+            "envelope.schema.json".to_string(),
+            of::<crate::TaskEnvelope>(),
+        ),
         ("work-item.schema.json".to_string(), of::<crate::WorkItem>()),
         ("event.schema.json".to_string(), of::<events::Event>()),
-        ("pool-settings.schema.json".to_string(), of::<crate::PoolSettings>()),
+        (
+            "pool-settings.schema.json".to_string(),
+            of::<crate::PoolSettings>(),
+        ),
     ];
     let per_event = [
         (Admitted, event::<events::Admitted>(Admitted)),
@@ -40,7 +46,10 @@ pub fn all() -> Vec<(String, Value)> {
         (Succeeded, event::<events::Succeeded>(Succeeded)),
         (Failed, event::<events::Failed>(Failed)),
         (TimedOut, event::<events::TimedOut>(TimedOut)),
-        (RetryScheduled, event::<events::RetryScheduled>(RetryScheduled)),
+        (
+            RetryScheduled,
+            event::<events::RetryScheduled>(RetryScheduled),
+        ),
         (Dead, event::<events::Dead>(Dead)),
         (Cancelled, event::<events::Cancelled>(Cancelled)),
         (Expired, event::<events::Expired>(Expired)),

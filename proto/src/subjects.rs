@@ -1,8 +1,8 @@
 //! Subject and stream names. The prefix (default `taskbus`) is configurable so several
 //! installations can share one NATS account.
 
-use crate::events::EventKind;
 use crate::envelope::Priority;
+use crate::events::EventKind;
 
 /// Default subject prefix.
 pub const DEFAULT_PREFIX: &str = "taskbus";
@@ -57,7 +57,11 @@ impl Subjects {
     }
     /// KV bucket holding pool settings.
     pub fn pools_bucket(&self) -> String {
-        format!("{}_pools", self.prefix.replace(|c: char| !c.is_ascii_alphanumeric(), "_"))
+        format!(
+            "{}_pools",
+            self.prefix
+                .replace(|c: char| !c.is_ascii_alphanumeric(), "_")
+        )
     }
 
     /// `taskbus.submit.<pool>`
@@ -70,7 +74,9 @@ impl Subjects {
     }
     /// The pool token of a submit subject, if the subject has the submit shape.
     pub fn pool_of_submit<'a>(&self, subject: &'a str) -> Option<&'a str> {
-        let rest = subject.strip_prefix(&self.prefix)?.strip_prefix(".submit.")?;
+        let rest = subject
+            .strip_prefix(&self.prefix)?
+            .strip_prefix(".submit.")?;
         (!rest.is_empty() && !rest.contains('.')).then_some(rest)
     }
 
@@ -109,7 +115,9 @@ impl Subjects {
     }
     /// Parse `taskbus.events.<pool>.<task_id>.<event>` into its three tokens.
     pub fn parse_event<'a>(&self, subject: &'a str) -> Option<(&'a str, &'a str, &'a str)> {
-        let rest = subject.strip_prefix(&self.prefix)?.strip_prefix(".events.")?;
+        let rest = subject
+            .strip_prefix(&self.prefix)?
+            .strip_prefix(".events.")?;
         let mut it = rest.split('.');
         let (pool, id, ev) = (it.next()?, it.next()?, it.next()?);
         it.next().is_none().then_some((pool, id, ev))

@@ -169,14 +169,24 @@ pub fn validate(
 ) -> Result<ValidTask, Rejection> {
     use RejectReason::*;
     if bytes.len() > limits.max_message_bytes {
-        return Err(Rejection::new(
+        // Still name the rejection after the producer's id when one can be read, so a
+        // producer watching its task's events learns why.
+        #[derive(Deserialize)]
+        struct IdOnly {
+            id: Option<String>,
+        }
+        let task_id = serde_json::from_slice::<IdOnly>(bytes)
+            .ok()
+            .and_then(|x| x.id)
+            .filter(|id| is_valid_task_id(id));
+        return Err(Rejection { task_id, ..Rejection::new(
             TooLarge,
             format!(
                 "message is {} bytes, the limit is {} bytes; put large inputs in object storage and send a reference",
                 bytes.len(),
                 limits.max_message_bytes
             ),
-        ));
+        ) });
     }
     // Parse loosely first so that an id can be recovered even from an invalid envelope.
     let value: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| {
@@ -235,7 +245,10 @@ pub fn validate(
         } else {
             InvalidValue
         };
-        with_id(Rejection::new(reason, format!("{text}; see docs/PROTOCOL.md for the envelope fields")))
+        with_id(Rejection::new(
+            reason,
+            format!("{text}; see docs/PROTOCOL.md for the envelope fields"),
+        ))
     })?;
     let bad = |reason: RejectReason, msg: String| Err(with_id(Rejection::new(reason, msg)));
 
@@ -244,65 +257,141 @@ pub fn validate(
             return bad(UnsupportedVersion, format!("envelope version {v} is not supported; this coordinator speaks version {SCHEMA_VERSION}"));
         }
     }
-    if env.kind.is_empty() || env.kind.len() > limits.max_kind_len || env.kind.chars().any(char::is_control) {
-        return bad(InvalidValue, format!("kind must be 1 to {} printable characters", limits.max_kind_len));
+    if env.kind.is_empty()
+        || env.kind.len() > limits.max_kind_len
+        || env.kind.chars().any(char::is_control)
+    {
+        return bad(
+            InvalidValue,
+            format!(
+                "kind must be 1 to {} printable characters",
+                limits.max_kind_len
+            ),
+        );
     }
     let max_attempts = env.max_attempts.unwrap_or(limits.default_max_attempts);
     if max_attempts == 0 || max_attempts > limits.max_attempts {
-        return bad(InvalidValue, format!("max_attempts must be between 1 and {}, got {max_attempts}", limits.max_attempts));
+        return bad(
+            InvalidValue,
+            format!(
+                "max_attempts must be between 1 and {}, got {max_attempts}",
+                limits.max_attempts
+            ),
+        );
     }
     let timeout_ms = env.timeout_ms.unwrap_or(limits.default_timeout_ms);
     if timeout_ms == 0 || timeout_ms > limits.max_timeout_ms {
-        return bad(InvalidValue, format!("timeout_ms must be between 1 and {}, got {timeout_ms}", limits.max_timeout_ms));
+        return bad(
+            InvalidValue,
+            format!(
+                "timeout_ms must be between 1 and {}, got {timeout_ms}",
+                limits.max_timeout_ms
+            ),
+        );
     }
     if let (Some(d), Some(nb)) = (env.deadline, env.not_before) {
         if d <= nb {
-            return bad(InvalidValue, "deadline must be later than not_before".into());
+            return bad(
+                InvalidValue,
+                "deadline must be later than not_before".into(),
+            );
         }
     }
     if let Some(d) = env.deadline {
         if d <= Utc::now() {
-            return bad(DeadlinePassed, format!("deadline {} has already passed", d.to_rfc3339()));
+            return bad(
+                DeadlinePassed,
+                format!("deadline {} has already passed", d.to_rfc3339()),
+            );
         }
     }
     let price = match env.price.as_deref() {
         None => None,
-        Some(p) => Some(parse_price(p, limits.max_price_scale).map_err(|(r, m)| with_id(Rejection::new(r, m)))?),
+        Some(p) => Some(
+            parse_price(p, limits.max_price_scale)
+                .map_err(|(r, m)| with_id(Rejection::new(r, m)))?,
+        ),
     };
     if price.is_some() {
         match env.payer.as_deref() {
-            None => return bad(MissingField, "a task with a price needs a payer account".into()),
+            None => {
+                return bad(
+                    MissingField,
+                    "a task with a price needs a payer account".into(),
+                )
+            }
             Some(p) if !is_valid_task_id(p) => {
-                return bad(InvalidValue, "payer must be 1 to 128 characters from A-Z a-z 0-9 _ -".into())
+                return bad(
+                    InvalidValue,
+                    "payer must be 1 to 128 characters from A-Z a-z 0-9 _ -".into(),
+                )
             }
             _ => {}
         }
     } else if env.payer.is_some() || env.currency.is_some() {
-        return bad(InvalidValue, "payer and currency only make sense with a price".into());
+        return bad(
+            InvalidValue,
+            "payer and currency only make sense with a price".into(),
+        );
     }
     if let Some(c) = env.currency.as_deref() {
-        if c.is_empty() || c.len() > 12 || !c.bytes().all(|b| b.is_ascii_uppercase() || b.is_ascii_digit()) {
-            return bad(InvalidValue, format!("currency {:?} must be 1 to 12 upper-case letters or digits, e.g. USD or SAT", truncate(c, 16)));
+        if c.is_empty()
+            || c.len() > 12
+            || !c
+                .bytes()
+                .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit())
+        {
+            return bad(
+                InvalidValue,
+                format!(
+                    "currency {:?} must be 1 to 12 upper-case letters or digits, e.g. USD or SAT",
+                    truncate(c, 16)
+                ),
+            );
         }
     }
     if let Some(r) = &env.resources {
         if r.gpus == Some(0) || r.gpus.is_some_and(|g| g > 64) {
-            return bad(InvalidValue, "resources.gpus must be between 1 and 64".into());
+            return bad(
+                InvalidValue,
+                "resources.gpus must be between 1 and 64".into(),
+            );
         }
-        if r.gpu_product.as_deref().is_some_and(|p| p.is_empty() || p.len() > 63) {
-            return bad(InvalidValue, "resources.gpu_product must be 1 to 63 characters".into());
+        if r.gpu_product
+            .as_deref()
+            .is_some_and(|p| p.is_empty() || p.len() > 63)
+        {
+            return bad(
+                InvalidValue,
+                "resources.gpu_product must be 1 to 63 characters".into(),
+            );
         }
     }
     let labels = env.labels.unwrap_or_default();
     if labels.len() > limits.max_labels {
-        return bad(LimitExceeded, format!("{} labels given, at most {} allowed", labels.len(), limits.max_labels));
+        return bad(
+            LimitExceeded,
+            format!(
+                "{} labels given, at most {} allowed",
+                labels.len(),
+                limits.max_labels
+            ),
+        );
     }
     for (k, v) in &labels {
-        if k.is_empty() || k.len() > limits.max_label_key_len || v.len() > limits.max_label_value_len {
-            return bad(LimitExceeded, format!(
-                "label {:?} is out of bounds: keys 1 to {} bytes, values up to {} bytes",
-                truncate(k, 32), limits.max_label_key_len, limits.max_label_value_len
-            ));
+        if k.is_empty()
+            || k.len() > limits.max_label_key_len
+            || v.len() > limits.max_label_value_len
+        {
+            return bad(
+                LimitExceeded,
+                format!(
+                    "label {:?} is out of bounds: keys 1 to {} bytes, values up to {} bytes",
+                    truncate(k, 32),
+                    limits.max_label_key_len,
+                    limits.max_label_value_len
+                ),
+            );
         }
     }
     Ok(ValidTask {
@@ -336,16 +425,25 @@ fn parse_price(p: &str, max_scale: u32) -> Result<Decimal, (RejectReason, String
     if !well_formed || p.len() > 40 {
         return Err((
             RejectReason::InvalidValue,
-            format!("price {:?} must be a non-negative decimal string such as \"0.25\"", truncate(p, 40)),
+            format!(
+                "price {:?} must be a non-negative decimal string such as \"0.25\"",
+                truncate(p, 40)
+            ),
         ));
     }
     let d: Decimal = p.parse().map_err(|_| {
-        (RejectReason::InvalidValue, format!("price {:?} is out of range", truncate(p, 40)))
+        (
+            RejectReason::InvalidValue,
+            format!("price {:?} is out of range", truncate(p, 40)),
+        )
     })?;
     if d.scale() > max_scale {
         return Err((
             RejectReason::LimitExceeded,
-            format!("price {p:?} has {} decimals, at most {max_scale} allowed", d.scale()),
+            format!(
+                "price {p:?} has {} decimals, at most {max_scale} allowed",
+                d.scale()
+            ),
         ));
     }
     Ok(d)
@@ -364,7 +462,13 @@ mod tests {
     use proptest::prelude::*;
 
     fn v(body: &str) -> Result<ValidTask, Rejection> {
-        validate(body.as_bytes(), "default", &Limits::default(), |p| p == "default", crate::ids::new_task_id)
+        validate(
+            body.as_bytes(),
+            "default",
+            &Limits::default(),
+            |p| p == "default",
+            crate::ids::new_task_id,
+        )
     }
     fn reason(body: &str) -> RejectReason {
         v(body).expect_err("should be rejected").reason
@@ -396,31 +500,96 @@ mod tests {
     fn every_reason() {
         assert_eq!(reason("not json"), RejectReason::InvalidJson);
         assert_eq!(reason("[1,2]"), RejectReason::InvalidJson);
-        assert_eq!(reason(r#"{"kind":"a","bogus":1}"#), RejectReason::UnknownField);
+        assert_eq!(
+            reason(r#"{"kind":"a","bogus":1}"#),
+            RejectReason::UnknownField
+        );
         assert_eq!(reason(r#"{"payload":1}"#), RejectReason::MissingField);
-        assert_eq!(reason(r#"{"kind":"a","id":"a.b"}"#), RejectReason::InvalidId);
+        assert_eq!(
+            reason(r#"{"kind":"a","id":"a.b"}"#),
+            RejectReason::InvalidId
+        );
         assert_eq!(reason(r#"{"kind":"a","id":7}"#), RejectReason::InvalidId);
-        assert_eq!(reason(r#"{"kind":"a","priority":"urgent"}"#), RejectReason::InvalidValue);
-        assert_eq!(reason(r#"{"kind":"a","max_attempts":0}"#), RejectReason::InvalidValue);
-        assert_eq!(reason(r#"{"kind":"a","max_attempts":-1}"#), RejectReason::InvalidValue);
-        assert_eq!(reason(r#"{"kind":"a","timeout_ms":0}"#), RejectReason::InvalidValue);
+        assert_eq!(
+            reason(r#"{"kind":"a","priority":"urgent"}"#),
+            RejectReason::InvalidValue
+        );
+        assert_eq!(
+            reason(r#"{"kind":"a","max_attempts":0}"#),
+            RejectReason::InvalidValue
+        );
+        assert_eq!(
+            reason(r#"{"kind":"a","max_attempts":-1}"#),
+            RejectReason::InvalidValue
+        );
+        assert_eq!(
+            reason(r#"{"kind":"a","timeout_ms":0}"#),
+            RejectReason::InvalidValue
+        );
         assert_eq!(reason(r#"{"kind":""}"#), RejectReason::InvalidValue);
-        assert_eq!(reason(r#"{"kind":"a","deadline":"tomorrow"}"#), RejectReason::InvalidValue);
-        assert_eq!(reason(r#"{"kind":"a","deadline":"2001-01-01T00:00:00Z"}"#), RejectReason::DeadlinePassed);
-        assert_eq!(reason(r#"{"kind":"a","price":"-1","payer":"p"}"#), RejectReason::InvalidValue);
-        assert_eq!(reason(r#"{"kind":"a","price":"1e5","payer":"p"}"#), RejectReason::InvalidValue);
-        assert_eq!(reason(r#"{"kind":"a","price":"1"}"#), RejectReason::MissingField);
-        assert_eq!(reason(r#"{"kind":"a","payer":"p"}"#), RejectReason::InvalidValue);
-        assert_eq!(reason(r#"{"kind":"a","price":"0.1234567890123456789","payer":"p"}"#), RejectReason::LimitExceeded);
-        assert_eq!(reason(r#"{"kind":"a","v":2}"#), RejectReason::UnsupportedVersion);
-        assert_eq!(reason(r#"{"kind":"a","resources":{"gpus":0}}"#), RejectReason::InvalidValue);
-        let many: String = (0..40).map(|i| format!("\"k{i}\":\"v\"")).collect::<Vec<_>>().join(",");
-        assert_eq!(reason(&format!(r#"{{"kind":"a","labels":{{{many}}}}}"#)), RejectReason::LimitExceeded);
+        assert_eq!(
+            reason(r#"{"kind":"a","deadline":"tomorrow"}"#),
+            RejectReason::InvalidValue
+        );
+        assert_eq!(
+            reason(r#"{"kind":"a","deadline":"2001-01-01T00:00:00Z"}"#),
+            RejectReason::DeadlinePassed
+        );
+        assert_eq!(
+            reason(r#"{"kind":"a","price":"-1","payer":"p"}"#),
+            RejectReason::InvalidValue
+        );
+        assert_eq!(
+            reason(r#"{"kind":"a","price":"1e5","payer":"p"}"#),
+            RejectReason::InvalidValue
+        );
+        assert_eq!(
+            reason(r#"{"kind":"a","price":"1"}"#),
+            RejectReason::MissingField
+        );
+        assert_eq!(
+            reason(r#"{"kind":"a","payer":"p"}"#),
+            RejectReason::InvalidValue
+        );
+        assert_eq!(
+            reason(r#"{"kind":"a","price":"0.1234567890123456789","payer":"p"}"#),
+            RejectReason::LimitExceeded
+        );
+        assert_eq!(
+            reason(r#"{"kind":"a","v":2}"#),
+            RejectReason::UnsupportedVersion
+        );
+        assert_eq!(
+            reason(r#"{"kind":"a","resources":{"gpus":0}}"#),
+            RejectReason::InvalidValue
+        );
+        let many: String = (0..40)
+            .map(|i| format!("\"k{i}\":\"v\""))
+            .collect::<Vec<_>>()
+            .join(",");
+        assert_eq!(
+            reason(&format!(r#"{{"kind":"a","labels":{{{many}}}}}"#)),
+            RejectReason::LimitExceeded
+        );
         let big = format!(r#"{{"kind":"a","payload":"{}"}}"#, "x".repeat(300 * 1024));
         assert_eq!(reason(&big), RejectReason::TooLarge);
-        let r = validate(br#"{"kind":"a"}"#, "nope", &Limits::default(), |p| p == "default", crate::ids::new_task_id).unwrap_err();
+        let r = validate(
+            br#"{"kind":"a"}"#,
+            "nope",
+            &Limits::default(),
+            |p| p == "default",
+            crate::ids::new_task_id,
+        )
+        .unwrap_err();
         assert_eq!(r.reason, RejectReason::UnknownPool);
-        let r = validate(br#"{"kind":"a"}"#, "Bad_Pool", &Limits::default(), |_| true, crate::ids::new_task_id).unwrap_err();
+        let r = validate(
+            br#"{"kind":"a"}"#,
+            "Bad_Pool",
+            &Limits::default(),
+            |_| true,
+            crate::ids::new_task_id,
+        )
+        .unwrap_err();
         assert_eq!(r.reason, RejectReason::UnknownPool);
     }
 

@@ -39,7 +39,10 @@ pub struct TestDb {
 impl TestDb {
     pub async fn new() -> Self {
         let admin = admin_database_url();
-        let name = format!("taskbus_test_{}", ulid::Ulid::new().to_string().to_lowercase());
+        let name = format!(
+            "taskbus_test_{}",
+            ulid::Ulid::new().to_string().to_lowercase()
+        );
         let pool = sqlx::postgres::PgPoolOptions::new()
             .max_connections(1)
             .connect(&admin)
@@ -69,9 +72,18 @@ impl Drop for TestDb {
         let (admin, name) = (self.admin.clone(), self.name.clone());
         // Drop runs outside async context guarantees: use a private runtime on a thread.
         let _ = std::thread::spawn(move || {
-            let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else { return };
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
             rt.block_on(async move {
-                if let Ok(pool) = sqlx::postgres::PgPoolOptions::new().max_connections(1).connect(&admin).await {
+                if let Ok(pool) = sqlx::postgres::PgPoolOptions::new()
+                    .max_connections(1)
+                    .connect(&admin)
+                    .await
+                {
                     let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
                         .execute(&pool)
                         .await;
@@ -123,8 +135,160 @@ mod tests {
 
     #[test]
     fn database_urls() {
-        assert_eq!(with_database("postgres://u:p@h:5/postgres", "x"), "postgres://u:p@h:5/x");
-        assert_eq!(with_database("postgres://u@h/postgres?sslmode=disable", "x"), "postgres://u@h/x?sslmode=disable");
+        assert_eq!(
+            with_database("postgres://u:p@h:5/postgres", "x"),
+            "postgres://u:p@h:5/x"
+        );
+        assert_eq!(
+            with_database("postgres://u@h/postgres?sslmode=disable", "x"),
+            "postgres://u@h/x?sslmode=disable"
+        );
         assert_eq!(with_database("postgres://h", "x"), "postgres://h/x");
+    }
+}
+
+/// Path of a workspace binary built beside the test executable (`target/<profile>/<name>`).
+/// `cargo test --workspace` / `cargo nextest run --workspace` build every binary first.
+pub fn workspace_bin(name: &str) -> std::path::PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .expect("target/<profile>");
+    let path = dir.join(name);
+    assert!(
+        path.is_file(),
+        "{} is missing; build it first (`cargo build --workspace`)",
+        path.display()
+    );
+    path
+}
+
+/// A whole stack for tests: nats-server, a fresh database, the coordinator in-process.
+pub mod stack {
+    use std::time::Duration;
+
+    use async_nats::jetstream;
+    use taskbus_coordinator::{Config, Running};
+    use taskbus_proto::{PoolSettings, Subjects};
+    use taskbus_runtime::CancellationToken;
+
+    use super::{NatsServer, TestDb};
+
+    pub struct Stack {
+        pub nats: NatsServer,
+        pub db: TestDb,
+        pub client: async_nats::Client,
+        pub js: jetstream::Context,
+        pub subjects: Subjects,
+        pub pg: sqlx::PgPool,
+    }
+
+    impl Stack {
+        /// nats-server + database, with pool `default` configured with `ack_wait_ms`.
+        pub async fn new(ack_wait_ms: u64) -> Self {
+            super::init_logging();
+            let nats = NatsServer::start().await.expect("start nats-server");
+            let db = TestDb::new().await;
+            let client = async_nats::connect(nats.url()).await.expect("connect");
+            let js = jetstream::new(client.clone());
+            let subjects = Subjects::default();
+            taskbus_runtime::nats::ensure_streams(&js, &subjects, &Default::default())
+                .await
+                .expect("streams");
+            let s = Self {
+                pg: db.pool().await,
+                nats,
+                db,
+                client,
+                js,
+                subjects,
+            };
+            s.set_pool(
+                "default",
+                PoolSettings {
+                    ack_wait_ms,
+                    ..Default::default()
+                },
+            )
+            .await;
+            s
+        }
+
+        pub async fn set_pool(&self, name: &str, settings: PoolSettings) {
+            let kv = taskbus_runtime::nats::pools_bucket(&self.js, &self.subjects, 1)
+                .await
+                .expect("kv");
+            kv.put(name, serde_json::to_vec(&settings).unwrap().into())
+                .await
+                .expect("put pool");
+        }
+
+        pub fn coordinator_config(&self) -> Config {
+            let mut c = Config::new(self.nats.url(), self.db.url.clone());
+            c.ensure_pools = vec![];
+            c
+        }
+
+        pub async fn coordinator(&self) -> (Running, CancellationToken) {
+            let token = CancellationToken::new();
+            let running = taskbus_coordinator::start(self.coordinator_config(), token.clone())
+                .await
+                .expect("coordinator starts");
+            (running, token)
+        }
+
+        /// Publish raw bytes to `taskbus.submit.<pool>` and wait for JetStream's ack.
+        pub async fn submit_raw(&self, pool: &str, body: impl Into<bytes::Bytes>) {
+            self.js
+                .publish(self.subjects.submit(pool), body.into())
+                .await
+                .expect("publish")
+                .await
+                .expect("publish ack");
+        }
+
+        pub async fn submit(&self, pool: &str, body: serde_json::Value) {
+            self.submit_raw(pool, serde_json::to_vec(&body).unwrap())
+                .await
+        }
+
+        /// `(status, attempt, agent_id, result, reason)` of a task.
+        pub async fn task(&self, id: &str) -> Option<TaskRow> {
+            sqlx::query_as::<_, TaskRow>(
+                "SELECT status, attempt, agent_id, result, reason, error FROM coordinator.tasks WHERE task_id = $1",
+            )
+            .bind(id)
+            .fetch_optional(&self.pg)
+            .await
+            .ok()
+            .flatten()
+        }
+
+        /// Wait until the task has `status`.
+        pub async fn wait_status(&self, id: &str, status: &str, timeout: Duration) -> TaskRow {
+            super::eventually(&format!("task {id} to be {status}"), timeout, || async {
+                self.task(id).await.filter(|t| t.status == status)
+            })
+            .await
+        }
+
+        pub async fn count(&self, status: &str) -> i64 {
+            sqlx::query_scalar("SELECT count(*) FROM coordinator.tasks WHERE status = $1")
+                .bind(status)
+                .fetch_one(&self.pg)
+                .await
+                .unwrap_or(0)
+        }
+    }
+
+    #[derive(Debug, Clone, sqlx::FromRow)]
+    pub struct TaskRow {
+        pub status: String,
+        pub attempt: i32,
+        pub agent_id: Option<String>,
+        pub result: Option<serde_json::Value>,
+        pub reason: Option<String>,
+        pub error: Option<String>,
     }
 }

@@ -1,1 +1,66 @@
-fn main() {}
+use std::time::Duration;
+
+use clap::Parser;
+use taskbus_agent::handlers::Demo;
+use taskbus_agent::{Agent, AgentConfig, CancellationToken};
+use taskbus_runtime::telemetry::{self, LogFormat};
+
+/// taskbus demo agent: pulls tasks of one pool and runs a built-in handler.
+///
+/// Handlers: `echo` (result = payload), `sleep` (payload `{"ms": N}`), `fail` (fails every
+/// attempt). On SIGTERM it stops pulling, finishes in-flight tasks within --grace-seconds and
+/// hands the rest back to the queue.
+#[derive(Parser, Debug)]
+#[command(version, about, long_about)]
+struct Args {
+    /// Pool to serve (a DNS label).
+    #[arg(long, env = "TASKBUS_POOL")]
+    pool: String,
+    /// Built-in handler.
+    #[arg(long, env = "TASKBUS_HANDLER", value_enum)]
+    handler: Demo,
+    /// NATS server URL(s), comma separated.
+    #[arg(
+        long,
+        env = "TASKBUS_NATS_URL",
+        default_value = "nats://127.0.0.1:4222"
+    )]
+    nats_url: String,
+    /// Subject prefix.
+    #[arg(long, env = "TASKBUS_PREFIX", default_value = "taskbus")]
+    prefix: String,
+    /// Agent id (default: $HOSTNAME, i.e. the pod name).
+    #[arg(long, env = "TASKBUS_AGENT_ID")]
+    agent_id: Option<String>,
+    /// Tasks run at once.
+    #[arg(long, env = "TASKBUS_CONCURRENCY", default_value_t = 4)]
+    concurrency: usize,
+    /// Seconds in-flight tasks may run after SIGTERM before they are handed back.
+    #[arg(long, env = "TASKBUS_GRACE_SECONDS", default_value_t = 25)]
+    grace_seconds: u64,
+    #[arg(long, env = "TASKBUS_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    telemetry::init(args.log_format, "info");
+    let mut config = AgentConfig::new(args.nats_url, args.pool);
+    config.prefix = args.prefix;
+    if let Some(id) = args.agent_id {
+        config.agent_id = id;
+    }
+    config.concurrency = args.concurrency;
+    config.grace = Duration::from_secs(args.grace_seconds);
+    let handler = args.handler;
+    let shutdown = CancellationToken::new();
+    let agent = Agent::new(config, move |t| handler.run(t));
+    let run = agent.run(shutdown.clone());
+    tokio::pin!(run);
+    tokio::select! {
+        r = &mut run => r?,
+        _ = taskbus_runtime::cancel_on_signal(shutdown.clone()) => run.await?,
+    }
+    Ok(())
+}

@@ -188,7 +188,10 @@ async fn handle_batch(ctx: &Ctx, batch: Vec<Message>) -> Result<(), BatchError> 
             rejections.insert(
                 i,
                 NewRejection {
-                    id: r.task_id.clone().unwrap_or_else(|| format!("seq-{}", it.seq)),
+                    id: r
+                        .task_id
+                        .clone()
+                        .unwrap_or_else(|| format!("seq-{}", it.seq)),
                     pool: pool.clone(),
                     reason: r.reason.as_str().into(),
                     message: r.message.clone(),
@@ -234,7 +237,9 @@ async fn handle_batch(ctx: &Ctx, batch: Vec<Message>) -> Result<(), BatchError> 
                 } else {
                     match existing.get(&t.id) {
                         // Our own earlier delivery: finish it (the work publish is deduplicated).
-                        Some((Some(seq), status)) if first_in_batch && *seq == it.seq as i64 => status == "queued",
+                        Some((Some(seq), status)) if first_in_batch && *seq == it.seq as i64 => {
+                            status == "queued"
+                        }
                         _ => {
                             ctx.metrics.duplicates.inc();
                             debug!(task_id = %t.id, seq = it.seq, "duplicate task id dropped");
@@ -245,14 +250,22 @@ async fn handle_batch(ctx: &Ctx, batch: Vec<Message>) -> Result<(), BatchError> 
                 if !publish {
                     continue;
                 }
-                let body = work_item_json(1, &t.pool, envelopes.get(&i).map(String::as_str).unwrap_or("{}"));
+                let body = work_item_json(
+                    1,
+                    &t.pool,
+                    envelopes.get(&i).map(String::as_str).unwrap_or("{}"),
+                );
                 let mut p = Publish::build()
                     .payload(body.into())
                     .message_id(format!("{}:1", t.id));
                 if let Some(tp) = traceparent(&it.msg) {
                     p = p.header(taskbus_proto::HDR_TRACEPARENT, tp);
                 }
-                match ctx.js.send_publish(ctx.subjects.work(&t.pool, t.priority), p).await {
+                match ctx
+                    .js
+                    .send_publish(ctx.subjects.work(&t.pool, t.priority), p)
+                    .await
+                {
                     Ok(f) => pending.push((i, f)),
                     Err(e) => {
                         warn!(error = %e, task_id = %t.id, "work publish failed");
@@ -269,15 +282,22 @@ async fn handle_batch(ctx: &Ctx, batch: Vec<Message>) -> Result<(), BatchError> 
                     });
                     let _ = ctx
                         .client
-                        .publish(ctx.subjects.event(&t.pool, &t.id, EventKind::Admitted), ev.to_json().into())
+                        .publish(
+                            ctx.subjects.event(&t.pool, &t.id, EventKind::Admitted),
+                            ev.to_json().into(),
+                        )
                         .await;
                 }
             }
             Verdict::Reject(r, _) => {
-                let Some(row) = rejections.get(&i) else { continue };
+                let Some(row) = rejections.get(&i) else {
+                    continue;
+                };
                 ctx.metrics
                     .rejected
-                    .get_or_create(&crate::metrics::ReasonLabel { reason: r.reason.as_str().into() })
+                    .get_or_create(&crate::metrics::ReasonLabel {
+                        reason: r.reason.as_str().into(),
+                    })
                     .inc();
                 let ev = Event::Rejected(events::Rejected {
                     task_id: row.id.clone(),
@@ -287,7 +307,9 @@ async fn handle_batch(ctx: &Ctx, batch: Vec<Message>) -> Result<(), BatchError> 
                     message: r.message.clone(),
                     submit_seq: Some(it.seq),
                 });
-                let subject = ctx.subjects.event(subject_pool(&row.pool), &row.id, EventKind::Rejected);
+                let subject =
+                    ctx.subjects
+                        .event(subject_pool(&row.pool), &row.id, EventKind::Rejected);
                 let p = Publish::build()
                     .payload(ev.to_json().into())
                     .message_id(format!("{}:rejected", row.id));
@@ -301,7 +323,12 @@ async fn handle_batch(ctx: &Ctx, batch: Vec<Message>) -> Result<(), BatchError> 
             }
         }
     }
-    let results = futures::future::join_all(pending.into_iter().map(|(i, f)| async move { (i, f.await) })).await;
+    let results = futures::future::join_all(
+        pending
+            .into_iter()
+            .map(|(i, f)| async move { (i, f.await) }),
+    )
+    .await;
     for (i, r) in results {
         if let Err(e) = r {
             warn!(error = %e, "publish not acknowledged; the submit message will be redelivered");
@@ -311,7 +338,11 @@ async fn handle_batch(ctx: &Ctx, batch: Vec<Message>) -> Result<(), BatchError> 
 
     // 4. Ack what is done; hand back the rest quickly.
     let acks = items.iter().zip(ackable).map(|(it, ok)| async move {
-        let kind = if ok { AckKind::Ack } else { AckKind::Nak(Some(Duration::from_millis(500))) };
+        let kind = if ok {
+            AckKind::Ack
+        } else {
+            AckKind::Nak(Some(Duration::from_millis(500)))
+        };
         if let Err(e) = it.msg.ack_with(kind).await {
             debug!(error = %e, "ack failed; message will be redelivered");
         }

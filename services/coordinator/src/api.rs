@@ -35,8 +35,14 @@ pub(crate) async fn start(ctx: &Ctx) -> Result<Endpoints, CoordinatorError> {
         .await
         .map_err(CoordinatorError::js)?;
     let group = service.group(ctx.subjects.api("").trim_end_matches('.'));
-    let get = group.endpoint("task.get").await.map_err(CoordinatorError::js)?;
-    let list = group.endpoint("tasks.list").await.map_err(CoordinatorError::js)?;
+    let get = group
+        .endpoint("task.get")
+        .await
+        .map_err(CoordinatorError::js)?;
+    let list = group
+        .endpoint("tasks.list")
+        .await
+        .map_err(CoordinatorError::js)?;
     Ok(Endpoints { service, get, list })
 }
 
@@ -75,11 +81,18 @@ fn reply<T: Serialize>(r: Result<T, ApiError>) -> Bytes {
 }
 
 fn bad(code: u16, msg: impl Into<String>) -> ApiError {
-    ApiError { code, error: msg.into() }
+    ApiError {
+        code,
+        error: msg.into(),
+    }
 }
 
 fn parse<T: serde::de::DeserializeOwned>(payload: &[u8]) -> Result<T, ApiError> {
-    let payload = if payload.iter().all(u8::is_ascii_whitespace) { b"{}".as_slice() } else { payload };
+    let payload = if payload.iter().all(u8::is_ascii_whitespace) {
+        b"{}".as_slice()
+    } else {
+        payload
+    };
     serde_json::from_slice(payload).map_err(|e| bad(400, format!("bad request body: {e}")))
 }
 
@@ -87,7 +100,10 @@ async fn handle_get(ctx: &Ctx, payload: &[u8]) -> Bytes {
     let r = async {
         let req: TaskGet = parse(payload)?;
         if !taskbus_proto::ids::is_valid_task_id(&req.id) {
-            return Err(bad(400, "id must be 1 to 128 characters from A-Z a-z 0-9 _ -"));
+            return Err(bad(
+                400,
+                "id must be 1 to 128 characters from A-Z a-z 0-9 _ -",
+            ));
         }
         match store::get(&ctx.db, &req.id).await {
             Ok(Some(t)) => Ok(t),
@@ -108,12 +124,23 @@ async fn handle_list(ctx: &Ctx, payload: &[u8]) -> Bytes {
         }
         if let Some(s) = req.status.as_deref() {
             if !store::STATUSES.contains(&s) {
-                return Err(bad(400, format!("unknown status {s:?}; use one of {}", store::STATUSES.join(", "))));
+                return Err(bad(
+                    400,
+                    format!(
+                        "unknown status {s:?}; use one of {}",
+                        store::STATUSES.join(", ")
+                    ),
+                ));
             }
         }
-        store::list(&ctx.db, req.pool.as_deref(), req.status.as_deref(), limit as i64)
-            .await
-            .map_err(|e| bad(500, format!("database error: {e}")))
+        store::list(
+            &ctx.db,
+            req.pool.as_deref(),
+            req.status.as_deref(),
+            limit as i64,
+        )
+        .await
+        .map_err(|e| bad(500, format!("database error: {e}")))
     }
     .await;
     reply(r)

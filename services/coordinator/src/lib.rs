@@ -125,12 +125,17 @@ impl Running {
 
 /// Connect, migrate, create streams and consumers, then start the loops. Returns when the
 /// coordinator is ready (its API answers and its consumers exist).
-pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Running, CoordinatorError> {
+pub async fn start(
+    config: Config,
+    shutdown: CancellationToken,
+) -> Result<Running, CoordinatorError> {
     let subjects = Subjects::new(&config.prefix);
     let client = taskbus_runtime::nats::connect(&config.nats_url, "taskbus-coordinator").await?;
     let js = jetstream::new(client.clone());
     taskbus_runtime::nats::ensure_streams(&js, &subjects, &config.streams).await?;
-    let db = taskbus_runtime::db::connect_and_migrate(&config.database_url, config.db_max_connections).await?;
+    let db =
+        taskbus_runtime::db::connect_and_migrate(&config.database_url, config.db_max_connections)
+            .await?;
 
     let metrics = metrics::Metrics::default();
     let mut registry = prometheus_client::registry::Registry::with_prefix("taskbus_coordinator");
@@ -161,7 +166,11 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
     tracker.spawn(pools.watch(shutdown.clone()));
     tracker.spawn(admission::run(ctx.clone(), submit, shutdown.clone()));
     tracker.spawn(outcomes::run(ctx.clone(), outcome, shutdown.clone()));
-    tracker.spawn(outcomes::run_started(ctx.clone(), started, shutdown.clone()));
+    tracker.spawn(outcomes::run_started(
+        ctx.clone(),
+        started,
+        shutdown.clone(),
+    ));
     tracker.spawn(api::run(ctx.clone(), service, shutdown.clone()));
 
     let mut http_addr = None;

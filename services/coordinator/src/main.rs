@@ -12,7 +12,11 @@ use taskbus_runtime::CancellationToken;
 #[command(version, about, long_about)]
 struct Args {
     /// NATS server URL(s), comma separated.
-    #[arg(long, env = "TASKBUS_NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    #[arg(
+        long,
+        env = "TASKBUS_NATS_URL",
+        default_value = "nats://127.0.0.1:4222"
+    )]
     nats_url: String,
     /// PostgreSQL URL, e.g. postgres://user:pass@host/db. Migrations run on start.
     #[arg(long, env = "TASKBUS_DATABASE_URL")]
@@ -21,7 +25,12 @@ struct Args {
     #[arg(long, env = "TASKBUS_PREFIX", default_value = "taskbus")]
     prefix: String,
     /// Pools to create with default settings when missing (comma separated).
-    #[arg(long, env = "TASKBUS_POOLS", value_delimiter = ',', default_value = "default")]
+    #[arg(
+        long,
+        env = "TASKBUS_POOLS",
+        value_delimiter = ',',
+        default_value = "default"
+    )]
     pools: Vec<String>,
     /// Address for /healthz, /readyz and /metrics.
     #[arg(long, env = "TASKBUS_HTTP_LISTEN", default_value = "0.0.0.0:9464")]

@@ -42,16 +42,34 @@ impl Default for Metrics {
 impl Metrics {
     pub fn register(&self, r: &mut Registry) {
         r.register("admitted", "Tasks admitted", self.admitted.clone());
-        r.register("duplicates", "Submit messages dropped because their task id was already admitted", self.duplicates.clone());
-        r.register("rejected", "Submit messages rejected, by reason", self.rejected.clone());
-        r.register("outcomes", "Outcomes recorded, by outcome", self.outcomes.clone());
-        r.register("admission_batch_size", "Messages per admission batch", self.batch_size.clone());
+        r.register(
+            "duplicates",
+            "Submit messages dropped because their task id was already admitted",
+            self.duplicates.clone(),
+        );
+        r.register(
+            "rejected",
+            "Submit messages rejected, by reason",
+            self.rejected.clone(),
+        );
+        r.register(
+            "outcomes",
+            "Outcomes recorded, by outcome",
+            self.outcomes.clone(),
+        );
+        r.register(
+            "admission_batch_size",
+            "Messages per admission batch",
+            self.batch_size.clone(),
+        );
         r.register("errors", "Transient errors, by stage", self.errors.clone());
     }
 
     pub fn error(&self, stage: &str) {
         self.errors
-            .get_or_create(&OutcomeLabel { outcome: stage.into() })
+            .get_or_create(&OutcomeLabel {
+                outcome: stage.into(),
+            })
             .inc();
     }
 }

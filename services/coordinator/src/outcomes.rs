@@ -27,7 +27,10 @@ pub(crate) async fn consumer(ctx: &Ctx) -> Result<PullConsumer, CoordinatorError
         .await
         .map_err(CoordinatorError::js)?;
     stream
-        .get_or_create_consumer("coordinator-outcomes", streams::outcome_consumer(&ctx.subjects))
+        .get_or_create_consumer(
+            "coordinator-outcomes",
+            streams::outcome_consumer(&ctx.subjects),
+        )
         .await
         .map_err(CoordinatorError::js)
 }
@@ -64,7 +67,9 @@ pub(crate) async fn run(ctx: Arc<Ctx>, consumer: PullConsumer, shutdown: Cancell
                 warn!(error = %e, "outcome batch failed; redelivering");
                 ctx.metrics.error("outcomes");
                 for m in &batch {
-                    let _ = m.ack_with(AckKind::Nak(Some(Duration::from_millis(500)))).await;
+                    let _ = m
+                        .ack_with(AckKind::Nak(Some(Duration::from_millis(500))))
+                        .await;
                 }
                 crate::pause(&shutdown, Duration::from_millis(500)).await;
             }
@@ -72,7 +77,10 @@ pub(crate) async fn run(ctx: Arc<Ctx>, consumer: PullConsumer, shutdown: Cancell
     }
 }
 
-async fn handle_batch(ctx: &Ctx, batch: &[async_nats::jetstream::Message]) -> Result<(), sqlx::Error> {
+async fn handle_batch(
+    ctx: &Ctx,
+    batch: &[async_nats::jetstream::Message],
+) -> Result<(), sqlx::Error> {
     let mut successes = Vec::new();
     let mut failures = Vec::new();
     for m in batch {
@@ -124,7 +132,11 @@ async fn handle_batch(ctx: &Ctx, batch: &[async_nats::jetstream::Message]) -> Re
             let p = Publish::build()
                 .payload(body.into())
                 .message_id(format!("{}:{}", f.id, f.attempt));
-            if let Ok(fut) = ctx.js.send_publish(ctx.subjects.work(&f.pool, priority), p).await {
+            if let Ok(fut) = ctx
+                .js
+                .send_publish(ctx.subjects.work(&f.pool, priority), p)
+                .await
+            {
                 pending.push(fut);
             }
             let ev = Event::RetryScheduled(events::RetryScheduled {
@@ -167,7 +179,11 @@ async fn publish_event(
     let p = Publish::build()
         .payload(ev.to_json().into())
         .message_id(event_msg_id(id, ev));
-    match ctx.js.send_publish(ctx.subjects.event(pool, id, kind), p).await {
+    match ctx
+        .js
+        .send_publish(ctx.subjects.event(pool, id, kind), p)
+        .await
+    {
         Ok(f) => pending.push(f),
         Err(e) => warn!(error = %e, "event publish failed"),
     }
@@ -181,14 +197,23 @@ fn event_msg_id(id: &str, ev: &Event) -> String {
     }
 }
 
-pub(crate) async fn started_subscription(ctx: &Ctx) -> Result<async_nats::Subscriber, CoordinatorError> {
+pub(crate) async fn started_subscription(
+    ctx: &Ctx,
+) -> Result<async_nats::Subscriber, CoordinatorError> {
     ctx.client
-        .queue_subscribe(ctx.subjects.event_kind_all(EventKind::Started), "taskbus-coordinator".into())
+        .queue_subscribe(
+            ctx.subjects.event_kind_all(EventKind::Started),
+            "taskbus-coordinator".into(),
+        )
         .await
         .map_err(CoordinatorError::js)
 }
 
-pub(crate) async fn run_started(ctx: Arc<Ctx>, sub: async_nats::Subscriber, shutdown: CancellationToken) {
+pub(crate) async fn run_started(
+    ctx: Arc<Ctx>,
+    sub: async_nats::Subscriber,
+    shutdown: CancellationToken,
+) {
     let mut chunks = sub.ready_chunks(ctx.batch_size);
     loop {
         let chunk = tokio::select! {

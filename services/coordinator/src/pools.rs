@@ -33,7 +33,9 @@ impl Pools {
         let default = serde_json::to_vec(&PoolSettings::default()).unwrap_or_default();
         for pool in ensure {
             if !taskbus_proto::ids::is_valid_pool(pool) {
-                return Err(CoordinatorError::Pools(format!("{pool:?} is not a valid pool name (a DNS label)")));
+                return Err(CoordinatorError::Pools(format!(
+                    "{pool:?} is not a valid pool name (a DNS label)"
+                )));
             }
             // `create` fails when the key exists, which is what we want.
             let _ = kv.create(pool, default.clone().into()).await;
@@ -59,7 +61,10 @@ impl Pools {
 
     async fn apply(&self, name: &str, bytes: &[u8]) {
         if !taskbus_proto::ids::is_valid_pool(name) {
-            warn!(pool = name, "ignoring pool with an invalid name in the pools bucket");
+            warn!(
+                pool = name,
+                "ignoring pool with an invalid name in the pools bucket"
+            );
             return;
         }
         let settings = match serde_json::from_slice::<PoolSettings>(bytes) {
@@ -84,14 +89,22 @@ impl Pools {
             .insert(name.to_string(), settings);
     }
 
-    async fn ensure_work_consumer(&self, pool: &str, s: &PoolSettings) -> Result<(), CoordinatorError> {
+    async fn ensure_work_consumer(
+        &self,
+        pool: &str,
+        s: &PoolSettings,
+    ) -> Result<(), CoordinatorError> {
         let stream = self
             .js
             .get_stream(self.subjects.work_stream())
             .await
             .map_err(CoordinatorError::js)?;
-        let cfg = streams::work_consumer(&self.subjects, pool, Duration::from_millis(s.ack_wait_ms));
-        stream.create_consumer(cfg).await.map_err(CoordinatorError::js)?;
+        let cfg =
+            streams::work_consumer(&self.subjects, pool, Duration::from_millis(s.ack_wait_ms));
+        stream
+            .create_consumer(cfg)
+            .await
+            .map_err(CoordinatorError::js)?;
         Ok(())
     }
 

@@ -62,7 +62,10 @@ pub async fn insert_admitted(db: &PgPool, rows: &[NewTask]) -> DbResult<HashSet<
     .bind(&payers)
     .fetch_all(db)
     .await?;
-    Ok(inserted.into_iter().map(|r| r.get::<String, _>(0)).collect())
+    Ok(inserted
+        .into_iter()
+        .map(|r| r.get::<String, _>(0))
+        .collect())
 }
 
 /// Submit sequence and status of existing tasks, to tell a redelivery from a duplicate.
@@ -70,10 +73,12 @@ pub async fn existing(db: &PgPool, ids: &[String]) -> DbResult<Vec<(String, Opti
     if ids.is_empty() {
         return Ok(Vec::new());
     }
-    let rows = sqlx::query("SELECT task_id, submit_seq, status FROM coordinator.tasks WHERE task_id = ANY($1)")
-        .bind(ids)
-        .fetch_all(db)
-        .await?;
+    let rows = sqlx::query(
+        "SELECT task_id, submit_seq, status FROM coordinator.tasks WHERE task_id = ANY($1)",
+    )
+    .bind(ids)
+    .fetch_all(db)
+    .await?;
     Ok(rows
         .into_iter()
         .map(|r| (r.get(0), r.get(1), r.get(2)))
@@ -115,11 +120,17 @@ pub async fn insert_rejected(db: &PgPool, rows: &[NewRejection]) -> DbResult<Has
     .bind(&seqs)
     .fetch_all(db)
     .await?;
-    Ok(inserted.into_iter().map(|r| r.get::<String, _>(0)).collect())
+    Ok(inserted
+        .into_iter()
+        .map(|r| r.get::<String, _>(0))
+        .collect())
 }
 
 /// `started` for `(id, attempt, agent, at)`: queued → running for that attempt only.
-pub async fn record_started(db: &PgPool, rows: &[(String, i32, String, DateTime<Utc>)]) -> DbResult<u64> {
+pub async fn record_started(
+    db: &PgPool,
+    rows: &[(String, i32, String, DateTime<Utc>)],
+) -> DbResult<u64> {
     if rows.is_empty() {
         return Ok(0);
     }
@@ -139,7 +150,9 @@ pub async fn record_started(db: &PgPool, rows: &[(String, i32, String, DateTime<
     Ok(r.rows_affected())
 }
 
-fn unzip4<A: Clone, B: Clone, C: Clone, D: Clone>(rows: &[(A, B, C, D)]) -> (Vec<A>, Vec<B>, Vec<C>, Vec<D>) {
+fn unzip4<A: Clone, B: Clone, C: Clone, D: Clone>(
+    rows: &[(A, B, C, D)],
+) -> (Vec<A>, Vec<B>, Vec<C>, Vec<D>) {
     let mut out = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for (a, b, c, d) in rows {
         out.0.push(a.clone());
@@ -292,11 +305,20 @@ fn record(r: sqlx::postgres::PgRow) -> TaskRecord {
 /// One task by id.
 pub async fn get(db: &PgPool, id: &str) -> DbResult<Option<TaskRecord>> {
     let q = format!("SELECT {RECORD_COLUMNS} FROM coordinator.tasks WHERE task_id = $1");
-    Ok(sqlx::query(&q).bind(id).fetch_optional(db).await?.map(record))
+    Ok(sqlx::query(&q)
+        .bind(id)
+        .fetch_optional(db)
+        .await?
+        .map(record))
 }
 
 /// Newest tasks first, optionally filtered by pool and status.
-pub async fn list(db: &PgPool, pool: Option<&str>, status: Option<&str>, limit: i64) -> DbResult<Vec<TaskRecord>> {
+pub async fn list(
+    db: &PgPool,
+    pool: Option<&str>,
+    status: Option<&str>,
+    limit: i64,
+) -> DbResult<Vec<TaskRecord>> {
     let q = format!(
         "SELECT {RECORD_COLUMNS} FROM coordinator.tasks
          WHERE ($1::text IS NULL OR pool = $1) AND ($2::text IS NULL OR status = $2)
@@ -315,13 +337,26 @@ pub async fn list(db: &PgPool, pool: Option<&str>, status: Option<&str>, limit: 
 
 /// Task counts per pool and status (for `taskbus dev`'s status line and the scaler).
 pub async fn counts(db: &PgPool) -> DbResult<Vec<(String, String, i64)>> {
-    let rows = sqlx::query("SELECT pool, status, count(*) FROM coordinator.tasks GROUP BY pool, status")
-        .fetch_all(db)
-        .await?;
-    Ok(rows.into_iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect())
+    let rows =
+        sqlx::query("SELECT pool, status, count(*) FROM coordinator.tasks GROUP BY pool, status")
+            .fetch_all(db)
+            .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect())
 }
 
 /// Every task status name.
 pub const STATUSES: [&str; 10] = [
-    "admitted", "queued", "running", "succeeded", "failed", "timed_out", "dead", "cancelled", "expired", "rejected",
+    "admitted",
+    "queued",
+    "running",
+    "succeeded",
+    "failed",
+    "timed_out",
+    "dead",
+    "cancelled",
+    "expired",
+    "rejected",
 ];

@@ -16,7 +16,11 @@ pub enum DevServerError {
     #[error("PostgreSQL's initdb not found under /usr/lib/postgresql/*/bin: install Debian's `postgresql` package")]
     PostgresMissing,
     #[error("{what} did not start within {secs} s; its log: {log}")]
-    Timeout { what: &'static str, secs: u64, log: String },
+    Timeout {
+        what: &'static str,
+        secs: u64,
+        log: String,
+    },
     #[error("{what} failed: {detail}")]
     Failed { what: &'static str, detail: String },
     #[error(transparent)]
@@ -80,7 +84,13 @@ impl NatsServer {
                 args.extend(["--routes".into(), opts.routes.join(",")]);
             }
         }
-        let mut s = Self { child: None, dir, port: 0, cluster_port: None, args };
+        let mut s = Self {
+            child: None,
+            dir,
+            port: 0,
+            cluster_port: None,
+            args,
+        };
         s.spawn(None).await?;
         Ok(s)
     }
@@ -204,7 +214,11 @@ impl NatsCluster {
 
     /// A client URL listing every node.
     pub fn url(&self) -> String {
-        self.nodes.iter().map(|n| n.url()).collect::<Vec<_>>().join(",")
+        self.nodes
+            .iter()
+            .map(|n| n.url())
+            .collect::<Vec<_>>()
+            .join(",")
     }
 }
 
@@ -247,7 +261,8 @@ fn pg_command(bin: &Path) -> Result<Command, DevServerError> {
     if is_root() {
         let (uid, gid) = postgres_ids().ok_or(DevServerError::Failed {
             what: "PostgreSQL as root",
-            detail: "there is no `postgres` user to run it as; install Debian's postgresql package".into(),
+            detail: "there is no `postgres` user to run it as; install Debian's postgresql package"
+                .into(),
         })?;
         c.uid(uid).gid(gid);
     }
@@ -306,7 +321,11 @@ impl PgServer {
             .stderr(Stdio::null())
             .kill_on_drop(true)
             .spawn()?;
-        let s = Self { child: Some(child), _dir: dir, port };
+        let s = Self {
+            child: Some(child),
+            _dir: dir,
+            port,
+        };
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if sqlx::postgres::PgPoolOptions::new()
@@ -351,5 +370,7 @@ impl Drop for PgServer {
 
 /// A free TCP port on loopback (bind to 0, read, release).
 pub fn free_port() -> std::io::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
 }

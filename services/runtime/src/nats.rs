@@ -52,7 +52,10 @@ pub async fn ensure_streams(
 }
 
 /// Create `cfg`'s stream, or update it when it exists with other settings.
-pub async fn ensure_stream(js: &jetstream::Context, cfg: jetstream::stream::Config) -> Result<(), NatsError> {
+pub async fn ensure_stream(
+    js: &jetstream::Context,
+    cfg: jetstream::stream::Config,
+) -> Result<(), NatsError> {
     let name = cfg.name.clone();
     let err = |e: &dyn std::fmt::Display| NatsError::Stream {
         stream: name.clone(),
@@ -93,9 +96,12 @@ pub async fn pools_bucket(
         .await
     {
         Ok(kv) => Ok(kv),
-        Err(e) => js.get_key_value(&bucket).await.map_err(|_| NatsError::Stream {
-            stream: bucket,
-            message: e.to_string(),
-        }),
+        Err(e) => js
+            .get_key_value(&bucket)
+            .await
+            .map_err(|_| NatsError::Stream {
+                stream: bucket,
+                message: e.to_string(),
+            }),
     }
 }

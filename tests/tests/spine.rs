@@ -1,0 +1,578 @@
+//! End-to-end tests of the spine against a real nats-server and a real PostgreSQL.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use serde_json::json;
+use taskbus_agent::{Agent, AgentConfig, CancellationToken, TaskContext, TaskError};
+use taskbus_tests::stack::Stack;
+use taskbus_tests::{eventually, workspace_bin};
+use tokio::task::JoinHandle;
+
+const T: Duration = Duration::from_secs(30);
+
+/// An in-process echo agent that counts its executions.
+fn echo_agent(
+    stack: &Stack,
+    id: &str,
+    concurrency: usize,
+) -> (JoinHandle<()>, CancellationToken, Arc<AtomicU64>) {
+    let mut cfg = AgentConfig::new(stack.nats.url(), "default");
+    cfg.agent_id = id.into();
+    cfg.concurrency = concurrency;
+    cfg.grace = Duration::from_secs(5);
+    let runs = Arc::new(AtomicU64::new(0));
+    let r = runs.clone();
+    let agent = Agent::new(cfg, move |t: TaskContext| {
+        let r = r.clone();
+        async move {
+            r.fetch_add(1, Ordering::Relaxed);
+            Ok::<_, TaskError>(t.payload)
+        }
+    });
+    let token = CancellationToken::new();
+    let t = token.clone();
+    let handle = tokio::spawn(async move {
+        agent.run(t).await.expect("agent runs");
+    });
+    (handle, token, runs)
+}
+
+#[tokio::test]
+async fn happy_path_with_events() {
+    let s = Stack::new(30_000).await;
+    let (_coord, _ct) = s.coordinator().await;
+    let (_a, _at, runs) = echo_agent(&s, "agent-1", 4);
+    let mut events = s
+        .client
+        .subscribe("taskbus.events.default.t-happy.>")
+        .await
+        .unwrap();
+    s.submit(
+        "default",
+        json!({"kind": "echo", "payload": {"x": 1}, "id": "t-happy"}),
+    )
+    .await;
+    let row = s.wait_status("t-happy", "succeeded", T).await;
+    assert_eq!(row.result, Some(json!({"x": 1})));
+    assert_eq!(row.attempt, 1);
+    assert_eq!(row.agent_id.as_deref(), Some("agent-1"));
+    assert_eq!(runs.load(Ordering::Relaxed), 1);
+    let mut seen = Vec::new();
+    while seen.len() < 3 {
+        let m = tokio::time::timeout(T, events.next())
+            .await
+            .expect("event")
+            .expect("open");
+        seen.push(m.subject.rsplit('.').next().unwrap().to_string());
+    }
+    assert_eq!(seen, ["admitted", "started", "succeeded"]);
+}
+
+#[tokio::test]
+async fn every_rejection_reason_is_recorded() {
+    let s = Stack::new(30_000).await;
+    let (_coord, _ct) = s.coordinator().await;
+    let cases: Vec<(&str, Vec<u8>, &str, &str)> = vec![
+        ("default", b"not json".to_vec(), "invalid_json", "seq-"),
+        ("default", br#"[1]"#.to_vec(), "invalid_json", "seq-"),
+        (
+            "default",
+            br#"{"id":"r-unknown","kind":"a","bogus":1}"#.to_vec(),
+            "unknown_field",
+            "r-unknown",
+        ),
+        (
+            "default",
+            br#"{"id":"r-missing","payload":1}"#.to_vec(),
+            "missing_field",
+            "r-missing",
+        ),
+        (
+            "default",
+            br#"{"id":"bad id!","kind":"a"}"#.to_vec(),
+            "invalid_id",
+            "seq-",
+        ),
+        (
+            "default",
+            br#"{"id":"r-prio","kind":"a","priority":"urgent"}"#.to_vec(),
+            "invalid_value",
+            "r-prio",
+        ),
+        (
+            "default",
+            br#"{"id":"r-att","kind":"a","max_attempts":0}"#.to_vec(),
+            "invalid_value",
+            "r-att",
+        ),
+        (
+            "default",
+            br#"{"id":"r-price","kind":"a","price":"-3","payer":"p"}"#.to_vec(),
+            "invalid_value",
+            "r-price",
+        ),
+        (
+            "default",
+            br#"{"id":"r-ver","kind":"a","v":9}"#.to_vec(),
+            "unsupported_version",
+            "r-ver",
+        ),
+        (
+            "default",
+            br#"{"id":"r-dl","kind":"a","deadline":"2000-01-01T00:00:00Z"}"#.to_vec(),
+            "deadline_passed",
+            "r-dl",
+        ),
+        (
+            "default",
+            format!(
+                r#"{{"id":"r-big","kind":"a","payload":"{}"}}"#,
+                "x".repeat(300_000)
+            )
+            .into_bytes(),
+            "too_large",
+            "r-big",
+        ),
+        (
+            "nope",
+            br#"{"id":"r-pool","kind":"a"}"#.to_vec(),
+            "unknown_pool",
+            "r-pool",
+        ),
+        (
+            "Bad_Pool",
+            br#"{"id":"r-badpool","kind":"a"}"#.to_vec(),
+            "unknown_pool",
+            "r-badpool",
+        ),
+    ];
+    let mut rejected = s
+        .client
+        .subscribe("taskbus.events.*.*.rejected")
+        .await
+        .unwrap();
+    for (pool, body, _, _) in &cases {
+        s.submit_raw(pool, body.clone()).await;
+    }
+    for (_, _, reason, id) in &cases {
+        let row = eventually(&format!("rejection {reason} for {id}"), T, || async {
+            let q = if id.ends_with('-') {
+                sqlx::query_as::<_, (String, Option<String>, Option<String>)>(
+                    "SELECT status, reason, reason_message FROM coordinator.tasks WHERE task_id LIKE 'seq-%' AND reason = $1",
+                )
+                .bind(reason)
+            } else {
+                sqlx::query_as("SELECT status, reason, reason_message FROM coordinator.tasks WHERE task_id = $1").bind(*id)
+            };
+            q.fetch_optional(&s.pg).await.ok().flatten()
+        })
+        .await;
+        assert_eq!(row.0, "rejected");
+        assert_eq!(row.1.as_deref(), Some(*reason));
+        assert!(
+            row.2.is_some_and(|m| m.len() > 10),
+            "a sentence for {reason}"
+        );
+    }
+    // Each rejection is also an event with its reason.
+    let mut reasons = Vec::new();
+    while reasons.len() < cases.len() {
+        let m = tokio::time::timeout(T, rejected.next())
+            .await
+            .expect("rejected event")
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&m.payload).unwrap();
+        assert_eq!(v["event"], "rejected");
+        reasons.push(v["reason"].as_str().unwrap().to_string());
+    }
+    for (_, _, reason, _) in &cases {
+        assert!(
+            reasons.iter().any(|r| r == reason),
+            "no rejected event for {reason}"
+        );
+    }
+    // Nothing is left looping on the submit stream.
+    let consumer_pending = eventually("submit stream drained", T, || async {
+        let mut c: async_nats::jetstream::consumer::PullConsumer =
+            s.js.get_consumer_from_stream("coordinator", "TASKBUS_SUBMIT")
+                .await
+                .ok()?;
+        let info = c.info().await.ok()?;
+        (info.num_pending == 0 && info.num_ack_pending == 0).then_some(())
+    })
+    .await;
+    let () = consumer_pending;
+    // The coordinator is still alive and admits good work.
+    s.submit("default", json!({"kind": "echo", "id": "after-garbage"}))
+        .await;
+    s.wait_status("after-garbage", "queued", T).await;
+}
+
+#[tokio::test]
+async fn duplicate_ids_run_once_and_a_fixed_rejection_is_admitted() {
+    let s = Stack::new(30_000).await;
+    let (_coord, _ct) = s.coordinator().await;
+    for i in 0..3 {
+        s.submit(
+            "default",
+            json!({"kind": "echo", "id": "dup", "payload": i}),
+        )
+        .await;
+    }
+    let (_a, _at, runs) = echo_agent(&s, "agent-d", 4);
+    let row = s.wait_status("dup", "succeeded", T).await;
+    assert_eq!(row.result, Some(json!(0)), "the first submission wins");
+    // Long after JetStream's duplicate window would matter, the id is still known.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    s.submit(
+        "default",
+        json!({"kind": "echo", "id": "dup", "payload": 9}),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(runs.load(Ordering::Relaxed), 1);
+    assert_eq!(s.task("dup").await.unwrap().result, Some(json!(0)));
+
+    // A refused message does not burn its id: the corrected one is admitted.
+    s.submit_raw(
+        "default",
+        br#"{"id":"fixme","kind":"echo","oops":1}"#.to_vec(),
+    )
+    .await;
+    s.wait_status("fixme", "rejected", T).await;
+    s.submit(
+        "default",
+        json!({"kind": "echo", "id": "fixme", "payload": "ok"}),
+    )
+    .await;
+    let row = s.wait_status("fixme", "succeeded", T).await;
+    assert_eq!(row.result, Some(json!("ok")));
+}
+
+#[tokio::test]
+async fn nats_msg_id_names_tasks_without_an_id() {
+    let s = Stack::new(30_000).await;
+    let (_coord, _ct) = s.coordinator().await;
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Nats-Msg-Id", "from-header");
+    s.js.publish_with_headers(
+        "taskbus.submit.default",
+        headers,
+        r#"{"kind":"echo"}"#.into(),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+    s.wait_status("from-header", "queued", T).await;
+    s.submit("default", json!({"kind": "echo"})).await;
+    eventually("generated id", T, || async {
+        (s.count("queued").await == 2).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn failing_tasks_are_retried_then_dead() {
+    let s = Stack::new(30_000).await;
+    let (_coord, _ct) = s.coordinator().await;
+    let mut cfg = AgentConfig::new(s.nats.url(), "default");
+    cfg.agent_id = "failer".into();
+    let agent = Agent::new(cfg, |t: TaskContext| async move {
+        if t.kind == "fatal" {
+            Err::<serde_json::Value, _>(TaskError::Fatal("no".into()))
+        } else {
+            Err(TaskError::Retryable(format!("attempt {}", t.attempt)))
+        }
+    });
+    let token = CancellationToken::new();
+    let t2 = token.clone();
+    let _h = tokio::spawn(async move { agent.run(t2).await.unwrap() });
+    let mut dead = s
+        .client
+        .subscribe("taskbus.events.default.*.dead")
+        .await
+        .unwrap();
+    s.submit(
+        "default",
+        json!({"kind": "x", "id": "f1", "max_attempts": 3}),
+    )
+    .await;
+    s.submit(
+        "default",
+        json!({"kind": "fatal", "id": "f2", "max_attempts": 3}),
+    )
+    .await;
+    let row = s.wait_status("f1", "dead", T).await;
+    assert_eq!(row.attempt, 3);
+    assert_eq!(row.error.as_deref(), Some("attempt 3"));
+    let row = s.wait_status("f2", "dead", T).await;
+    assert_eq!(row.attempt, 1, "fatal errors are not retried");
+    for _ in 0..2 {
+        tokio::time::timeout(T, dead.next())
+            .await
+            .expect("dead event");
+    }
+    token.cancel();
+}
+
+#[tokio::test]
+async fn agent_killed_mid_task_is_redelivered_and_completed_once() {
+    let s = Stack::new(1_000).await;
+    let (_coord, _ct) = s.coordinator().await;
+    // Agent A is a real process running the sleep handler; it takes the task, then dies.
+    let mut a = tokio::process::Command::new(workspace_bin("taskbus-agent"))
+        .args([
+            "--pool",
+            "default",
+            "--handler",
+            "sleep",
+            "--agent-id",
+            "doomed",
+            "--nats-url",
+            &s.nats.url(),
+        ])
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn agent");
+    let mut started = s
+        .client
+        .subscribe("taskbus.events.default.victim.started")
+        .await
+        .unwrap();
+    s.submit(
+        "default",
+        json!({"kind": "sleep", "id": "victim", "payload": {"ms": 3_600_000}}),
+    )
+    .await;
+    let m = tokio::time::timeout(T, started.next())
+        .await
+        .expect("started")
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&m.payload).unwrap();
+    assert_eq!(v["agent_id"], "doomed");
+    a.kill().await.unwrap(); // SIGKILL: no drain, no hand-back.
+
+    // Agent B (in-process, returns at once) gets the task when A's lease runs out.
+    let mut cfg = AgentConfig::new(s.nats.url(), "default");
+    cfg.agent_id = "rescuer".into();
+    let runs = Arc::new(AtomicU64::new(0));
+    let r = runs.clone();
+    let b = Agent::new(cfg, move |_t: TaskContext| {
+        let r = r.clone();
+        async move {
+            r.fetch_add(1, Ordering::Relaxed);
+            Ok::<_, TaskError>(json!("rescued"))
+        }
+    });
+    let token = CancellationToken::new();
+    let t2 = token.clone();
+    let _h = tokio::spawn(async move { b.run(t2).await.unwrap() });
+    let row = s.wait_status("victim", "succeeded", T).await;
+    assert_eq!(row.agent_id.as_deref(), Some("rescuer"));
+    assert_eq!(row.result, Some(json!("rescued")));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(runs.load(Ordering::Relaxed), 1, "completed once");
+    token.cancel();
+}
+
+#[tokio::test]
+async fn sigterm_drain_finishes_in_flight_and_hands_back_nothing_lost() {
+    let s = Stack::new(30_000).await;
+    let (_coord, _ct) = s.coordinator().await;
+    let mut a = tokio::process::Command::new(workspace_bin("taskbus-agent"))
+        .args([
+            "--pool",
+            "default",
+            "--handler",
+            "sleep",
+            "--agent-id",
+            "draining",
+            "--concurrency",
+            "2",
+        ])
+        .args(["--grace-seconds", "10", "--nats-url", &s.nats.url()])
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn agent");
+    for i in 0..6 {
+        s.submit(
+            "default",
+            json!({"kind": "sleep", "id": format!("d{i}"), "payload": {"ms": 700}}),
+        )
+        .await;
+    }
+    eventually("two running", T, || async {
+        (s.count("running").await >= 1).then_some(())
+    })
+    .await;
+    // SIGTERM: in-flight tasks finish, the agent stops pulling.
+    let pid = a.id().unwrap() as i32;
+    std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap();
+    let status = tokio::time::timeout(T, a.wait())
+        .await
+        .expect("agent exits")
+        .unwrap();
+    assert!(status.success(), "clean exit, got {status}");
+    // Another agent picks up the rest; every task completes.
+    let (_b, _bt, _) = echo_agent(&s, "after-drain", 4);
+    for i in 0..6 {
+        s.wait_status(&format!("d{i}"), "succeeded", T).await;
+    }
+    let by_draining: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM coordinator.tasks WHERE agent_id = 'draining' AND status = 'succeeded'")
+            .fetch_one(&s.pg)
+            .await
+            .unwrap();
+    assert!(
+        by_draining >= 1,
+        "the draining agent finished its in-flight work"
+    );
+}
+
+#[tokio::test]
+async fn coordinator_killed_mid_load_loses_nothing() {
+    let s = Stack::new(30_000).await;
+    let spawn_coord = || {
+        tokio::process::Command::new(workspace_bin("taskbus-coordinator"))
+            .args([
+                "--nats-url",
+                &s.nats.url(),
+                "--database-url",
+                &s.db.url,
+                "--http-listen",
+                "127.0.0.1:0",
+            ])
+            .args(["--pools", "default"])
+            .env("TASKBUS_LOG", "warn")
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn coordinator")
+    };
+    let mut coord = spawn_coord();
+    let (_a, _at, runs) = echo_agent(&s, "load-agent", 64);
+    const N: usize = 3000;
+    let js = s.js.clone();
+    let producer = tokio::spawn(async move {
+        let mut acks = Vec::new();
+        for i in 0..N {
+            let body =
+                serde_json::to_vec(&json!({"kind": "echo", "id": format!("L{i}"), "payload": i}))
+                    .unwrap();
+            acks.push(
+                js.publish("taskbus.submit.default", body.into())
+                    .await
+                    .unwrap(),
+            );
+            if i % 500 == 0 {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        for a in acks {
+            a.await.unwrap();
+        }
+    });
+    eventually("some progress", T, || async {
+        (s.count("succeeded").await > 200).then_some(())
+    })
+    .await;
+    coord.kill().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut coord = spawn_coord();
+    producer.await.unwrap();
+    eventually("all tasks succeeded", Duration::from_secs(90), || async {
+        (s.count("succeeded").await == N as i64).then_some(())
+    })
+    .await;
+    let total: i64 = sqlx::query_scalar("SELECT count(*) FROM coordinator.tasks")
+        .fetch_one(&s.pg)
+        .await
+        .unwrap();
+    assert_eq!(total, N as i64, "no task lost, none invented");
+    assert!(runs.load(Ordering::Relaxed) >= N as u64);
+    coord.kill().await.ok();
+}
+
+#[tokio::test]
+async fn two_coordinator_replicas_share_the_work() {
+    let s = Stack::new(30_000).await;
+    let (_c1, _t1) = s.coordinator().await;
+    let (_c2, _t2) = s.coordinator().await;
+    let (_a, _at, runs) = echo_agent(&s, "shared-agent", 32);
+    const N: usize = 1000;
+    let mut acks = Vec::new();
+    for i in 0..N {
+        let body = serde_json::to_vec(&json!({"kind": "echo", "id": format!("R{i}")})).unwrap();
+        acks.push(
+            s.js.publish("taskbus.submit.default", body.into())
+                .await
+                .unwrap(),
+        );
+    }
+    for a in acks {
+        a.await.unwrap();
+    }
+    eventually("all succeeded", Duration::from_secs(60), || async {
+        (s.count("succeeded").await == N as i64).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        runs.load(Ordering::Relaxed),
+        N as u64,
+        "each task ran exactly once"
+    );
+}
+
+#[tokio::test]
+async fn request_reply_api_get_list_and_bad_requests() {
+    let s = Stack::new(30_000).await;
+    let (_coord, _ct) = s.coordinator().await;
+    let (_a, _at, _) = echo_agent(&s, "api-agent", 4);
+    s.submit(
+        "default",
+        json!({"kind": "echo", "id": "api-1", "payload": 5}),
+    )
+    .await;
+    s.wait_status("api-1", "succeeded", T).await;
+    let ask = |subject: &'static str, body: &'static str| {
+        let c = s.client.clone();
+        async move {
+            let r = c.request(subject, body.into()).await.expect("reply");
+            serde_json::from_slice::<serde_json::Value>(&r.payload).unwrap()
+        }
+    };
+    let v = ask("taskbus.api.task.get", r#"{"id":"api-1"}"#).await;
+    assert_eq!(v["ok"]["status"], "succeeded");
+    assert_eq!(v["ok"]["result"], 5);
+    let v = ask("taskbus.api.tasks.list", r#"{"status":"succeeded"}"#).await;
+    assert_eq!(v["ok"].as_array().unwrap().len(), 1);
+    let v = ask("taskbus.api.tasks.list", "").await;
+    assert!(v["ok"].is_array());
+    for (subject, body, code) in [
+        ("taskbus.api.task.get", r#"{"id":"nope"}"#, 404),
+        ("taskbus.api.task.get", r#"{"id":"a.b"}"#, 400),
+        ("taskbus.api.task.get", "garbage", 400),
+        ("taskbus.api.task.get", r#"{"id":"x","extra":1}"#, 400),
+        ("taskbus.api.tasks.list", r#"{"limit":0}"#, 400),
+        ("taskbus.api.tasks.list", r#"{"status":"sleeping"}"#, 400),
+    ] {
+        let v = ask(subject, body).await;
+        assert_eq!(v["error"]["code"], code, "{subject} {body} → {v}");
+        assert!(v["error"]["error"].as_str().unwrap().len() > 5);
+    }
+    // $SRV discovery finds the coordinator.
+    let r = s
+        .client
+        .request("$SRV.PING.taskbus-coordinator", "".into())
+        .await
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&r.payload).unwrap();
+    assert_eq!(v["name"], "taskbus-coordinator");
+}
