@@ -1,1 +1,134 @@
-fn main() {}
+//! `taskbus`: the operator and developer CLI.
+
+mod api;
+mod bench;
+mod dev;
+mod output;
+mod submit;
+
+use clap::{Parser, Subcommand};
+use taskbus_runtime::telemetry::{self, LogFormat};
+
+/// taskbus: an event-driven task coordinator on NATS JetStream.
+///
+/// Start a whole local stack with `taskbus dev`, then submit work with `taskbus submit` or any
+/// NATS client (`nats pub taskbus.submit.default '{"kind":"echo","payload":{"x":1}}'`), and
+/// watch it with `taskbus tasks list`.
+#[derive(Parser, Debug)]
+#[command(version, about, long_about, propagate_version = true)]
+struct Cli {
+    /// NATS server URL(s), comma separated.
+    #[arg(long, global = true, env = "TASKBUS_NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    nats_url: String,
+    /// Subject prefix (one NATS token).
+    #[arg(long, global = true, env = "TASKBUS_PREFIX", default_value = "taskbus")]
+    prefix: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the whole stack in one process: nats-server and PostgreSQL (started for you unless
+    /// --nats-url / --database-url or TASKBUS_NATS_URL / TASKBUS_DATABASE_URL are given), the coordinator, demo agents and a demo load,
+    /// with a live status line.
+    Dev(dev::DevArgs),
+    /// Submit a task (JetStream publish to taskbus.submit.<pool>); --wait prints its outcome.
+    Submit(submit::SubmitArgs),
+    /// One task.
+    Task {
+        #[command(subcommand)]
+        cmd: TaskCmd,
+    },
+    /// Lists of tasks.
+    Tasks {
+        #[command(subcommand)]
+        cmd: TasksCmd,
+    },
+    /// Push N no-op tasks through submit → agent → succeeded and print throughput and
+    /// latency, beside a raw JetStream publish+consume baseline from the same run.
+    Bench(bench::BenchArgs),
+}
+
+#[derive(Subcommand, Debug)]
+enum TaskCmd {
+    /// Show one task by id.
+    Get {
+        id: String,
+        /// Print JSON (for scripts).
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum TasksCmd {
+    /// Newest tasks first.
+    List {
+        /// Only this pool.
+        #[arg(long)]
+        pool: Option<String>,
+        /// Only this status (queued, running, succeeded, dead, rejected, …).
+        #[arg(long)]
+        status: Option<String>,
+        /// At most this many (1–1000).
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+        /// Print JSON (for scripts).
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[tokio::main]
+async fn main() {
+    let cli = Cli::parse();
+    let quiet = matches!(cli.command, Command::Task { .. } | Command::Tasks { .. } | Command::Submit(_));
+    telemetry::init(LogFormat::Text, if quiet { "warn" } else { "warn,taskbus=info" });
+    if let Err(e) = run(cli).await {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let given = cli.nats_url_given();
+    match cli.command {
+        Command::Dev(args) => dev::run(args, given, &cli.prefix).await,
+        Command::Bench(args) => bench::run(args, given, &cli.prefix).await,
+        Command::Submit(args) => {
+            let client = api::connect(&cli.nats_url).await?;
+            submit::run(args, &client, &cli.prefix).await
+        }
+        Command::Task { cmd: TaskCmd::Get { id, json } } => {
+            let client = api::connect(&cli.nats_url).await?;
+            let t = api::task_get(&client, &cli.prefix, &id).await?;
+            if json {
+                output::json(&t)
+            } else {
+                output::task_detail(&t);
+                Ok(())
+            }
+        }
+        Command::Tasks { cmd: TasksCmd::List { pool, status, limit, json } } => {
+            let client = api::connect(&cli.nats_url).await?;
+            let ts = api::tasks_list(&client, &cli.prefix, pool, status, limit).await?;
+            if json {
+                output::json(&ts)
+            } else {
+                output::task_table(&ts);
+                Ok(())
+            }
+        }
+    }
+}
+
+impl Cli {
+    /// The NATS URL if the user gave one (flag or environment), for `dev` which otherwise
+    /// starts its own server.
+    fn nats_url_given(&self) -> Option<String> {
+        let from_env = std::env::var("TASKBUS_NATS_URL").ok();
+        let from_args = std::env::args().any(|a| a == "--nats-url" || a.starts_with("--nats-url="));
+        (from_args || from_env.is_some()).then(|| self.nats_url.clone())
+    }
+}

@@ -1,0 +1,367 @@
+//! `taskbus bench`: end-to-end throughput and latency, beside a raw JetStream baseline.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use async_nats::jetstream::{self, consumer, stream};
+use futures::stream::FuturesUnordered;
+use futures::StreamExt;
+use indicatif::{ProgressBar, ProgressStyle};
+use taskbus_agent::{Agent, AgentConfig, TaskContext, TaskError};
+use taskbus_proto::Subjects;
+use taskbus_runtime::devservers::{NatsServer, PgServer};
+use taskbus_runtime::{CancellationToken, TaskTracker};
+
+#[derive(clap::Args, Debug)]
+pub struct BenchArgs {
+    /// No-op tasks to push through.
+    #[arg(long, default_value_t = 20_000)]
+    pub tasks: usize,
+    /// In-process agents.
+    #[arg(long, default_value_t = 2)]
+    pub agents: usize,
+    /// Tasks each agent runs at once.
+    #[arg(long, default_value_t = 256)]
+    pub concurrency: usize,
+    /// Offered load in tasks/s (0 = as fast as possible). Latency figures mean most at a rate
+    /// the system sustains, e.g. --rate 2000.
+    #[arg(long, default_value_t = 0.0)]
+    pub rate: f64,
+    /// PostgreSQL to use (default: start a private one).
+    #[arg(long, env = "TASKBUS_DATABASE_URL")]
+    pub database_url: Option<String>,
+    /// Skip the raw JetStream baseline.
+    #[arg(long)]
+    pub no_baseline: bool,
+    /// Print the figures as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, serde::Serialize)]
+struct Figures {
+    name: String,
+    tasks: usize,
+    offered_rate: f64,
+    seconds: f64,
+    per_second: f64,
+    p50_start_ms: Option<f64>,
+    p99_start_ms: Option<f64>,
+    p50_complete_ms: f64,
+    p99_complete_ms: f64,
+}
+
+const WINDOW: usize = 8192;
+
+/// `nats_url`: the server to use when the user named one (default: start a private one).
+pub async fn run(args: BenchArgs, nats_url: Option<String>, prefix: &str) -> anyhow::Result<()> {
+    if args.tasks == 0 || args.tasks > 10_000_000 {
+        bail!("--tasks must be between 1 and 10000000");
+    }
+    if args.agents == 0 || args.concurrency == 0 {
+        bail!("--agents and --concurrency must be at least 1");
+    }
+    if !(args.rate.is_finite() && args.rate >= 0.0) {
+        bail!("--rate must be a non-negative number");
+    }
+    let mut _n = None;
+    let nats_url = match nats_url {
+        Some(u) => u,
+        None => {
+            let n = NatsServer::start().await.context("cannot start nats-server")?;
+            let u = n.url();
+            _n = Some(n);
+            u
+        }
+    };
+    let mut _p = None;
+    let database_url = match &args.database_url {
+        Some(u) => u.clone(),
+        None => {
+            let p = PgServer::start().await.context("cannot start PostgreSQL")?;
+            let u = p.url();
+            _p = Some(p);
+            u
+        }
+    };
+    eprintln!("bench: nats {nats_url}, postgres {database_url}");
+    let taskbus = run_taskbus(&args, &nats_url, &database_url, prefix).await?;
+    let baseline = if args.no_baseline { None } else { Some(run_baseline(&args, &nats_url).await?) };
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "taskbus": taskbus, "jetstream_baseline": baseline }))?);
+    } else {
+        println!("{:<34} {:>8} {:>10} {:>9} {:>9} {:>9} {:>9}", "", "tasks", "per sec", "p50 start", "p99 start", "p50 done", "p99 done");
+        for f in std::iter::once(&taskbus).chain(baseline.as_ref()) {
+            let ms = |v: Option<f64>| v.map(|v| format!("{v:.2}ms")).unwrap_or_else(|| "-".into());
+            println!(
+                "{:<34} {:>8} {:>10.0} {:>9} {:>9} {:>9} {:>9}",
+                f.name, f.tasks, f.per_second, ms(f.p50_start_ms), ms(f.p99_start_ms), ms(Some(f.p50_complete_ms)), ms(Some(f.p99_complete_ms))
+            );
+        }
+        if args.rate > 0.0 {
+            println!("offered load: {} tasks/s", args.rate);
+        }
+    }
+    Ok(())
+}
+
+fn pct(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+fn bar(n: usize, what: &str) -> ProgressBar {
+    let pb = ProgressBar::new(n as u64);
+    pb.set_style(
+        ProgressStyle::with_template("{msg:>12} [{bar:40}] {pos}/{len} {per_sec} eta {eta}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    pb.set_message(what.to_string());
+    pb
+}
+
+/// Publish `n` messages produced by `body(i)` to `subject(i)`, paced at `rate` (0 = flat out),
+/// keeping up to WINDOW acks in flight; records each publish time (ns since `t0`).
+async fn publish_all(
+    js: &jetstream::Context,
+    n: usize,
+    rate: f64,
+    t0: Instant,
+    sent: &[AtomicU64],
+    subject: impl Fn(usize) -> String,
+    body: impl Fn(usize) -> Vec<u8>,
+) -> anyhow::Result<()> {
+    let mut acks = FuturesUnordered::new();
+    for i in 0..n {
+        if rate > 0.0 {
+            let due = t0 + Duration::from_secs_f64(i as f64 / rate);
+            if due > Instant::now() {
+                tokio::time::sleep_until(due.into()).await;
+            }
+        }
+        while acks.len() >= WINDOW {
+            if let Some(r) = acks.next().await {
+                r?;
+            }
+        }
+        sent[i].store(t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        let f = js.publish(subject(i), body(i).into()).await?;
+        acks.push(async move { f.await.map(|_| ()) });
+    }
+    while let Some(r) = acks.next().await {
+        r?;
+    }
+    Ok(())
+}
+
+fn index_of(token: &str) -> Option<usize> {
+    token.rsplit('-').next()?.parse().ok()
+}
+
+async fn run_taskbus(args: &BenchArgs, nats_url: &str, database_url: &str, prefix: &str) -> anyhow::Result<Figures> {
+    let n = args.tasks;
+    let run_id = ulid::Ulid::new().to_string().to_lowercase();
+    let shutdown = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    let mut cfg = taskbus_coordinator::Config::new(nats_url, database_url);
+    cfg.prefix = prefix.to_string();
+    cfg.ensure_pools = vec!["bench".into()];
+    cfg.publish_admitted = false;
+    let coord = taskbus_coordinator::start(cfg, shutdown.clone()).await?;
+    tracker.spawn(coord.wait());
+    for a in 0..args.agents {
+        let mut ac = AgentConfig::new(nats_url, "bench");
+        ac.prefix = prefix.to_string();
+        ac.agent_id = format!("bench-agent-{a}");
+        ac.concurrency = args.concurrency;
+        let agent = Agent::new(ac, |_t: TaskContext| async { Ok::<_, TaskError>(serde_json::Value::Null) });
+        let sd = shutdown.clone();
+        tracker.spawn(async move {
+            let _ = agent.run(sd).await;
+        });
+    }
+    tracker.close();
+
+    let subjects = Subjects::new(prefix);
+    let client = taskbus_runtime::nats::connect(nats_url, "taskbus-bench").await?;
+    let js = jetstream::new(client.clone());
+    let sent: Arc<Vec<AtomicU64>> = Arc::new((0..n).map(|_| AtomicU64::new(0)).collect());
+    let started: Arc<Vec<AtomicU64>> = Arc::new((0..n).map(|_| AtomicU64::new(0)).collect());
+    let done: Arc<Vec<AtomicU64>> = Arc::new((0..n).map(|_| AtomicU64::new(0)).collect());
+    let mut sub_started = client.subscribe(format!("{}.events.bench.*.started", subjects.prefix())).await?;
+    let mut sub_done = client.subscribe(format!("{}.events.bench.*.succeeded", subjects.prefix())).await?;
+    let t0 = Instant::now();
+    let pb = bar(n, "taskbus");
+    let rid = run_id.clone();
+    let st = started.clone();
+    let started_rx = async move {
+        while let Some(m) = sub_started.next().await {
+            let now = t0.elapsed().as_nanos() as u64;
+            if let Some(i) = m.subject.split('.').nth(3).filter(|id| id.starts_with(&rid)).and_then(index_of) {
+                if i < st.len() {
+                    let _ = st[i].compare_exchange(0, now, Ordering::Relaxed, Ordering::Relaxed);
+                }
+            }
+        }
+    };
+    let rid = run_id.clone();
+    let dn = done.clone();
+    let pb2 = pb.clone();
+    let done_rx = async move {
+        let mut count = 0usize;
+        while let Some(m) = sub_done.next().await {
+            let now = t0.elapsed().as_nanos() as u64;
+            if let Some(i) = m.subject.split('.').nth(3).filter(|id| id.starts_with(&rid)).and_then(index_of) {
+                if i < dn.len() && dn[i].compare_exchange(0, now, Ordering::Relaxed, Ordering::Relaxed).is_ok() {
+                    count += 1;
+                    pb2.inc(1);
+                    if count == n {
+                        return;
+                    }
+                }
+            }
+        }
+    };
+    let submit_subject = subjects.submit("bench");
+    let publish = publish_all(
+        &js,
+        n,
+        args.rate,
+        t0,
+        &sent,
+        |_| submit_subject.clone(),
+        |i| format!(r#"{{"kind":"noop","id":"{run_id}-{i}","payload":{{"i":{i}}}}}"#).into_bytes(),
+    );
+    let (p, _, finished) = tokio::join!(
+        publish,
+        started_rx_until(started_rx, &shutdown),
+        tokio::time::timeout(Duration::from_secs(600), done_rx)
+    );
+    p?;
+    pb.finish();
+    shutdown.cancel();
+    tracker.wait().await;
+    finished.context("not every task completed within 600 s")?;
+
+    let mut start_lat = Vec::with_capacity(n);
+    let mut done_lat = Vec::with_capacity(n);
+    let mut last = 0u64;
+    for i in 0..n {
+        let s = sent[i].load(Ordering::Relaxed);
+        let b = started[i].load(Ordering::Relaxed);
+        let d = done[i].load(Ordering::Relaxed);
+        if b > 0 {
+            start_lat.push((b.saturating_sub(s)) as f64 / 1e6);
+        }
+        done_lat.push((d.saturating_sub(s)) as f64 / 1e6);
+        last = last.max(d);
+    }
+    start_lat.sort_by(f64::total_cmp);
+    done_lat.sort_by(f64::total_cmp);
+    let secs = last as f64 / 1e9;
+    Ok(Figures {
+        name: "taskbus submit→agent→succeeded".into(),
+        tasks: n,
+        offered_rate: args.rate,
+        seconds: secs,
+        per_second: n as f64 / secs,
+        p50_start_ms: (!start_lat.is_empty()).then(|| pct(&start_lat, 0.5)),
+        p99_start_ms: (!start_lat.is_empty()).then(|| pct(&start_lat, 0.99)),
+        p50_complete_ms: pct(&done_lat, 0.5),
+        p99_complete_ms: pct(&done_lat, 0.99),
+    })
+}
+
+/// Runs the `started` receiver until shutdown (it has no natural end).
+async fn started_rx_until(f: impl std::future::Future<Output = ()>, shutdown: &CancellationToken) {
+    tokio::select! {
+        _ = f => {}
+        _ = shutdown.cancelled() => {}
+    }
+}
+
+/// Raw JetStream: durable publish to a file-backed work-queue stream, consumed and acked by a
+/// pull consumer: the floor of what a durable task queue costs on this machine.
+async fn run_baseline(args: &BenchArgs, nats_url: &str) -> anyhow::Result<Figures> {
+    let n = args.tasks;
+    let client = taskbus_runtime::nats::connect(nats_url, "taskbus-bench-baseline").await?;
+    let js = jetstream::new(client.clone());
+    let id = ulid::Ulid::new().to_string();
+    let name = format!("BENCH_RAW_{id}");
+    let subject = format!("benchraw.{id}");
+    let st = js
+        .create_stream(stream::Config {
+            name: name.clone(),
+            subjects: vec![subject.clone()],
+            retention: stream::RetentionPolicy::WorkQueue,
+            storage: stream::StorageType::File,
+            ..Default::default()
+        })
+        .await?;
+    let c = st
+        .create_consumer(consumer::pull::Config {
+            durable_name: Some("bench".into()),
+            ack_policy: consumer::AckPolicy::Explicit,
+            max_ack_pending: 100_000,
+            ..Default::default()
+        })
+        .await?;
+    let sent: Arc<Vec<AtomicU64>> = Arc::new((0..n).map(|_| AtomicU64::new(0)).collect());
+    let done: Arc<Vec<AtomicU64>> = Arc::new((0..n).map(|_| AtomicU64::new(0)).collect());
+    let t0 = Instant::now();
+    let pb = bar(n, "jetstream");
+    let dn = done.clone();
+    let pb2 = pb.clone();
+    let consume = async move {
+        let mut msgs = c.stream().max_messages_per_batch(1000).messages().await?;
+        let mut count = 0;
+        while let Some(m) = msgs.next().await {
+            let m = m.map_err(|e| anyhow::anyhow!("{e}"))?;
+            let now = t0.elapsed().as_nanos() as u64;
+            if let Ok(i) = std::str::from_utf8(&m.payload[..m.payload.iter().position(|b| *b == b' ').unwrap_or(m.payload.len())])
+                .unwrap_or("")
+                .parse::<usize>()
+            {
+                if i < dn.len() {
+                    dn[i].store(now, Ordering::Relaxed);
+                }
+            }
+            m.ack().await.map_err(|e| anyhow::anyhow!("{e}"))?;
+            count += 1;
+            pb2.inc(1);
+            if count == n {
+                break;
+            }
+        }
+        anyhow::Ok(())
+    };
+    let publish = publish_all(&js, n, args.rate, t0, &sent, |_| subject.clone(), |i| format!("{i} {{\"kind\":\"noop\",\"payload\":{{\"i\":{i}}}}}").into_bytes());
+    let (p, c) = tokio::join!(publish, tokio::time::timeout(Duration::from_secs(600), consume));
+    p?;
+    c.context("baseline did not finish within 600 s")??;
+    pb.finish();
+    let _ = js.delete_stream(&name).await;
+    let mut lat: Vec<f64> = (0..n)
+        .map(|i| done[i].load(Ordering::Relaxed).saturating_sub(sent[i].load(Ordering::Relaxed)) as f64 / 1e6)
+        .collect();
+    let last = (0..n).map(|i| done[i].load(Ordering::Relaxed)).max().unwrap_or(0);
+    lat.sort_by(f64::total_cmp);
+    let secs = last as f64 / 1e9;
+    Ok(Figures {
+        name: "raw JetStream publish→consume+ack".into(),
+        tasks: n,
+        offered_rate: args.rate,
+        seconds: secs,
+        per_second: n as f64 / secs,
+        p50_start_ms: None,
+        p99_start_ms: None,
+        p50_complete_ms: pct(&lat, 0.5),
+        p99_complete_ms: pct(&lat, 0.99),
+    })
+}

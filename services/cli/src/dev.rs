@@ -1,0 +1,193 @@
+//! `taskbus dev`: the whole stack in one process, with a live status line.
+
+use std::io::{IsTerminal, Write};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use async_nats::jetstream;
+use taskbus_agent::handlers::Demo;
+use taskbus_agent::{Agent, AgentConfig};
+use taskbus_proto::Subjects;
+use taskbus_runtime::devservers::{NatsServer, PgServer};
+use taskbus_runtime::{CancellationToken, TaskTracker};
+
+#[derive(clap::Args, Debug)]
+pub struct DevArgs {
+    /// PostgreSQL URL; without it a private PostgreSQL is started in a temp dir.
+    #[arg(long, env = "TASKBUS_DATABASE_URL")]
+    pub database_url: Option<String>,
+    /// Demo agents (echo handler) on pool `default`.
+    #[arg(long, default_value_t = 2)]
+    pub agents: usize,
+    /// Tasks each demo agent runs at once.
+    #[arg(long, default_value_t = 8)]
+    pub agent_concurrency: usize,
+    /// Demo tasks per second submitted to pool `default` (0 = none).
+    #[arg(long, default_value_t = 5.0)]
+    pub demo_rate: f64,
+    /// Stop after this many seconds (default: run until Ctrl-C).
+    #[arg(long)]
+    pub duration: Option<u64>,
+    /// Coordinator /healthz, /readyz, /metrics.
+    #[arg(long, default_value = "127.0.0.1:0")]
+    pub http_listen: SocketAddr,
+}
+
+pub async fn run(args: DevArgs, nats_url: Option<String>, prefix: &str) -> anyhow::Result<()> {
+    if !(args.demo_rate.is_finite() && (0.0..=100_000.0).contains(&args.demo_rate)) {
+        anyhow::bail!("--demo-rate must be between 0 and 100000 tasks per second");
+    }
+    let started = Instant::now();
+    let mut _nats_guard = None;
+    let nats_url = match nats_url {
+        Some(u) => u,
+        None => {
+            let n = NatsServer::start().await.context("cannot start nats-server")?;
+            let u = n.url();
+            eprintln!("started nats-server (JetStream) at {u}");
+            _nats_guard = Some(n);
+            u
+        }
+    };
+    let mut _pg_guard = None;
+    let database_url = match args.database_url.clone() {
+        Some(u) => u,
+        None => {
+            let p = PgServer::start().await.context("cannot start PostgreSQL")?;
+            let u = p.url();
+            eprintln!("started PostgreSQL at {u}");
+            _pg_guard = Some(p);
+            u
+        }
+    };
+
+    let shutdown = CancellationToken::new();
+    let tracker = TaskTracker::new();
+
+    let mut cfg = taskbus_coordinator::Config::new(nats_url.clone(), database_url.clone());
+    cfg.prefix = prefix.to_string();
+    cfg.http_listen = Some(args.http_listen);
+    let coordinator = taskbus_coordinator::start(cfg, shutdown.clone())
+        .await
+        .context("coordinator failed to start")?;
+    let http = coordinator.http_addr;
+    tracker.spawn(coordinator.wait());
+
+    for i in 0..args.agents {
+        let mut ac = AgentConfig::new(nats_url.clone(), "default");
+        ac.prefix = prefix.to_string();
+        ac.agent_id = format!("dev-agent-{}", i + 1);
+        ac.concurrency = args.agent_concurrency.max(1);
+        ac.grace = Duration::from_secs(5);
+        let agent = Agent::new(ac, |t| Demo::Echo.run(t));
+        let sd = shutdown.clone();
+        tracker.spawn(async move {
+            if let Err(e) = agent.run(sd).await {
+                eprintln!("agent stopped: {e}");
+            }
+        });
+    }
+
+    let client = taskbus_runtime::nats::connect(&nats_url, "taskbus-dev").await?;
+    let js = jetstream::new(client.clone());
+    if args.demo_rate > 0.0 {
+        tracker.spawn(demo_load(js.clone(), Subjects::new(prefix), args.demo_rate, shutdown.clone()));
+    }
+    tracker.close();
+
+    eprintln!(
+        "\ntaskbus dev is up in {:.1} s: coordinator + {} agent(s) on pool `default`, demo load {}/s",
+        started.elapsed().as_secs_f64(),
+        args.agents,
+        args.demo_rate
+    );
+    if let Some(h) = http {
+        eprintln!("  coordinator metrics: http://{h}/metrics");
+    }
+    eprintln!("  in another shell:");
+    eprintln!("    export TASKBUS_NATS_URL={nats_url}");
+    eprintln!("    nats pub {prefix}.submit.default '{{\"kind\":\"echo\",\"payload\":{{\"x\":1}}}}'   # or: taskbus submit --kind echo --wait");
+    eprintln!("    taskbus tasks list");
+    eprintln!("  Ctrl-C stops everything.\n");
+
+    let db = taskbus_runtime::db::connect(&database_url, 2).await?;
+    let stop_at = args.duration.map(|s| tokio::time::Instant::now() + Duration::from_secs(s));
+    let status = status_line(&js, &db, Subjects::new(prefix), shutdown.clone());
+    tokio::select! {
+        _ = taskbus_runtime::cancel_on_signal(shutdown.clone()) => {}
+        _ = async { match stop_at { Some(t) => tokio::time::sleep_until(t).await, None => std::future::pending().await } } => {}
+        _ = status => {}
+    }
+    shutdown.cancel();
+    eprintln!("\nstopping…");
+    tracker.wait().await;
+    Ok(())
+}
+
+async fn demo_load(js: jetstream::Context, subjects: Subjects, rate: f64, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
+    let mut n: u64 = 0;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        n += 1;
+        let body = serde_json::json!({ "kind": "echo", "payload": { "demo": n } });
+        if let Ok(f) = js.publish(subjects.submit("default"), body.to_string().into()).await {
+            drop(f);
+        }
+    }
+}
+
+/// Prints tasks/s and per-pool backlog every second until shutdown.
+async fn status_line(js: &jetstream::Context, db: &sqlx::PgPool, subjects: Subjects, shutdown: CancellationToken) {
+    let tty = std::io::stderr().is_terminal();
+    let mut last_done: Option<(i64, Instant)> = None;
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut n = 0u64;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        n += 1;
+        let counts = taskbus_coordinator::store::counts(db).await.unwrap_or_default();
+        let total = |s: &str| counts.iter().filter(|c| c.1 == s).map(|c| c.2).sum::<i64>();
+        let done = total("succeeded");
+        let rate = match last_done {
+            Some((d, t)) => (done - d) as f64 / t.elapsed().as_secs_f64(),
+            None => 0.0,
+        };
+        last_done = Some((done, Instant::now()));
+        let mut pools: Vec<String> = counts.iter().map(|c| c.0.clone()).collect();
+        pools.sort();
+        pools.dedup();
+        let mut backlog = Vec::new();
+        for p in pools.iter().filter(|p| taskbus_proto::ids::is_valid_pool(p)) {
+            if let Ok(mut c) = js
+                .get_consumer_from_stream::<jetstream::consumer::pull::Config, _, _>(subjects.work_consumer(p), subjects.work_stream())
+                .await
+            {
+                if let Ok(i) = c.info().await {
+                    backlog.push(format!("{p}: {} queued/{} running", i.num_pending, i.num_ack_pending));
+                }
+            }
+        }
+        let line = format!(
+            "{:>7.1} tasks/s | succeeded {} dead {} rejected {} | backlog {}",
+            rate,
+            done,
+            total("dead"),
+            total("rejected"),
+            if backlog.is_empty() { "-".into() } else { backlog.join(", ") }
+        );
+        if tty {
+            eprint!("\r\x1b[2K{line}");
+            let _ = std::io::stderr().flush();
+        } else if n % 5 == 1 {
+            eprintln!("{line}");
+        }
+    }
+}

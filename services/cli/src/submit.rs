@@ -1,0 +1,181 @@
+//! `taskbus submit`.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use futures::StreamExt;
+use taskbus_proto::events::{Event, EventKind};
+use taskbus_proto::{Priority, Subjects, TaskEnvelope};
+
+#[derive(clap::Args, Debug)]
+pub struct SubmitArgs {
+    /// Task kind (what the agent should do), e.g. echo.
+    #[arg(long)]
+    pub kind: String,
+    /// Pool (DNS label).
+    #[arg(long, default_value = "default")]
+    pub pool: String,
+    /// JSON payload, or @FILE to read it from a file.
+    #[arg(long, default_value = "{}")]
+    pub payload: String,
+    /// Task id (idempotency key); a ULID is generated when absent.
+    #[arg(long)]
+    pub id: Option<String>,
+    #[arg(long, value_parser = parse_priority)]
+    pub priority: Option<Priority>,
+    #[arg(long)]
+    pub max_attempts: Option<u32>,
+    /// Per-attempt timeout, milliseconds.
+    #[arg(long)]
+    pub timeout_ms: Option<u64>,
+    /// Price as a decimal string (needs --payer).
+    #[arg(long)]
+    pub price: Option<String>,
+    #[arg(long)]
+    pub payer: Option<String>,
+    #[arg(long)]
+    pub currency: Option<String>,
+    /// Label KEY=VALUE (repeatable).
+    #[arg(long = "label", value_parser = parse_label)]
+    pub labels: Vec<(String, String)>,
+    /// Wait for the outcome and print it (exit status 1 unless it succeeded).
+    #[arg(long)]
+    pub wait: bool,
+    /// How long --wait waits, seconds.
+    #[arg(long, default_value_t = 60)]
+    pub wait_timeout: u64,
+    /// Print the outcome event as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn parse_priority(s: &str) -> Result<Priority, String> {
+    s.parse()
+}
+
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!("label {s:?} must look like KEY=VALUE")),
+    }
+}
+
+pub fn build(args: &SubmitArgs) -> anyhow::Result<TaskEnvelope> {
+    if !taskbus_proto::ids::is_valid_pool(&args.pool) {
+        bail!("pool {:?} is not a DNS label (lower-case letters, digits, '-')", args.pool);
+    }
+    let raw = match args.payload.strip_prefix('@') {
+        Some(path) => std::fs::read_to_string(path).with_context(|| format!("cannot read payload file {path}"))?,
+        None => args.payload.clone(),
+    };
+    let payload: serde_json::Value =
+        serde_json::from_str(&raw).with_context(|| "--payload is not valid JSON (quote strings: '\"text\"')")?;
+    let id = args.id.clone().unwrap_or_else(taskbus_proto::ids::new_task_id);
+    if !taskbus_proto::ids::is_valid_task_id(&id) {
+        bail!("--id {id:?} must be 1 to 128 characters from A-Z a-z 0-9 _ -");
+    }
+    let labels: BTreeMap<String, String> = args.labels.iter().cloned().collect();
+    Ok(TaskEnvelope {
+        v: None,
+        kind: args.kind.clone(),
+        payload,
+        id: Some(id),
+        priority: args.priority,
+        max_attempts: args.max_attempts,
+        timeout_ms: args.timeout_ms,
+        deadline: None,
+        not_before: None,
+        price: args.price.clone(),
+        payer: args.payer.clone(),
+        currency: args.currency.clone(),
+        resources: None,
+        labels: (!labels.is_empty()).then_some(labels),
+    })
+}
+
+pub async fn run(args: SubmitArgs, client: &async_nats::Client, prefix: &str) -> anyhow::Result<()> {
+    let env = build(&args)?;
+    let id = env.id.clone().unwrap_or_default();
+    let subjects = Subjects::new(prefix);
+    // Subscribe before publishing so the outcome cannot be missed.
+    let mut events = if args.wait {
+        Some(client.subscribe(subjects.task_events(&args.pool, &id)).await?)
+    } else {
+        None
+    };
+    let js = async_nats::jetstream::new(client.clone());
+    let ack = js
+        .publish(subjects.submit(&args.pool), serde_json::to_vec(&env)?.into())
+        .await
+        .context("publish failed")?
+        .await
+        .context("JetStream did not acknowledge the task; is the coordinator (or `taskbus dev`) running so the streams exist?")?;
+    if !args.wait {
+        if args.json {
+            println!("{}", serde_json::json!({ "id": id, "stream_seq": ack.sequence }));
+        } else {
+            println!("{id}");
+        }
+        return Ok(());
+    }
+    let Some(sub) = events.as_mut() else { return Ok(()) };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(args.wait_timeout);
+    loop {
+        let msg = tokio::time::timeout_at(deadline, sub.next())
+            .await
+            .with_context(|| format!("no outcome for task {id} within {} s (check `taskbus task get {id}`)", args.wait_timeout))?
+            .context("subscription closed")?;
+        let Ok(ev) = serde_json::from_slice::<Event>(&msg.payload) else { continue };
+        let kind = ev.kind();
+        if !kind.is_terminal() {
+            continue;
+        }
+        if args.json {
+            println!("{}", serde_json::to_string_pretty(&ev)?);
+        } else {
+            match &ev {
+                Event::Succeeded(s) => println!("{id} succeeded on attempt {} by {}: {}", s.attempt, s.agent_id, s.result),
+                Event::Rejected(r) => println!("{id} rejected ({}): {}", r.reason, r.message),
+                Event::Dead(d) => println!("{id} dead after {} attempts: {}", d.attempts, d.last_error),
+                other => println!("{id} {}", other.kind().as_str()),
+            }
+        }
+        if kind != EventKind::Succeeded {
+            std::process::exit(1);
+        }
+        return Ok(());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct T {
+        #[command(flatten)]
+        a: SubmitArgs,
+    }
+
+    fn args(v: &[&str]) -> Result<SubmitArgs, clap::Error> {
+        T::try_parse_from(std::iter::once("t").chain(v.iter().copied())).map(|t| t.a)
+    }
+
+    #[test]
+    fn builds_envelopes_and_refuses_bad_flags() {
+        let a = args(&["--kind", "echo", "--payload", r#"{"x":1}"#, "--label", "team=a", "--priority", "high"]).unwrap();
+        let e = build(&a).unwrap();
+        assert_eq!(e.payload["x"], 1);
+        assert_eq!(e.priority, Some(Priority::High));
+        assert_eq!(e.labels.unwrap()["team"], "a");
+        assert!(args(&["--kind", "e", "--priority", "urgent"]).is_err());
+        assert!(args(&["--kind", "e", "--label", "novalue"]).is_err());
+        assert!(args(&["--kind", "e", "--max-attempts", "-1"]).is_err());
+        assert!(build(&args(&["--kind", "e", "--payload", "{oops"]).unwrap()).is_err());
+        assert!(build(&args(&["--kind", "e", "--id", "a b"]).unwrap()).is_err());
+        assert!(build(&args(&["--kind", "e", "--pool", "Bad_Pool"]).unwrap()).is_err());
+        assert!(build(&args(&["--kind", "e", "--payload", "@/nonexistent/file"]).unwrap()).is_err());
+    }
+}
