@@ -1,0 +1,82 @@
+"""A taskbus agent in Python (nats-py), speaking the protocol in docs/PROTOCOL.md.
+
+    pip install nats-py
+    TASKBUS_NATS_URL=nats://127.0.0.1:4222 python docs/examples/agent.py default
+
+It pulls from the pool's durable consumer, reports `started`, runs the handler while
+extending its lease, publishes the outcome with JetStream and then acks the work message.
+"""
+import asyncio
+import datetime
+import json
+import os
+import sys
+import time
+
+import nats
+from nats.errors import TimeoutError as NatsTimeout
+
+POOL = sys.argv[1] if len(sys.argv) > 1 else "default"
+AGENT_ID = os.environ.get("TASKBUS_AGENT_ID", f"py-agent-{os.getpid()}")
+PREFIX = os.environ.get("TASKBUS_PREFIX", "taskbus")
+
+
+def now():
+    return datetime.datetime.now(datetime.timezone.utc).isoformat()
+
+
+async def handle(kind, payload):
+    """Your work goes here. Raise to fail the attempt."""
+    if kind == "fail":
+        raise RuntimeError("asked to fail")
+    return {"echo": payload, "by": "python"}
+
+
+async def run_one(nc, js, msg):
+    item = json.loads(msg.data)
+    task, attempt = item["task"], item["attempt"]
+    tid = task["id"]
+    base = {"task_id": tid, "pool": POOL, "attempt": attempt, "agent_id": AGENT_ID}
+    subject = f"{PREFIX}.events.{POOL}.{tid}"
+    # Informational, core NATS only.
+    await nc.publish(f"{subject}.started", json.dumps({"event": "started", "at": now(), **base}).encode())
+
+    async def keep_lease():  # extend the lease while the handler runs
+        while True:
+            await asyncio.sleep(5)
+            await msg.in_progress()
+
+    lease = asyncio.create_task(keep_lease())
+    t0 = time.monotonic()
+    try:
+        result = await asyncio.wait_for(handle(task["kind"], task.get("payload")), task.get("timeout_ms", 300000) / 1000)
+        event = {"event": "succeeded", "result": result}
+    except Exception as e:  # noqa: BLE001 - every failure becomes an outcome
+        event = {"event": "failed", "error": str(e) or type(e).__name__, "retryable": True}
+    finally:
+        lease.cancel()
+    event.update(base, at=now(), duration_ms=int((time.monotonic() - t0) * 1000))
+    # The outcome is durable: publish with JetStream and wait for the ack, then ack the work.
+    await js.publish(
+        f"{subject}.{event['event']}",
+        json.dumps(event).encode(),
+        headers={"Nats-Msg-Id": f"{tid}:{attempt}:outcome"},
+    )
+    await msg.ack()
+
+
+async def main():
+    nc = await nats.connect(os.environ.get("TASKBUS_NATS_URL", "nats://127.0.0.1:4222"), name=AGENT_ID)
+    js = nc.jetstream()
+    sub = await js.pull_subscribe_bind(durable=f"work-{POOL}", stream=f"{PREFIX.upper()}_WORK")
+    print(f"{AGENT_ID} serving pool {POOL}", flush=True)
+    while True:
+        try:
+            msgs = await sub.fetch(batch=4, timeout=5)
+        except NatsTimeout:
+            continue
+        await asyncio.gather(*(run_one(nc, js, m) for m in msgs))
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
