@@ -116,3 +116,69 @@ pub enum HoldStatus {
     /// same task id with different content): reject the task with `invalid_value`.
     Invalid,
 }
+
+/// `taskbus.api.task.cancel`: cancel a queued or running task.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TaskCancel {
+    pub id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// `taskbus.api.dlq.replay`: re-admit dead tasks with a fresh set of attempts. With `ids`,
+/// those tasks (each must be dead); otherwise every dead task (of `pool`, if given), oldest
+/// first, at most `limit` (default 1000).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct DlqReplay {
+    pub pool: Option<String>,
+    pub ids: Vec<String>,
+    pub limit: Option<u32>,
+}
+
+/// Reply of `dlq.replay`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema, Default)]
+pub struct ReplayResult {
+    /// Re-admitted task ids.
+    pub replayed: Vec<String>,
+    /// Ids that were not dead (or unknown), left alone.
+    pub skipped: Vec<String>,
+}
+
+/// Heartbeat an agent sends every few seconds on `taskbus.agents.<pool>.<agent>.heartbeat`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct Heartbeat {
+    pub agent_id: String,
+    pub pool: String,
+    pub at: DateTime<Utc>,
+    /// Tasks it may run at once.
+    pub capacity: u32,
+    pub in_flight: u32,
+    pub version: String,
+    /// Circuit breaker: `closed` (pulling), `open` (paused after failures), `half_open`.
+    pub breaker: String,
+    pub consecutive_failures: u32,
+}
+
+/// One agent as the coordinator sees it (`taskbus.api.agents.list`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct AgentInfo {
+    pub agent_id: String,
+    pub pool: String,
+    /// `healthy` (heartbeat within 15 s), `paused` (breaker open), `stale` (15–60 s), `gone`.
+    pub health: String,
+    pub last_seen: Option<DateTime<Utc>>,
+    pub capacity: u32,
+    pub in_flight: u32,
+    pub version: String,
+    pub breaker: String,
+    pub successes: i64,
+    pub failures: i64,
+    /// EWMA of success (1) / failure (0), α = 0.1.
+    pub success_rate: f64,
+    /// EWMA of handler wall time, ms.
+    pub latency_ms: Option<f64>,
+    /// Payout multiplier the ledger applies (decimal string), see docs/PROTOCOL.md.
+    pub reputation: String,
+}

@@ -120,6 +120,28 @@ pub struct TaskEnvelope {
     pub resources: Option<Resources>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub labels: Option<BTreeMap<String, String>>,
+    /// Retry backoff for this task, overriding the pool's policy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry: Option<RetryPolicy>,
+}
+
+/// Exponential backoff between attempts: the n-th retry waits
+/// `min(max_ms, base_ms × 2^(n-1))`, scaled by a random factor in [0.5, 1] (jitter).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RetryPolicy {
+    pub base_ms: u64,
+    pub max_ms: u64,
+}
+
+impl RetryPolicy {
+    /// Delay before attempt `next_attempt` (≥ 2), given a jitter factor in [0, 1].
+    pub fn delay_ms(&self, next_attempt: u32, jitter: f64) -> u64 {
+        let exp = next_attempt.saturating_sub(2).min(40);
+        let raw = self.base_ms.saturating_mul(1u64 << exp).min(self.max_ms);
+        let j = 0.5 + 0.5 * jitter.clamp(0.0, 1.0);
+        (raw as f64 * j) as u64
+    }
 }
 
 /// Body of a message on `taskbus.work.<pool>.<priority>`: one attempt of an admitted task.
@@ -168,11 +190,26 @@ mod tests {
             currency: None,
             resources: None,
             labels: None,
+            retry: None,
         };
         let s = work_item_json(3, "p\"q", &serde_json::to_string(&env).unwrap());
         let w: WorkItem = serde_json::from_str(&s).unwrap();
         assert_eq!(w.attempt, 3);
         assert_eq!(w.pool, "p\"q");
         assert_eq!(w.task, env);
+    }
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        let p = RetryPolicy {
+            base_ms: 1000,
+            max_ms: 10_000,
+        };
+        assert_eq!(p.delay_ms(2, 1.0), 1000);
+        assert_eq!(p.delay_ms(3, 1.0), 2000);
+        assert_eq!(p.delay_ms(4, 1.0), 4000);
+        assert_eq!(p.delay_ms(9, 1.0), 10_000);
+        assert_eq!(p.delay_ms(200, 1.0), 10_000);
+        assert_eq!(p.delay_ms(3, 0.0), 1000);
     }
 }

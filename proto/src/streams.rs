@@ -44,18 +44,20 @@ pub fn submit_stream(s: &Subjects, o: &StreamOptions) -> stream::Config {
     }
 }
 
-/// `TASKBUS_WORK`: admitted attempts, one durable consumer per pool.
+/// `TASKBUS_WORK`: admitted attempts, one durable consumer per pool. Delayed attempts
+/// (`not_before`, retry backoff) wait on `taskbus.sched.>` as JetStream message schedules
+/// (nats-server 2.12+) and are moved to their work subject by the server when due.
 pub fn work_stream(s: &Subjects, o: &StreamOptions) -> stream::Config {
     stream::Config {
         name: s.work_stream(),
         description: Some("taskbus: admitted task attempts for agents".into()),
-        subjects: vec![s.work_all()],
+        subjects: vec![s.work_all(), s.sched_all()],
         retention: stream::RetentionPolicy::WorkQueue,
         storage: o.storage,
         num_replicas: o.replicas,
         duplicate_window: o.duplicate_window,
         max_message_size: o.max_message_bytes,
-        allow_message_ttl: false,
+        allow_message_schedules: true,
         ..Default::default()
     }
 }
@@ -82,7 +84,7 @@ pub fn submit_consumer() -> consumer::pull::Config {
         durable_name: Some("coordinator".into()),
         description: Some("taskbus coordinator admission".into()),
         ack_policy: consumer::AckPolicy::Explicit,
-        ack_wait: Duration::from_secs(30),
+        ack_wait: Duration::from_secs(10),
         max_ack_pending: 20_000,
         max_batch: 1000,
         ..Default::default()
@@ -99,7 +101,7 @@ pub fn outcome_consumer(s: &Subjects) -> consumer::pull::Config {
         ack_wait: Duration::from_secs(30),
         max_ack_pending: 20_000,
         max_batch: 1000,
-        filter_subjects: [Succeeded, Failed]
+        filter_subjects: [Succeeded, Failed, TimedOut, Expired]
             .into_iter()
             .map(|k| s.event_kind_all(k))
             .collect(),

@@ -64,6 +64,16 @@ impl Subjects {
         )
     }
 
+    /// KV bucket holding each agent's reputation multiplier (key = agent id), written by the
+    /// coordinator and watched by agents, which stamp it into their `succeeded` events.
+    pub fn reputation_bucket(&self) -> String {
+        format!(
+            "{}_reputation",
+            self.prefix
+                .replace(|c: char| !c.is_ascii_alphanumeric(), "_")
+        )
+    }
+
     /// `taskbus.submit.<pool>`
     pub fn submit(&self, pool: &str) -> String {
         format!("{}.submit.{pool}", self.prefix)
@@ -91,6 +101,16 @@ impl Subjects {
     /// `taskbus.work.>`
     pub fn work_all(&self) -> String {
         format!("{}.work.>", self.prefix)
+    }
+    /// Schedule subject of a delayed attempt (JetStream message schedules):
+    /// `taskbus.sched.<pool>.<task_id>.<attempt>`. The server moves the message to its work
+    /// subject at the scheduled time.
+    pub fn sched(&self, pool: &str, task_id: &str, attempt: u32) -> String {
+        format!("{}.sched.{pool}.{task_id}.{attempt}", self.prefix)
+    }
+    /// `taskbus.sched.>`
+    pub fn sched_all(&self) -> String {
+        format!("{}.sched.>", self.prefix)
     }
     /// Durable consumer name agents of `pool` share.
     pub fn work_consumer(&self, pool: &str) -> String {

@@ -8,7 +8,7 @@ use rust_decimal::Decimal;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::envelope::{Priority, Resources, TaskEnvelope, SCHEMA_VERSION};
+use crate::envelope::{Priority, Resources, RetryPolicy, TaskEnvelope, SCHEMA_VERSION};
 use crate::ids::{is_valid_pool, is_valid_task_id, MAX_TASK_ID_LEN};
 
 /// Why a submit message was refused.
@@ -133,6 +133,7 @@ pub struct ValidTask {
     pub currency: Option<String>,
     pub resources: Option<Resources>,
     pub labels: BTreeMap<String, String>,
+    pub retry: Option<RetryPolicy>,
 }
 
 impl ValidTask {
@@ -153,6 +154,7 @@ impl ValidTask {
             currency: self.currency.clone(),
             resources: self.resources.clone(),
             labels: (!self.labels.is_empty()).then(|| self.labels.clone()),
+            retry: self.retry,
         }
     }
 }
@@ -367,6 +369,14 @@ pub fn validate(
             );
         }
     }
+    if let Some(r) = env.retry {
+        if r.base_ms == 0 || r.max_ms < r.base_ms || r.max_ms > 24 * 3600 * 1000 {
+            return bad(
+                InvalidValue,
+                "retry needs 1 <= base_ms <= max_ms <= 86400000".into(),
+            );
+        }
+    }
     let labels = env.labels.unwrap_or_default();
     if labels.len() > limits.max_labels {
         return bad(
@@ -409,6 +419,7 @@ pub fn validate(
         currency: env.currency,
         resources: env.resources,
         labels,
+        retry: env.retry,
     })
 }
 

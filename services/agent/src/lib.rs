@@ -28,9 +28,10 @@
 
 pub mod handlers;
 
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::consumer::PullConsumer;
@@ -38,8 +39,9 @@ use async_nats::jetstream::message::PublishMessage;
 use async_nats::jetstream::{self, AckKind};
 use chrono::Utc;
 use futures::StreamExt;
+use taskbus_proto::api::Heartbeat;
 use taskbus_proto::events::{self, Event, EventKind};
-use taskbus_proto::{Subjects, WorkItem};
+use taskbus_proto::{PoolSettings, Subjects, WorkItem};
 use tokio::sync::Semaphore;
 use tracing::{debug, info, warn};
 
@@ -59,6 +61,8 @@ pub struct AgentConfig {
     pub grace: Duration,
     /// How long one pull request waits for work.
     pub pull_expiry: Duration,
+    /// Heartbeat period (`taskbus.agents.<pool>.<agent>.heartbeat`).
+    pub heartbeat_every: Duration,
     pub version: String,
 }
 
@@ -72,6 +76,7 @@ impl AgentConfig {
             concurrency: 4,
             grace: Duration::from_secs(25),
             pull_expiry: Duration::from_secs(1),
+            heartbeat_every: Duration::from_secs(5),
             version: env!("CARGO_PKG_VERSION").into(),
         }
     }
@@ -147,6 +152,84 @@ pub struct AgentStats {
     pub succeeded: AtomicU64,
     pub failed: AtomicU64,
     pub handed_back: AtomicU64,
+    /// Tasks skipped or stopped because they were cancelled.
+    pub cancelled: AtomicU64,
+    /// Tasks not started because their deadline had passed.
+    pub expired: AtomicU64,
+}
+
+/// The per-agent circuit breaker: after `threshold` consecutive failures the agent stops
+/// pulling for the pool's cool-down, then takes a single task (half-open): success closes the
+/// breaker, failure opens it again.
+#[derive(Debug, Default)]
+struct Breaker {
+    consecutive: u32,
+    open_until: Option<Instant>,
+    half_open: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum BreakerState {
+    Closed,
+    Open(Instant),
+    HalfOpen,
+}
+
+impl Breaker {
+    fn state(&mut self, now: Instant) -> BreakerState {
+        match self.open_until {
+            Some(until) if now < until => BreakerState::Open(until),
+            Some(_) => {
+                self.open_until = None;
+                self.half_open = true;
+                BreakerState::HalfOpen
+            }
+            None if self.half_open => BreakerState::HalfOpen,
+            None => BreakerState::Closed,
+        }
+    }
+
+    fn record(&mut self, ok: bool, threshold: u32, cooldown: Duration) {
+        if ok {
+            self.consecutive = 0;
+            self.half_open = false;
+            return;
+        }
+        self.consecutive += 1;
+        if self.half_open || (threshold > 0 && self.consecutive >= threshold) {
+            self.open_until = Some(Instant::now() + cooldown);
+            self.half_open = false;
+        }
+    }
+
+    fn name(&mut self) -> &'static str {
+        match self.state(Instant::now()) {
+            BreakerState::Closed => "closed",
+            BreakerState::Open(_) => "open",
+            BreakerState::HalfOpen => "half_open",
+        }
+    }
+}
+
+/// Ids of cancelled tasks (bounded, oldest forgotten first).
+#[derive(Default)]
+struct CancelSet {
+    ids: HashSet<String>,
+    order: VecDeque<String>,
+}
+
+impl CancelSet {
+    const CAP: usize = 100_000;
+    fn insert(&mut self, id: String) {
+        if self.ids.insert(id.clone()) {
+            self.order.push_back(id);
+            if self.order.len() > Self::CAP {
+                if let Some(old) = self.order.pop_front() {
+                    self.ids.remove(&old);
+                }
+            }
+        }
+    }
 }
 
 /// An agent: settings plus handler.
@@ -166,6 +249,16 @@ struct Shared<H> {
     ack_wait: Duration,
     /// Cancelled when the grace period is over.
     hard: CancellationToken,
+    cancelled: Mutex<CancelSet>,
+    running: Mutex<HashMap<String, CancellationToken>>,
+    in_flight: AtomicU32,
+    breaker: Mutex<Breaker>,
+    settings: Mutex<PoolSettings>,
+    reputation: Mutex<Option<String>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl<H: Handler> Agent<H> {
@@ -219,7 +312,21 @@ impl<H: Handler> Agent<H> {
             js,
             ack_wait,
             hard: CancellationToken::new(),
+            cancelled: Mutex::default(),
+            running: Mutex::default(),
+            in_flight: AtomicU32::new(0),
+            breaker: Mutex::default(),
+            settings: Mutex::new(PoolSettings::default()),
+            reputation: Mutex::new(None),
         });
+        refresh_settings(&shared).await;
+        // Side loops (cancellations, heartbeats, reputation) live until the agent has drained.
+        let aux_stop = CancellationToken::new();
+        let aux = taskbus_runtime::TaskTracker::new();
+        aux.spawn(watch_cancellations(shared.clone(), aux_stop.clone()));
+        aux.spawn(heartbeats(shared.clone(), aux_stop.clone()));
+        aux.spawn(watch_reputation(shared.clone(), aux_stop.clone()));
+        aux.close();
         let tracker = taskbus_runtime::TaskTracker::new();
         pull_loop(&shared, &consumer, &tracker, &shutdown).await;
 
@@ -237,6 +344,8 @@ impl<H: Handler> Agent<H> {
             shared.hard.cancel();
             tracker.wait().await;
         }
+        aux_stop.cancel();
+        aux.wait().await;
         shared.client.flush().await.ok();
         info!("agent stopped");
         Ok(())
@@ -281,11 +390,30 @@ async fn pull_loop<H: Handler>(
 ) {
     let slots = Arc::new(Semaphore::new(shared.config.concurrency));
     while !shutdown.is_cancelled() {
+        let state = lock(&shared.breaker).state(Instant::now());
+        let wait = match state {
+            BreakerState::Open(until) => Some(until.saturating_duration_since(Instant::now())),
+            BreakerState::HalfOpen if shared.in_flight.load(Ordering::Relaxed) > 0 => {
+                Some(Duration::from_millis(50))
+            }
+            _ => None,
+        };
+        if let Some(d) = wait {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(d) => {}
+            }
+            continue;
+        }
         let first = tokio::select! {
             _ = shutdown.cancelled() => return,
             p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
         };
-        let want = 1 + slots.available_permits();
+        let want = if state == BreakerState::HalfOpen {
+            1
+        } else {
+            1 + slots.available_permits()
+        };
         let mut batch = match consumer
             .batch()
             .max_messages(want)
@@ -328,8 +456,10 @@ async fn pull_loop<H: Handler>(
                 },
             };
             let shared = shared.clone();
+            shared.in_flight.fetch_add(1, Ordering::Relaxed);
             tracker.spawn(async move {
                 process(&shared, msg).await;
+                shared.in_flight.fetch_sub(1, Ordering::Relaxed);
                 drop(permit);
             });
         }
@@ -348,6 +478,29 @@ async fn process<H: Handler>(shared: &Shared<H>, msg: jetstream::Message) {
     };
     let c = &shared.config;
     let task_id = item.task_id().to_string();
+    if lock(&shared.cancelled).ids.contains(&task_id) {
+        shared.stats.cancelled.fetch_add(1, Ordering::Relaxed);
+        let _ = msg.ack().await;
+        return;
+    }
+    if let Some(deadline) = item.task.deadline.filter(|d| *d <= Utc::now()) {
+        // Not started in time: report `expired` instead of running it.
+        let ev = Event::Expired(events::Expired {
+            task_id: task_id.clone(),
+            pool: c.pool.clone(),
+            at: Utc::now(),
+            deadline,
+        });
+        if publish_outcome(shared, &task_id, item.attempt, &ev).await {
+            shared.stats.expired.fetch_add(1, Ordering::Relaxed);
+            let _ = msg.ack().await;
+        } else {
+            let _ = msg
+                .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
+                .await;
+        }
+        return;
+    }
     let started_at = Utc::now();
     let started = Event::Started(events::Started {
         task_id: task_id.clone(),
@@ -365,6 +518,8 @@ async fn process<H: Handler>(shared: &Shared<H>, msg: jetstream::Message) {
         .await;
 
     let cancel = shared.hard.child_token();
+    let task_cancel = CancellationToken::new();
+    lock(&shared.running).insert(task_id.clone(), task_cancel.clone());
     let timeout = Duration::from_millis(item.task.timeout_ms.unwrap_or(300_000));
     let ctx = TaskContext {
         task_id: task_id.clone(),
@@ -384,9 +539,15 @@ async fn process<H: Handler>(shared: &Shared<H>, msg: jetstream::Message) {
         tokio::time::interval_at(tokio::time::Instant::now() + lease_every, lease_every);
     let deadline = tokio::time::sleep(timeout);
     tokio::pin!(deadline);
-    let outcome = loop {
+    enum End {
+        Done(Result<serde_json::Value, TaskError>),
+        TimedOut,
+        Cancelled,
+        HandBack,
+    }
+    let end = loop {
         tokio::select! {
-            r = &mut work => break Some(r),
+            r = &mut work => break End::Done(r),
             _ = lease.tick() => {
                 if let Err(e) = msg.ack_with(AckKind::Progress).await {
                     debug!(error = %e, "lease extension failed");
@@ -394,21 +555,44 @@ async fn process<H: Handler>(shared: &Shared<H>, msg: jetstream::Message) {
             }
             _ = &mut deadline => {
                 cancel.cancel();
-                break Some(Err(TaskError::Retryable(format!("attempt timed out after {} ms", timeout.as_millis()))));
+                break End::TimedOut;
             }
-            _ = shared.hard.cancelled() => break None,
+            _ = task_cancel.cancelled() => {
+                cancel.cancel();
+                break End::Cancelled;
+            }
+            _ = shared.hard.cancelled() => break End::HandBack,
         }
     };
-    let Some(outcome) = outcome else {
-        // Grace period over: hand the task back so another agent runs it now.
-        let _ = msg.ack_with(AckKind::Nak(None)).await;
-        shared.stats.handed_back.fetch_add(1, Ordering::Relaxed);
-        return;
-    };
+    drop(work);
+    lock(&shared.running).remove(&task_id);
     let duration_ms = t0.elapsed().as_millis() as u64;
     let at = Utc::now();
+    let outcome = match end {
+        End::HandBack => {
+            // Grace period over: hand the task back so another agent runs it now.
+            let _ = msg.ack_with(AckKind::Nak(None)).await;
+            shared.stats.handed_back.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        End::Cancelled => {
+            // The coordinator already recorded `cancelled`; the message is done.
+            shared.stats.cancelled.fetch_add(1, Ordering::Relaxed);
+            let _ = msg.ack().await;
+            return;
+        }
+        End::TimedOut => None,
+        End::Done(r) => Some(r),
+    };
     let event = match outcome {
-        Ok(result) => Event::Succeeded(events::Succeeded {
+        None => Event::TimedOut(events::TimedOut {
+            task_id: task_id.clone(),
+            pool: c.pool.clone(),
+            at,
+            attempt: item.attempt,
+            agent_id: Some(c.agent_id.clone()),
+        }),
+        Some(Ok(result)) => Event::Succeeded(events::Succeeded {
             task_id: task_id.clone(),
             pool: c.pool.clone(),
             at,
@@ -416,9 +600,9 @@ async fn process<H: Handler>(shared: &Shared<H>, msg: jetstream::Message) {
             agent_id: c.agent_id.clone(),
             result,
             duration_ms,
-            reputation: None,
+            reputation: lock(&shared.reputation).clone(),
         }),
-        Err(e) => Event::Failed(events::Failed {
+        Some(Err(e)) => Event::Failed(events::Failed {
             task_id: task_id.clone(),
             pool: c.pool.clone(),
             at,
@@ -430,6 +614,25 @@ async fn process<H: Handler>(shared: &Shared<H>, msg: jetstream::Message) {
         }),
     };
     let ok = matches!(event, Event::Succeeded(_));
+    {
+        let s = lock(&shared.settings);
+        let (threshold, cooldown) = (
+            s.breaker_threshold,
+            Duration::from_millis(s.breaker_cooldown_ms),
+        );
+        drop(s);
+        let mut b = lock(&shared.breaker);
+        b.record(ok, threshold, cooldown);
+        if let BreakerState::Open(_) = b.state(Instant::now()) {
+            if !ok && b.consecutive > 0 {
+                warn!(
+                    consecutive_failures = b.consecutive,
+                    ?cooldown,
+                    "circuit breaker open: pausing pulls"
+                );
+            }
+        }
+    }
     if publish_outcome(shared, &task_id, item.attempt, &event).await {
         let counter = if ok {
             &shared.stats.succeeded
@@ -462,6 +665,7 @@ async fn publish_outcome<H>(
     for n in 0..5u32 {
         let p = PublishMessage::build()
             .payload(body.clone())
+            .header(taskbus_proto::HDR_ATTEMPT, attempt.to_string())
             .message_id(format!("{task_id}:{attempt}:outcome"));
         match shared.js.send_publish(subject.clone(), p).await {
             Ok(f) => match f.await {
@@ -473,4 +677,171 @@ async fn publish_outcome<H>(
         tokio::time::sleep(Duration::from_millis(100 * 2u64.pow(n))).await;
     }
     false
+}
+
+/// Re-read the pool's settings (breaker threshold and cool-down) from the KV bucket.
+async fn refresh_settings<H>(shared: &Shared<H>) {
+    let Ok(kv) = shared
+        .js
+        .get_key_value(shared.subjects.pools_bucket())
+        .await
+    else {
+        return;
+    };
+    if let Ok(Some(bytes)) = kv.get(&shared.config.pool).await {
+        if let Ok(s) = serde_json::from_slice::<PoolSettings>(&bytes) {
+            *lock(&shared.settings) = s;
+        }
+    }
+}
+
+/// Follow `cancelled` events of the pool (replaying the last hour first, so an agent started
+/// after a cancellation still skips the task): running tasks are told through their
+/// cancellation token, queued ones are skipped when pulled.
+async fn watch_cancellations<H: Handler>(shared: Arc<Shared<H>>, stop: CancellationToken) {
+    use async_nats::jetstream::consumer::{self, DeliverPolicy};
+    let subject = format!(
+        "{}.events.{}.*.cancelled",
+        shared.subjects.prefix(),
+        shared.config.pool
+    );
+    while !stop.is_cancelled() {
+        let consumer = match shared.js.get_stream(shared.subjects.events_stream()).await {
+            Ok(stream) => stream
+                .create_consumer(consumer::pull::OrderedConfig {
+                    filter_subject: subject.clone(),
+                    deliver_policy: DeliverPolicy::ByStartTime {
+                        start_time: Utc::now() - chrono::Duration::hours(1),
+                    },
+                    ..Default::default()
+                })
+                .await
+                .ok(),
+            Err(_) => None,
+        };
+        let Some(consumer) = consumer else {
+            tokio::select! { _ = stop.cancelled() => return, _ = tokio::time::sleep(Duration::from_secs(1)) => {} }
+            continue;
+        };
+        let Ok(mut messages) = consumer.messages().await else {
+            continue;
+        };
+        loop {
+            let m = tokio::select! {
+                _ = stop.cancelled() => return,
+                m = messages.next() => m,
+            };
+            let Some(Ok(m)) = m else { break };
+            if let Some(id) = m.subject.split('.').rev().nth(1) {
+                if let Some(token) = lock(&shared.running).get(id) {
+                    token.cancel();
+                }
+                lock(&shared.cancelled).insert(id.to_string());
+            }
+        }
+    }
+}
+
+/// Publish a heartbeat every `heartbeat_every` and refresh pool settings.
+async fn heartbeats<H>(shared: Arc<Shared<H>>, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(shared.config.heartbeat_every);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        refresh_settings(&shared).await;
+        let (breaker, consecutive) = {
+            let mut b = lock(&shared.breaker);
+            (b.name().to_string(), b.consecutive)
+        };
+        let hb = Heartbeat {
+            agent_id: shared.config.agent_id.clone(),
+            pool: shared.config.pool.clone(),
+            at: Utc::now(),
+            capacity: shared.config.concurrency as u32,
+            in_flight: shared.in_flight.load(Ordering::Relaxed),
+            version: shared.config.version.clone(),
+            breaker,
+            consecutive_failures: consecutive,
+        };
+        if let Ok(body) = serde_json::to_vec(&hb) {
+            let subject = shared
+                .subjects
+                .agent_heartbeat(&shared.config.pool, &shared.config.agent_id);
+            let _ = shared.client.publish(subject, body.into()).await;
+        }
+    }
+}
+
+/// Keep this agent's reputation multiplier (from the coordinator's KV bucket) to stamp into
+/// `succeeded` events.
+async fn watch_reputation<H>(shared: Arc<Shared<H>>, stop: CancellationToken) {
+    while !stop.is_cancelled() {
+        let kv = shared
+            .js
+            .get_key_value(shared.subjects.reputation_bucket())
+            .await;
+        let watch = match &kv {
+            Ok(kv) => kv.watch_with_history(&shared.config.agent_id).await.ok(),
+            Err(_) => None,
+        };
+        let Some(mut watch) = watch else {
+            tokio::select! { _ = stop.cancelled() => return, _ = tokio::time::sleep(Duration::from_secs(2)) => {} }
+            continue;
+        };
+        loop {
+            let e = tokio::select! {
+                _ = stop.cancelled() => return,
+                e = watch.next() => e,
+            };
+            let Some(Ok(e)) = e else { break };
+            let value = String::from_utf8_lossy(&e.value).to_string();
+            if value.parse::<f64>().is_ok() {
+                *lock(&shared.reputation) = Some(value);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn breaker_opens_after_threshold_then_half_opens() {
+        let mut b = Breaker::default();
+        let cool = Duration::from_millis(30);
+        b.record(false, 3, cool);
+        b.record(false, 3, cool);
+        assert_eq!(b.state(Instant::now()), BreakerState::Closed);
+        b.record(false, 3, cool);
+        assert!(matches!(b.state(Instant::now()), BreakerState::Open(_)));
+        std::thread::sleep(Duration::from_millis(40));
+        assert_eq!(b.state(Instant::now()), BreakerState::HalfOpen);
+        b.record(false, 3, cool); // a failure while half-open opens it again at once
+        assert!(matches!(b.state(Instant::now()), BreakerState::Open(_)));
+        std::thread::sleep(Duration::from_millis(40));
+        assert_eq!(b.state(Instant::now()), BreakerState::HalfOpen);
+        b.record(true, 3, cool);
+        assert_eq!(b.state(Instant::now()), BreakerState::Closed);
+        assert_eq!(b.consecutive, 0);
+        // threshold 0 disables the breaker
+        let mut b = Breaker::default();
+        for _ in 0..100 {
+            b.record(false, 0, cool);
+        }
+        assert_eq!(b.state(Instant::now()), BreakerState::Closed);
+    }
+
+    #[test]
+    fn cancel_set_is_bounded() {
+        let mut c = CancelSet::default();
+        for i in 0..CancelSet::CAP + 10 {
+            c.insert(i.to_string());
+        }
+        assert_eq!(c.ids.len(), CancelSet::CAP);
+        assert!(!c.ids.contains("0"));
+        assert!(c.ids.contains(&(CancelSet::CAP + 9).to_string()));
+    }
 }

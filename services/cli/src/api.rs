@@ -34,13 +34,19 @@ pub async fn call<T: DeserializeOwned>(
             _ => anyhow!("request to {subject} failed: {e}"),
         }
     })?;
-    match serde_json::from_slice::<Reply<T>>(&msg.payload).with_context(|| format!("unreadable reply from {subject}"))? {
+    match serde_json::from_slice::<Reply<T>>(&msg.payload)
+        .with_context(|| format!("unreadable reply from {subject}"))?
+    {
         Reply::Ok(v) => Ok(v),
         Reply::Error(e) => bail!("{} (code {})", e.error, e.code),
     }
 }
 
-pub async fn task_get(client: &async_nats::Client, prefix: &str, id: &str) -> anyhow::Result<TaskRecord> {
+pub async fn task_get(
+    client: &async_nats::Client,
+    prefix: &str,
+    id: &str,
+) -> anyhow::Result<TaskRecord> {
     call(client, prefix, "task.get", &TaskGet { id: id.to_string() }).await
 }
 
@@ -51,5 +57,15 @@ pub async fn tasks_list(
     status: Option<String>,
     limit: u32,
 ) -> anyhow::Result<Vec<TaskRecord>> {
-    call(client, prefix, "tasks.list", &TaskList { pool, status, limit: Some(limit) }).await
+    call(
+        client,
+        prefix,
+        "tasks.list",
+        &TaskList {
+            pool,
+            status,
+            limit: Some(limit),
+        },
+    )
+    .await
 }

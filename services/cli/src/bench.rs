@@ -70,7 +70,9 @@ pub async fn run(args: BenchArgs, nats_url: Option<String>, prefix: &str) -> any
     let nats_url = match nats_url {
         Some(u) => u,
         None => {
-            let n = NatsServer::start().await.context("cannot start nats-server")?;
+            let n = NatsServer::start()
+                .await
+                .context("cannot start nats-server")?;
             let u = n.url();
             _n = Some(n);
             u
@@ -88,16 +90,34 @@ pub async fn run(args: BenchArgs, nats_url: Option<String>, prefix: &str) -> any
     };
     eprintln!("bench: nats {nats_url}, postgres {database_url}");
     let taskbus = run_taskbus(&args, &nats_url, &database_url, prefix).await?;
-    let baseline = if args.no_baseline { None } else { Some(run_baseline(&args, &nats_url).await?) };
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "taskbus": taskbus, "jetstream_baseline": baseline }))?);
+    let baseline = if args.no_baseline {
+        None
     } else {
-        println!("{:<34} {:>8} {:>10} {:>9} {:>9} {:>9} {:>9}", "", "tasks", "per sec", "p50 start", "p99 start", "p50 done", "p99 done");
+        Some(run_baseline(&args, &nats_url).await?)
+    };
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(
+                &serde_json::json!({ "taskbus": taskbus, "jetstream_baseline": baseline })
+            )?
+        );
+    } else {
+        println!(
+            "{:<34} {:>8} {:>10} {:>9} {:>9} {:>9} {:>9}",
+            "", "tasks", "per sec", "p50 start", "p99 start", "p50 done", "p99 done"
+        );
         for f in std::iter::once(&taskbus).chain(baseline.as_ref()) {
             let ms = |v: Option<f64>| v.map(|v| format!("{v:.2}ms")).unwrap_or_else(|| "-".into());
             println!(
                 "{:<34} {:>8} {:>10.0} {:>9} {:>9} {:>9} {:>9}",
-                f.name, f.tasks, f.per_second, ms(f.p50_start_ms), ms(f.p99_start_ms), ms(Some(f.p50_complete_ms)), ms(Some(f.p99_complete_ms))
+                f.name,
+                f.tasks,
+                f.per_second,
+                ms(f.p50_start_ms),
+                ms(f.p99_start_ms),
+                ms(Some(f.p50_complete_ms)),
+                ms(Some(f.p99_complete_ms))
             );
         }
         if args.rate > 0.0 {
@@ -164,7 +184,12 @@ fn index_of(token: &str) -> Option<usize> {
     token.rsplit('-').next()?.parse().ok()
 }
 
-async fn run_taskbus(args: &BenchArgs, nats_url: &str, database_url: &str, prefix: &str) -> anyhow::Result<Figures> {
+async fn run_taskbus(
+    args: &BenchArgs,
+    nats_url: &str,
+    database_url: &str,
+    prefix: &str,
+) -> anyhow::Result<Figures> {
     let n = args.tasks;
     let run_id = ulid::Ulid::new().to_string().to_lowercase();
     let shutdown = CancellationToken::new();
@@ -180,7 +205,9 @@ async fn run_taskbus(args: &BenchArgs, nats_url: &str, database_url: &str, prefi
         ac.prefix = prefix.to_string();
         ac.agent_id = format!("bench-agent-{a}");
         ac.concurrency = args.concurrency;
-        let agent = Agent::new(ac, |_t: TaskContext| async { Ok::<_, TaskError>(serde_json::Value::Null) });
+        let agent = Agent::new(ac, |_t: TaskContext| async {
+            Ok::<_, TaskError>(serde_json::Value::Null)
+        });
         let sd = shutdown.clone();
         tracker.spawn(async move {
             let _ = agent.run(sd).await;
@@ -194,8 +221,12 @@ async fn run_taskbus(args: &BenchArgs, nats_url: &str, database_url: &str, prefi
     let sent: Arc<Vec<AtomicU64>> = Arc::new((0..n).map(|_| AtomicU64::new(0)).collect());
     let started: Arc<Vec<AtomicU64>> = Arc::new((0..n).map(|_| AtomicU64::new(0)).collect());
     let done: Arc<Vec<AtomicU64>> = Arc::new((0..n).map(|_| AtomicU64::new(0)).collect());
-    let mut sub_started = client.subscribe(format!("{}.events.bench.*.started", subjects.prefix())).await?;
-    let mut sub_done = client.subscribe(format!("{}.events.bench.*.succeeded", subjects.prefix())).await?;
+    let mut sub_started = client
+        .subscribe(format!("{}.events.bench.*.started", subjects.prefix()))
+        .await?;
+    let mut sub_done = client
+        .subscribe(format!("{}.events.bench.*.succeeded", subjects.prefix()))
+        .await?;
     let t0 = Instant::now();
     let pb = bar(n, "taskbus");
     let rid = run_id.clone();
@@ -203,7 +234,13 @@ async fn run_taskbus(args: &BenchArgs, nats_url: &str, database_url: &str, prefi
     let started_rx = async move {
         while let Some(m) = sub_started.next().await {
             let now = t0.elapsed().as_nanos() as u64;
-            if let Some(i) = m.subject.split('.').nth(3).filter(|id| id.starts_with(&rid)).and_then(index_of) {
+            if let Some(i) = m
+                .subject
+                .split('.')
+                .nth(3)
+                .filter(|id| id.starts_with(&rid))
+                .and_then(index_of)
+            {
                 if i < st.len() {
                     let _ = st[i].compare_exchange(0, now, Ordering::Relaxed, Ordering::Relaxed);
                 }
@@ -217,8 +254,18 @@ async fn run_taskbus(args: &BenchArgs, nats_url: &str, database_url: &str, prefi
         let mut count = 0usize;
         while let Some(m) = sub_done.next().await {
             let now = t0.elapsed().as_nanos() as u64;
-            if let Some(i) = m.subject.split('.').nth(3).filter(|id| id.starts_with(&rid)).and_then(index_of) {
-                if i < dn.len() && dn[i].compare_exchange(0, now, Ordering::Relaxed, Ordering::Relaxed).is_ok() {
+            if let Some(i) = m
+                .subject
+                .split('.')
+                .nth(3)
+                .filter(|id| id.starts_with(&rid))
+                .and_then(index_of)
+            {
+                if i < dn.len()
+                    && dn[i]
+                        .compare_exchange(0, now, Ordering::Relaxed, Ordering::Relaxed)
+                        .is_ok()
+                {
                     count += 1;
                     pb2.inc(1);
                     if count == n {
@@ -324,9 +371,15 @@ async fn run_baseline(args: &BenchArgs, nats_url: &str) -> anyhow::Result<Figure
         while let Some(m) = msgs.next().await {
             let m = m.map_err(|e| anyhow::anyhow!("{e}"))?;
             let now = t0.elapsed().as_nanos() as u64;
-            if let Ok(i) = std::str::from_utf8(&m.payload[..m.payload.iter().position(|b| *b == b' ').unwrap_or(m.payload.len())])
-                .unwrap_or("")
-                .parse::<usize>()
+            if let Ok(i) = std::str::from_utf8(
+                &m.payload[..m
+                    .payload
+                    .iter()
+                    .position(|b| *b == b' ')
+                    .unwrap_or(m.payload.len())],
+            )
+            .unwrap_or("")
+            .parse::<usize>()
             {
                 if i < dn.len() {
                     dn[i].store(now, Ordering::Relaxed);
@@ -341,16 +394,35 @@ async fn run_baseline(args: &BenchArgs, nats_url: &str) -> anyhow::Result<Figure
         }
         anyhow::Ok(())
     };
-    let publish = publish_all(&js, n, args.rate, t0, &sent, |_| subject.clone(), |i| format!("{i} {{\"kind\":\"noop\",\"payload\":{{\"i\":{i}}}}}").into_bytes());
-    let (p, c) = tokio::join!(publish, tokio::time::timeout(Duration::from_secs(600), consume));
+    let publish = publish_all(
+        &js,
+        n,
+        args.rate,
+        t0,
+        &sent,
+        |_| subject.clone(),
+        |i| format!("{i} {{\"kind\":\"noop\",\"payload\":{{\"i\":{i}}}}}").into_bytes(),
+    );
+    let (p, c) = tokio::join!(
+        publish,
+        tokio::time::timeout(Duration::from_secs(600), consume)
+    );
     p?;
     c.context("baseline did not finish within 600 s")??;
     pb.finish();
     let _ = js.delete_stream(&name).await;
     let mut lat: Vec<f64> = (0..n)
-        .map(|i| done[i].load(Ordering::Relaxed).saturating_sub(sent[i].load(Ordering::Relaxed)) as f64 / 1e6)
+        .map(|i| {
+            done[i]
+                .load(Ordering::Relaxed)
+                .saturating_sub(sent[i].load(Ordering::Relaxed)) as f64
+                / 1e6
+        })
         .collect();
-    let last = (0..n).map(|i| done[i].load(Ordering::Relaxed)).max().unwrap_or(0);
+    let last = (0..n)
+        .map(|i| done[i].load(Ordering::Relaxed))
+        .max()
+        .unwrap_or(0);
     lat.sort_by(f64::total_cmp);
     let secs = last as f64 / 1e9;
     Ok(Figures {

@@ -43,7 +43,9 @@ pub async fn run(args: DevArgs, nats_url: Option<String>, prefix: &str) -> anyho
     let nats_url = match nats_url {
         Some(u) => u,
         None => {
-            let n = NatsServer::start().await.context("cannot start nats-server")?;
+            let n = NatsServer::start()
+                .await
+                .context("cannot start nats-server")?;
             let u = n.url();
             eprintln!("started nats-server (JetStream) at {u}");
             _nats_guard = Some(n);
@@ -92,7 +94,12 @@ pub async fn run(args: DevArgs, nats_url: Option<String>, prefix: &str) -> anyho
     let client = taskbus_runtime::nats::connect(&nats_url, "taskbus-dev").await?;
     let js = jetstream::new(client.clone());
     if args.demo_rate > 0.0 {
-        tracker.spawn(demo_load(js.clone(), Subjects::new(prefix), args.demo_rate, shutdown.clone()));
+        tracker.spawn(demo_load(
+            js.clone(),
+            Subjects::new(prefix),
+            args.demo_rate,
+            shutdown.clone(),
+        ));
     }
     tracker.close();
 
@@ -112,7 +119,9 @@ pub async fn run(args: DevArgs, nats_url: Option<String>, prefix: &str) -> anyho
     eprintln!("  Ctrl-C stops everything.\n");
 
     let db = taskbus_runtime::db::connect(&database_url, 2).await?;
-    let stop_at = args.duration.map(|s| tokio::time::Instant::now() + Duration::from_secs(s));
+    let stop_at = args
+        .duration
+        .map(|s| tokio::time::Instant::now() + Duration::from_secs(s));
     let status = status_line(&js, &db, Subjects::new(prefix), shutdown.clone());
     tokio::select! {
         _ = taskbus_runtime::cancel_on_signal(shutdown.clone()) => {}
@@ -125,7 +134,12 @@ pub async fn run(args: DevArgs, nats_url: Option<String>, prefix: &str) -> anyho
     Ok(())
 }
 
-async fn demo_load(js: jetstream::Context, subjects: Subjects, rate: f64, shutdown: CancellationToken) {
+async fn demo_load(
+    js: jetstream::Context,
+    subjects: Subjects,
+    rate: f64,
+    shutdown: CancellationToken,
+) {
     let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
     let mut n: u64 = 0;
     loop {
@@ -135,14 +149,22 @@ async fn demo_load(js: jetstream::Context, subjects: Subjects, rate: f64, shutdo
         }
         n += 1;
         let body = serde_json::json!({ "kind": "echo", "payload": { "demo": n } });
-        if let Ok(f) = js.publish(subjects.submit("default"), body.to_string().into()).await {
+        if let Ok(f) = js
+            .publish(subjects.submit("default"), body.to_string().into())
+            .await
+        {
             drop(f);
         }
     }
 }
 
 /// Prints tasks/s and per-pool backlog every second until shutdown.
-async fn status_line(js: &jetstream::Context, db: &sqlx::PgPool, subjects: Subjects, shutdown: CancellationToken) {
+async fn status_line(
+    js: &jetstream::Context,
+    db: &sqlx::PgPool,
+    subjects: Subjects,
+    shutdown: CancellationToken,
+) {
     let tty = std::io::stderr().is_terminal();
     let mut last_done: Option<(i64, Instant)> = None;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -153,7 +175,9 @@ async fn status_line(js: &jetstream::Context, db: &sqlx::PgPool, subjects: Subje
             _ = tick.tick() => {}
         }
         n += 1;
-        let counts = taskbus_coordinator::store::counts(db).await.unwrap_or_default();
+        let counts = taskbus_coordinator::store::counts(db)
+            .await
+            .unwrap_or_default();
         let total = |s: &str| counts.iter().filter(|c| c.1 == s).map(|c| c.2).sum::<i64>();
         let done = total("succeeded");
         let rate = match last_done {
@@ -165,13 +189,22 @@ async fn status_line(js: &jetstream::Context, db: &sqlx::PgPool, subjects: Subje
         pools.sort();
         pools.dedup();
         let mut backlog = Vec::new();
-        for p in pools.iter().filter(|p| taskbus_proto::ids::is_valid_pool(p)) {
+        for p in pools
+            .iter()
+            .filter(|p| taskbus_proto::ids::is_valid_pool(p))
+        {
             if let Ok(mut c) = js
-                .get_consumer_from_stream::<jetstream::consumer::pull::Config, _, _>(subjects.work_consumer(p), subjects.work_stream())
+                .get_consumer_from_stream::<jetstream::consumer::pull::Config, _, _>(
+                    subjects.work_consumer(p),
+                    subjects.work_stream(),
+                )
                 .await
             {
                 if let Ok(i) = c.info().await {
-                    backlog.push(format!("{p}: {} queued/{} running", i.num_pending, i.num_ack_pending));
+                    backlog.push(format!(
+                        "{p}: {} queued/{} running",
+                        i.num_pending, i.num_ack_pending
+                    ));
                 }
             }
         }
@@ -181,7 +214,11 @@ async fn status_line(js: &jetstream::Context, db: &sqlx::PgPool, subjects: Subje
             done,
             total("dead"),
             total("rejected"),
-            if backlog.is_empty() { "-".into() } else { backlog.join(", ") }
+            if backlog.is_empty() {
+                "-".into()
+            } else {
+                backlog.join(", ")
+            }
         );
         if tty {
             eprint!("\r\x1b[2K{line}");

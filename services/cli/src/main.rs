@@ -3,6 +3,7 @@
 mod api;
 mod bench;
 mod dev;
+mod ops;
 mod output;
 mod submit;
 
@@ -18,7 +19,12 @@ use taskbus_runtime::telemetry::{self, LogFormat};
 #[command(version, about, long_about, propagate_version = true)]
 struct Cli {
     /// NATS server URL(s), comma separated.
-    #[arg(long, global = true, env = "TASKBUS_NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    #[arg(
+        long,
+        global = true,
+        env = "TASKBUS_NATS_URL",
+        default_value = "nats://127.0.0.1:4222"
+    )]
     nats_url: String,
     /// Subject prefix (one NATS token).
     #[arg(long, global = true, env = "TASKBUS_PREFIX", default_value = "taskbus")]
@@ -44,6 +50,29 @@ enum Command {
     Tasks {
         #[command(subcommand)]
         cmd: TasksCmd,
+    },
+    /// Cancel a queued task (it never runs) or a running one (its handler is told to stop).
+    Cancel {
+        id: String,
+        #[arg(long)]
+        reason: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Dead letters: tasks whose attempts are exhausted.
+    Dlq {
+        #[command(subcommand)]
+        cmd: ops::DlqCmd,
+    },
+    /// Agents: heartbeats, health, circuit breaker, reputation.
+    Agents {
+        #[command(subcommand)]
+        cmd: ops::AgentsCmd,
+    },
+    /// Pool settings (JetStream KV bucket taskbus_pools).
+    Pools {
+        #[command(subcommand)]
+        cmd: ops::PoolsCmd,
     },
     /// Push N no-op tasks through submit → agent → succeeded and print throughput and
     /// latency, beside a raw JetStream publish+consume baseline from the same run.
@@ -83,8 +112,11 @@ enum TasksCmd {
 #[tokio::main]
 async fn main() {
     let cli = Cli::parse();
-    let quiet = matches!(cli.command, Command::Task { .. } | Command::Tasks { .. } | Command::Submit(_));
-    telemetry::init(LogFormat::Text, if quiet { "warn" } else { "warn,taskbus=info" });
+    let quiet = !matches!(cli.command, Command::Dev(_) | Command::Bench(_));
+    telemetry::init(
+        LogFormat::Text,
+        if quiet { "warn" } else { "warn,taskbus=info" },
+    );
     if let Err(e) = run(cli).await {
         eprintln!("error: {e:#}");
         std::process::exit(1);
@@ -96,11 +128,32 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Dev(args) => dev::run(args, given, &cli.prefix).await,
         Command::Bench(args) => bench::run(args, given, &cli.prefix).await,
+        Command::Cancel { id, reason, json } => {
+            ops::cancel(
+                &api::connect(&cli.nats_url).await?,
+                &cli.prefix,
+                id,
+                reason,
+                json,
+            )
+            .await
+        }
+        Command::Dlq { cmd } => {
+            ops::dlq(&api::connect(&cli.nats_url).await?, &cli.prefix, cmd).await
+        }
+        Command::Agents { cmd } => {
+            ops::agents(&api::connect(&cli.nats_url).await?, &cli.prefix, cmd).await
+        }
+        Command::Pools { cmd } => {
+            ops::pools(&api::connect(&cli.nats_url).await?, &cli.prefix, cmd).await
+        }
         Command::Submit(args) => {
             let client = api::connect(&cli.nats_url).await?;
             submit::run(args, &client, &cli.prefix).await
         }
-        Command::Task { cmd: TaskCmd::Get { id, json } } => {
+        Command::Task {
+            cmd: TaskCmd::Get { id, json },
+        } => {
             let client = api::connect(&cli.nats_url).await?;
             let t = api::task_get(&client, &cli.prefix, &id).await?;
             if json {
@@ -110,7 +163,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 Ok(())
             }
         }
-        Command::Tasks { cmd: TasksCmd::List { pool, status, limit, json } } => {
+        Command::Tasks {
+            cmd:
+                TasksCmd::List {
+                    pool,
+                    status,
+                    limit,
+                    json,
+                },
+        } => {
             let client = api::connect(&cli.nats_url).await?;
             let ts = api::tasks_list(&client, &cli.prefix, pool, status, limit).await?;
             if json {

@@ -27,7 +27,11 @@ pub fn task_table(ts: &[TaskRecord]) {
     );
     for t in ts {
         let detail = match t.status.as_str() {
-            "rejected" => format!("{}: {}", t.reason.clone().unwrap_or_default(), t.error.clone().unwrap_or_default()),
+            "rejected" => format!(
+                "{}: {}",
+                t.reason.clone().unwrap_or_default(),
+                t.error.clone().unwrap_or_default()
+            ),
             "succeeded" => short(&t.result, 40),
             _ => t.error.clone().unwrap_or_default(),
         };

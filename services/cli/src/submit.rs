@@ -26,6 +26,12 @@ pub struct SubmitArgs {
     pub priority: Option<Priority>,
     #[arg(long)]
     pub max_attempts: Option<u32>,
+    /// Not started by then ⇒ expired (RFC 3339, e.g. 2026-12-01T10:00:00Z, or +SECONDS).
+    #[arg(long, value_parser = parse_time)]
+    pub deadline: Option<chrono::DateTime<chrono::Utc>>,
+    /// Not handed to an agent before then (RFC 3339 or +SECONDS).
+    #[arg(long, value_parser = parse_time)]
+    pub not_before: Option<chrono::DateTime<chrono::Utc>>,
     /// Per-attempt timeout, milliseconds.
     #[arg(long)]
     pub timeout_ms: Option<u64>,
@@ -54,6 +60,24 @@ fn parse_priority(s: &str) -> Result<Priority, String> {
     s.parse()
 }
 
+/// RFC 3339, or `+N` seconds from now.
+fn parse_time(s: &str) -> Result<chrono::DateTime<chrono::Utc>, String> {
+    if let Some(secs) = s.strip_prefix('+') {
+        let n: i64 = secs
+            .parse()
+            .map_err(|_| format!("{s:?}: use +SECONDS or an RFC 3339 time"))?;
+        if !(0..=365 * 86400).contains(&n) {
+            return Err("+SECONDS must be between 0 and one year".into());
+        }
+        return Ok(chrono::Utc::now() + chrono::Duration::seconds(n));
+    }
+    chrono::DateTime::parse_from_rfc3339(s)
+        .map(|d| d.with_timezone(&chrono::Utc))
+        .map_err(|e| {
+            format!("{s:?} is not an RFC 3339 time ({e}); e.g. 2026-12-01T10:00:00Z or +60")
+        })
+}
+
 fn parse_label(s: &str) -> Result<(String, String), String> {
     match s.split_once('=') {
         Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
@@ -63,15 +87,22 @@ fn parse_label(s: &str) -> Result<(String, String), String> {
 
 pub fn build(args: &SubmitArgs) -> anyhow::Result<TaskEnvelope> {
     if !taskbus_proto::ids::is_valid_pool(&args.pool) {
-        bail!("pool {:?} is not a DNS label (lower-case letters, digits, '-')", args.pool);
+        bail!(
+            "pool {:?} is not a DNS label (lower-case letters, digits, '-')",
+            args.pool
+        );
     }
     let raw = match args.payload.strip_prefix('@') {
-        Some(path) => std::fs::read_to_string(path).with_context(|| format!("cannot read payload file {path}"))?,
+        Some(path) => std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read payload file {path}"))?,
         None => args.payload.clone(),
     };
-    let payload: serde_json::Value =
-        serde_json::from_str(&raw).with_context(|| "--payload is not valid JSON (quote strings: '\"text\"')")?;
-    let id = args.id.clone().unwrap_or_else(taskbus_proto::ids::new_task_id);
+    let payload: serde_json::Value = serde_json::from_str(&raw)
+        .with_context(|| "--payload is not valid JSON (quote strings: '\"text\"')")?;
+    let id = args
+        .id
+        .clone()
+        .unwrap_or_else(taskbus_proto::ids::new_task_id);
     if !taskbus_proto::ids::is_valid_task_id(&id) {
         bail!("--id {id:?} must be 1 to 128 characters from A-Z a-z 0-9 _ -");
     }
@@ -84,23 +115,32 @@ pub fn build(args: &SubmitArgs) -> anyhow::Result<TaskEnvelope> {
         priority: args.priority,
         max_attempts: args.max_attempts,
         timeout_ms: args.timeout_ms,
-        deadline: None,
-        not_before: None,
+        deadline: args.deadline,
+        not_before: args.not_before,
         price: args.price.clone(),
         payer: args.payer.clone(),
         currency: args.currency.clone(),
         resources: None,
         labels: (!labels.is_empty()).then_some(labels),
+        retry: None,
     })
 }
 
-pub async fn run(args: SubmitArgs, client: &async_nats::Client, prefix: &str) -> anyhow::Result<()> {
+pub async fn run(
+    args: SubmitArgs,
+    client: &async_nats::Client,
+    prefix: &str,
+) -> anyhow::Result<()> {
     let env = build(&args)?;
     let id = env.id.clone().unwrap_or_default();
     let subjects = Subjects::new(prefix);
     // Subscribe before publishing so the outcome cannot be missed.
     let mut events = if args.wait {
-        Some(client.subscribe(subjects.task_events(&args.pool, &id)).await?)
+        Some(
+            client
+                .subscribe(subjects.task_events(&args.pool, &id))
+                .await?,
+        )
     } else {
         None
     };
@@ -113,20 +153,32 @@ pub async fn run(args: SubmitArgs, client: &async_nats::Client, prefix: &str) ->
         .context("JetStream did not acknowledge the task; is the coordinator (or `taskbus dev`) running so the streams exist?")?;
     if !args.wait {
         if args.json {
-            println!("{}", serde_json::json!({ "id": id, "stream_seq": ack.sequence }));
+            println!(
+                "{}",
+                serde_json::json!({ "id": id, "stream_seq": ack.sequence })
+            );
         } else {
             println!("{id}");
         }
         return Ok(());
     }
-    let Some(sub) = events.as_mut() else { return Ok(()) };
+    let Some(sub) = events.as_mut() else {
+        return Ok(());
+    };
     let deadline = tokio::time::Instant::now() + Duration::from_secs(args.wait_timeout);
     loop {
         let msg = tokio::time::timeout_at(deadline, sub.next())
             .await
-            .with_context(|| format!("no outcome for task {id} within {} s (check `taskbus task get {id}`)", args.wait_timeout))?
+            .with_context(|| {
+                format!(
+                    "no outcome for task {id} within {} s (check `taskbus task get {id}`)",
+                    args.wait_timeout
+                )
+            })?
             .context("subscription closed")?;
-        let Ok(ev) = serde_json::from_slice::<Event>(&msg.payload) else { continue };
+        let Ok(ev) = serde_json::from_slice::<Event>(&msg.payload) else {
+            continue;
+        };
         let kind = ev.kind();
         if !kind.is_terminal() {
             continue;
@@ -135,9 +187,14 @@ pub async fn run(args: SubmitArgs, client: &async_nats::Client, prefix: &str) ->
             println!("{}", serde_json::to_string_pretty(&ev)?);
         } else {
             match &ev {
-                Event::Succeeded(s) => println!("{id} succeeded on attempt {} by {}: {}", s.attempt, s.agent_id, s.result),
+                Event::Succeeded(s) => println!(
+                    "{id} succeeded on attempt {} by {}: {}",
+                    s.attempt, s.agent_id, s.result
+                ),
                 Event::Rejected(r) => println!("{id} rejected ({}): {}", r.reason, r.message),
-                Event::Dead(d) => println!("{id} dead after {} attempts: {}", d.attempts, d.last_error),
+                Event::Dead(d) => {
+                    println!("{id} dead after {} attempts: {}", d.attempts, d.last_error)
+                }
                 other => println!("{id} {}", other.kind().as_str()),
             }
         }
@@ -165,7 +222,17 @@ mod tests {
 
     #[test]
     fn builds_envelopes_and_refuses_bad_flags() {
-        let a = args(&["--kind", "echo", "--payload", r#"{"x":1}"#, "--label", "team=a", "--priority", "high"]).unwrap();
+        let a = args(&[
+            "--kind",
+            "echo",
+            "--payload",
+            r#"{"x":1}"#,
+            "--label",
+            "team=a",
+            "--priority",
+            "high",
+        ])
+        .unwrap();
         let e = build(&a).unwrap();
         assert_eq!(e.payload["x"], 1);
         assert_eq!(e.priority, Some(Priority::High));
@@ -173,9 +240,22 @@ mod tests {
         assert!(args(&["--kind", "e", "--priority", "urgent"]).is_err());
         assert!(args(&["--kind", "e", "--label", "novalue"]).is_err());
         assert!(args(&["--kind", "e", "--max-attempts", "-1"]).is_err());
+        assert!(args(&["--kind", "e", "--deadline", "tomorrow"]).is_err());
+        assert!(args(&["--kind", "e", "--not-before", "+-5"]).is_err());
+        assert!(args(&[
+            "--kind",
+            "e",
+            "--not-before",
+            "+30",
+            "--deadline",
+            "2030-01-01T00:00:00Z"
+        ])
+        .is_ok());
         assert!(build(&args(&["--kind", "e", "--payload", "{oops"]).unwrap()).is_err());
         assert!(build(&args(&["--kind", "e", "--id", "a b"]).unwrap()).is_err());
         assert!(build(&args(&["--kind", "e", "--pool", "Bad_Pool"]).unwrap()).is_err());
-        assert!(build(&args(&["--kind", "e", "--payload", "@/nonexistent/file"]).unwrap()).is_err());
+        assert!(
+            build(&args(&["--kind", "e", "--payload", "@/nonexistent/file"]).unwrap()).is_err()
+        );
     }
 }

@@ -15,13 +15,13 @@ use async_nats::jetstream::{AckKind, Message};
 use async_nats::HeaderMap;
 use chrono::Utc;
 use futures::StreamExt;
-use taskbus_proto::envelope::work_item_json;
 use taskbus_proto::events::{self, Event, EventKind};
 use taskbus_proto::validate::{self, Rejection};
 use taskbus_proto::{ids, streams, ValidTask};
 use taskbus_runtime::CancellationToken;
 use tracing::{debug, warn};
 
+use crate::dispatch::{self, Dispatch};
 use crate::store::{self, NewRejection, NewTask};
 use crate::{CoordinatorError, Ctx};
 
@@ -166,6 +166,9 @@ async fn handle_batch(ctx: &Ctx, batch: Vec<Message>) -> Result<(), BatchError> 
                 envelope: env,
                 submit_seq: it.seq as i64,
                 payer: t.payer.clone(),
+                deadline: t.deadline,
+                not_before: t.not_before,
+                timeout_ms: t.timeout_ms as i64,
             });
         }
     }
@@ -250,22 +253,15 @@ async fn handle_batch(ctx: &Ctx, batch: Vec<Message>) -> Result<(), BatchError> 
                 if !publish {
                     continue;
                 }
-                let body = work_item_json(
-                    1,
-                    &t.pool,
-                    envelopes.get(&i).map(String::as_str).unwrap_or("{}"),
-                );
-                let mut p = Publish::build()
-                    .payload(body.into())
-                    .message_id(format!("{}:1", t.id));
-                if let Some(tp) = traceparent(&it.msg) {
-                    p = p.header(taskbus_proto::HDR_TRACEPARENT, tp);
-                }
-                match ctx
-                    .js
-                    .send_publish(ctx.subjects.work(&t.pool, t.priority), p)
-                    .await
-                {
+                let d = Dispatch {
+                    id: t.id.clone(),
+                    pool: t.pool.clone(),
+                    priority: t.priority,
+                    attempt: 1,
+                    envelope: envelopes.get(&i).cloned().unwrap_or_else(|| "{}".into()),
+                    not_before: t.not_before,
+                };
+                match dispatch::send(ctx, &d, traceparent(&it.msg).as_deref()).await {
                     Ok(f) => pending.push((i, f)),
                     Err(e) => {
                         warn!(error = %e, task_id = %t.id, "work publish failed");

@@ -9,17 +9,23 @@
 //!   records them with guarded, batched updates (requeueing failed attempts while attempts
 //!   remain, else `dead`);
 //! - **started** tracking from the core-NATS `started` events (best effort, batched);
+//! - **maintenance**: deadlines (`expired`), overdue attempts (`timed_out`) and the dispatch
+//!   outbox (attempts whose work message was never confirmed are re-sent);
+//! - the agent **registry** (heartbeats) and reputation (EWMA per agent, published to KV);
 //! - the **API** ([`api`]): a NATS services-framework service (`taskbus-coordinator`) answering
-//!   `taskbus.api.task.get` and `taskbus.api.tasks.list`.
+//!   `taskbus.api.task.get`, `tasks.list`, `task.cancel`, `dlq.replay` and `agents.list`.
 //!
 //! Any number of replicas may run against one NATS and one PostgreSQL: they share the durable
 //! consumers, and every database write is idempotent and guarded.
 
 pub mod admission;
 pub mod api;
+mod dispatch;
+mod maintenance;
 pub mod metrics;
 pub mod outcomes;
 pub mod pools;
+mod registry;
 pub mod store;
 
 use std::net::SocketAddr;
@@ -102,6 +108,7 @@ pub(crate) struct Ctx {
     pub pools: pools::Pools,
     pub limits: Limits,
     pub metrics: metrics::Metrics,
+    pub(crate) registry: registry::Registry,
     pub batch_size: usize,
     pub publish_admitted: bool,
 }
@@ -145,6 +152,8 @@ pub async fn start(
     let tracker = TaskTracker::new();
     let kv = taskbus_runtime::nats::pools_bucket(&js, &subjects, config.streams.replicas).await?;
     let pools = pools::Pools::load(kv, js.clone(), subjects.clone(), &config.ensure_pools).await?;
+    let registry =
+        registry::Registry::new(&js, subjects.reputation_bucket(), config.streams.replicas).await?;
 
     let ctx = Arc::new(Ctx {
         subjects,
@@ -154,6 +163,7 @@ pub async fn start(
         pools: pools.clone(),
         limits: config.limits.clone(),
         metrics,
+        registry,
         batch_size: config.batch_size.max(1),
         publish_admitted: config.publish_admitted,
     });
@@ -162,6 +172,7 @@ pub async fn start(
     let outcome = outcomes::consumer(&ctx).await?;
     let started = outcomes::started_subscription(&ctx).await?;
     let service = api::start(&ctx).await?;
+    let heartbeats = registry::heartbeat_subscription(&ctx).await?;
 
     tracker.spawn(pools.watch(shutdown.clone()));
     tracker.spawn(admission::run(ctx.clone(), submit, shutdown.clone()));
@@ -172,6 +183,12 @@ pub async fn start(
         shutdown.clone(),
     ));
     tracker.spawn(api::run(ctx.clone(), service, shutdown.clone()));
+    tracker.spawn(registry::run_heartbeats(
+        ctx.clone(),
+        heartbeats,
+        shutdown.clone(),
+    ));
+    tracker.spawn(maintenance::run(ctx.clone(), shutdown.clone()));
 
     let mut http_addr = None;
     if let Some(addr) = config.http_listen {

@@ -2,6 +2,7 @@
 //! core NATS (best effort). Writes are batched and guarded by attempt and status, so a late or
 //! repeated outcome changes nothing.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -10,12 +11,14 @@ use async_nats::jetstream::message::PublishMessage as Publish;
 use async_nats::jetstream::AckKind;
 use chrono::Utc;
 use futures::StreamExt;
-use taskbus_proto::envelope::work_item_json;
+use serde::Deserialize;
+use taskbus_proto::envelope::RetryPolicy;
 use taskbus_proto::events::{self, Event, EventKind};
 use taskbus_proto::{streams, Priority};
 use taskbus_runtime::CancellationToken;
 use tracing::{debug, warn};
 
+use crate::dispatch::{self, Dispatch};
 use crate::metrics::OutcomeLabel;
 use crate::store::{self, Failure, Success};
 use crate::{CoordinatorError, Ctx};
@@ -82,24 +85,47 @@ async fn handle_batch(
     batch: &[async_nats::jetstream::Message],
 ) -> Result<(), sqlx::Error> {
     let mut successes = Vec::new();
+    let mut durations = HashMap::new();
     let mut failures = Vec::new();
+    let mut expired = Vec::new();
     for m in batch {
         match serde_json::from_slice::<Event>(&m.payload) {
-            Ok(Event::Succeeded(e)) => successes.push(Success {
-                id: e.task_id,
-                attempt: e.attempt as i32,
-                agent: e.agent_id,
-                result: serde_json::to_string(&e.result).unwrap_or_else(|_| "null".into()),
-                at: e.at,
-            }),
-            Ok(Event::Failed(e)) => failures.push(Failure {
-                id: e.task_id,
-                attempt: e.attempt as i32,
-                agent: e.agent_id,
-                error: e.error,
-                retryable: e.retryable,
-                at: e.at,
-            }),
+            Ok(Event::Succeeded(e)) => {
+                durations.insert(
+                    e.task_id.clone(),
+                    (e.agent_id.clone(), e.pool.clone(), e.duration_ms),
+                );
+                successes.push(Success {
+                    id: e.task_id,
+                    attempt: e.attempt as i32,
+                    agent: e.agent_id,
+                    result: serde_json::to_string(&e.result).unwrap_or_else(|_| "null".into()),
+                    at: e.at,
+                })
+            }
+            Ok(Event::Failed(e)) => failures.push((
+                e.pool,
+                Failure {
+                    id: e.task_id,
+                    attempt: e.attempt as i32,
+                    agent: Some(e.agent_id),
+                    error: e.error,
+                    retryable: e.retryable,
+                    at: e.at,
+                },
+            )),
+            Ok(Event::TimedOut(e)) => failures.push((
+                e.pool,
+                Failure {
+                    id: e.task_id,
+                    attempt: e.attempt as i32,
+                    agent: e.agent_id,
+                    error: format!("attempt {} timed out", e.attempt),
+                    retryable: true,
+                    at: e.at,
+                },
+            )),
+            Ok(Event::Expired(e)) => expired.push((e.task_id, attempt_of(m).unwrap_or(0))),
             Ok(other) => debug!(event = other.kind().as_str(), "ignoring event"),
             Err(e) => {
                 // A foreign publisher sent garbage: it cannot be recorded, so drop it loudly.
@@ -109,46 +135,114 @@ async fn handle_batch(
         }
     }
     let done = store::record_succeeded(&ctx.db, &successes).await?;
-    let failed = store::record_failed(&ctx.db, &failures).await?;
-    let count = |o: &str, n: usize| {
+    let failure_rows: Vec<Failure> = failures.iter().map(|(_, f)| f.clone()).collect();
+    let failed = store::record_failed(&ctx.db, &failure_rows).await?;
+    store::record_expired(&ctx.db, &expired).await?;
+    count(ctx, "succeeded", done.len());
+
+    // Reputation: fold this batch's recorded outcomes into each agent's figures.
+    let mut per_agent: HashMap<String, store::AgentBatch> = HashMap::new();
+    for id in &done {
+        if let Some((agent, pool, ms)) = durations.get(id) {
+            let b = per_agent.entry(agent.clone()).or_default();
+            b.pool = pool.clone();
+            b.successes += 1;
+            b.latency_sum_ms += *ms as f64;
+        }
+    }
+    let recorded: std::collections::HashSet<&str> = failed.iter().map(|f| f.id.as_str()).collect();
+    for (pool, f) in &failures {
+        if let (Some(agent), true) = (&f.agent, recorded.contains(f.id.as_str())) {
+            let b = per_agent.entry(agent.clone()).or_default();
+            b.pool = pool.clone();
+            b.failures += 1;
+        }
+    }
+    if !per_agent.is_empty() {
+        match store::update_reputation(&ctx.db, &per_agent).await {
+            Ok(reps) => crate::registry::publish_reputations(ctx, reps).await,
+            Err(e) => warn!(error = %e, "cannot update reputation"),
+        }
+    }
+
+    follow_up_failures(ctx, failed).await;
+    futures::future::join_all(batch.iter().map(|m| m.ack())).await;
+    Ok(())
+}
+
+fn count(ctx: &Ctx, outcome: &str, n: usize) {
+    if n > 0 {
         ctx.metrics
             .outcomes
-            .get_or_create(&OutcomeLabel { outcome: o.into() })
-            .inc_by(n as u64)
-    };
-    count("succeeded", done.len());
+            .get_or_create(&OutcomeLabel {
+                outcome: outcome.into(),
+            })
+            .inc_by(n as u64);
+    }
+}
 
+/// The attempt an `expired` event refers to is not in its body; agents put it in a header.
+fn attempt_of(m: &async_nats::jetstream::Message) -> Option<i32> {
+    m.headers
+        .as_ref()?
+        .get(taskbus_proto::HDR_ATTEMPT)?
+        .as_str()
+        .parse()
+        .ok()
+}
+
+#[derive(Deserialize)]
+struct RetryOnly {
+    #[serde(default)]
+    retry: Option<RetryPolicy>,
+}
+
+/// After failures were recorded: schedule the next attempt (with backoff) or announce `dead`.
+pub(crate) async fn follow_up_failures(ctx: &Ctx, failed: Vec<store::FailureOutcome>) {
     let now = Utc::now();
     let mut pending = Vec::new();
+    let mut dispatches = Vec::new();
     for f in failed {
         if f.status == "queued" {
-            count("retried", 1);
-            let env = f.envelope.as_deref().unwrap_or("{}");
-            let priority = serde_json::from_str::<taskbus_proto::TaskEnvelope>(env)
+            count(ctx, "retried", 1);
+            let env = f.envelope.clone().unwrap_or_else(|| "{}".into());
+            let policy = serde_json::from_str::<RetryOnly>(&env)
                 .ok()
-                .and_then(|e| e.priority)
-                .unwrap_or(Priority::Normal);
-            let body = work_item_json(f.attempt as u32, &f.pool, env);
-            let p = Publish::build()
-                .payload(body.into())
-                .message_id(format!("{}:{}", f.id, f.attempt));
-            if let Ok(fut) = ctx
-                .js
-                .send_publish(ctx.subjects.work(&f.pool, priority), p)
-                .await
-            {
-                pending.push(fut);
-            }
+                .and_then(|r| r.retry)
+                .or_else(|| {
+                    ctx.pools.get(&f.pool).map(|p| RetryPolicy {
+                        base_ms: p.retry_base_ms,
+                        max_ms: p.retry_max_ms,
+                    })
+                })
+                .unwrap_or(RetryPolicy {
+                    base_ms: 1000,
+                    max_ms: 60_000,
+                });
+            let delay = policy.delay_ms(f.attempt as u32, rand::random::<f64>());
+            let not_before = now + chrono::Duration::milliseconds(delay as i64);
             let ev = Event::RetryScheduled(events::RetryScheduled {
                 task_id: f.id.clone(),
                 pool: f.pool.clone(),
                 at: now,
                 attempt: f.attempt as u32,
-                not_before: now,
+                not_before,
             });
             publish_event(ctx, &f.pool, &f.id, &ev, &mut pending).await;
+            dispatches.push(Dispatch {
+                priority: f
+                    .priority
+                    .as_deref()
+                    .and_then(|p| p.parse().ok())
+                    .unwrap_or(Priority::Normal),
+                id: f.id,
+                pool: f.pool,
+                attempt: f.attempt as u32,
+                envelope: env,
+                not_before: Some(not_before),
+            });
         } else {
-            count("dead", 1);
+            count(ctx, "dead", 1);
             let ev = Event::Dead(events::Dead {
                 task_id: f.id.clone(),
                 pool: f.pool.clone(),
@@ -159,16 +253,15 @@ async fn handle_batch(
             publish_event(ctx, &f.pool, &f.id, &ev, &mut pending).await;
         }
     }
+    dispatch::dispatch_all(ctx, dispatches).await;
     for r in futures::future::join_all(pending.into_iter().map(|f| async move { f.await })).await {
         if let Err(e) = r {
-            warn!(error = %e, "follow-up publish not acknowledged");
+            warn!(error = %e, "follow-up event not acknowledged");
         }
     }
-    futures::future::join_all(batch.iter().map(|m| m.ack())).await;
-    Ok(())
 }
 
-async fn publish_event(
+pub(crate) async fn publish_event(
     ctx: &Ctx,
     pool: &str,
     id: &str,
@@ -193,6 +286,7 @@ async fn publish_event(
 fn event_msg_id(id: &str, ev: &Event) -> String {
     match ev {
         Event::RetryScheduled(r) => format!("{id}:retry:{}", r.attempt),
+        Event::TimedOut(t) => format!("{id}:{}:timed_out", t.attempt),
         other => format!("{id}:{}", other.kind().as_str()),
     }
 }

@@ -21,6 +21,9 @@ pub struct NewTask {
     pub envelope: String,
     pub submit_seq: i64,
     pub payer: Option<String>,
+    pub deadline: Option<DateTime<Utc>>,
+    pub not_before: Option<DateTime<Utc>>,
+    pub timeout_ms: i64,
 }
 
 /// Insert admitted tasks; returns the ids that were new. An id whose only record is a
@@ -38,16 +41,22 @@ pub async fn insert_admitted(db: &PgPool, rows: &[NewTask]) -> DbResult<HashSet<
     let envs: Vec<&str> = rows.iter().map(|r| r.envelope.as_str()).collect();
     let seqs: Vec<i64> = rows.iter().map(|r| r.submit_seq).collect();
     let payers: Vec<Option<&str>> = rows.iter().map(|r| r.payer.as_deref()).collect();
+    let deadlines: Vec<Option<DateTime<Utc>>> = rows.iter().map(|r| r.deadline).collect();
+    let not_befores: Vec<Option<DateTime<Utc>>> = rows.iter().map(|r| r.not_before).collect();
+    let timeouts: Vec<i64> = rows.iter().map(|r| r.timeout_ms).collect();
     let inserted = sqlx::query(
         "INSERT INTO coordinator.tasks
-             (task_id, pool, kind, priority, status, attempt, max_attempts, envelope, submit_seq, payer)
-         SELECT t.id, t.pool, t.kind, t.prio, 'queued', 1, t.maxa, t.env::jsonb, t.seq, t.payer
-         FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::int4[], $6::text[], $7::int8[], $8::text[])
-              AS t(id, pool, kind, prio, maxa, env, seq, payer)
+             (task_id, pool, kind, priority, status, attempt, max_attempts, envelope, submit_seq, payer,
+              deadline, not_before, timeout_ms)
+         SELECT t.id, t.pool, t.kind, t.prio, 'queued', 1, t.maxa, t.env::jsonb, t.seq, t.payer, t.dl, t.nb, t.tmo
+         FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::int4[], $6::text[], $7::int8[], $8::text[],
+                     $9::timestamptz[], $10::timestamptz[], $11::int8[])
+              AS t(id, pool, kind, prio, maxa, env, seq, payer, dl, nb, tmo)
          ON CONFLICT (task_id) DO UPDATE
          SET pool = EXCLUDED.pool, kind = EXCLUDED.kind, priority = EXCLUDED.priority, status = 'queued',
              attempt = 1, max_attempts = EXCLUDED.max_attempts, envelope = EXCLUDED.envelope,
              submit_seq = EXCLUDED.submit_seq, payer = EXCLUDED.payer, reason = NULL, reason_message = NULL,
+             deadline = EXCLUDED.deadline, not_before = EXCLUDED.not_before, timeout_ms = EXCLUDED.timeout_ms,
              finished_at = NULL, created_at = now(), updated_at = now()
          WHERE coordinator.tasks.status = 'rejected'
          RETURNING task_id",
@@ -60,6 +69,9 @@ pub async fn insert_admitted(db: &PgPool, rows: &[NewTask]) -> DbResult<HashSet<
     .bind(&envs)
     .bind(&seqs)
     .bind(&payers)
+    .bind(&deadlines)
+    .bind(&not_befores)
+    .bind(&timeouts)
     .fetch_all(db)
     .await?;
     Ok(inserted
@@ -136,10 +148,17 @@ pub async fn record_started(
     }
     let (ids, attempts, agents, ats) = unzip4(rows);
     let r = sqlx::query(
-        "UPDATE coordinator.tasks t
+        "WITH l AS (
+             SELECT t.task_id FROM coordinator.tasks t
+             JOIN UNNEST($1::text[], $2::int4[]) AS k(id, attempt) ON t.task_id = k.id AND t.attempt = k.attempt
+             WHERE t.status = 'queued'
+             FOR UPDATE OF t SKIP LOCKED
+         )
+         UPDATE coordinator.tasks t
          SET status = 'running', agent_id = u.agent, started_at = u.at, updated_at = now()
          FROM UNNEST($1::text[], $2::int4[], $3::text[], $4::timestamptz[]) AS u(id, attempt, agent, at)
-         WHERE t.task_id = u.id AND t.attempt = u.attempt AND t.status = 'queued'",
+         WHERE t.task_id = u.id AND t.attempt = u.attempt AND t.status = 'queued'
+           AND t.task_id IN (SELECT task_id FROM l)",
     )
     .bind(&ids)
     .bind(&attempts)
@@ -184,11 +203,13 @@ pub async fn record_succeeded(db: &PgPool, rows: &[Success]) -> DbResult<HashSet
     let results: Vec<&str> = rows.iter().map(|r| r.result.as_str()).collect();
     let ats: Vec<DateTime<Utc>> = rows.iter().map(|r| r.at).collect();
     let done = sqlx::query(
-        "UPDATE coordinator.tasks t
-         SET status = 'succeeded', result = u.result::jsonb, agent_id = u.agent, error = NULL,
+        "WITH l AS (SELECT task_id FROM coordinator.tasks WHERE task_id = ANY($1) ORDER BY task_id FOR UPDATE)
+         UPDATE coordinator.tasks t
+         SET status = 'succeeded', result = u.result::jsonb, agent_id = u.agent, error = NULL, dispatch_at = NULL,
              finished_at = u.at, started_at = COALESCE(t.started_at, u.at), updated_at = now()
          FROM UNNEST($1::text[], $2::int4[], $3::text[], $4::text[], $5::timestamptz[]) AS u(id, attempt, agent, result, at)
          WHERE t.task_id = u.id AND t.attempt = u.attempt AND t.status IN ('queued', 'running')
+           AND t.task_id IN (SELECT task_id FROM l)
          RETURNING t.task_id",
     )
     .bind(&ids)
@@ -201,12 +222,12 @@ pub async fn record_succeeded(db: &PgPool, rows: &[Success]) -> DbResult<HashSet
     Ok(done.into_iter().map(|r| r.get::<String, _>(0)).collect())
 }
 
-/// A `failed` outcome to record.
+/// A `failed` or `timed_out` attempt to record.
 #[derive(Debug, Clone)]
 pub struct Failure {
     pub id: String,
     pub attempt: i32,
-    pub agent: String,
+    pub agent: Option<String>,
     pub error: String,
     pub retryable: bool,
     pub at: DateTime<Utc>,
@@ -223,6 +244,7 @@ pub struct FailureOutcome {
     pub attempt: i32,
     pub envelope: Option<String>,
     pub error: String,
+    pub priority: Option<String>,
 }
 
 /// Record failures of the current attempt; requeue while attempts remain, else `dead`.
@@ -232,7 +254,7 @@ pub async fn record_failed(db: &PgPool, rows: &[Failure]) -> DbResult<Vec<Failur
     }
     let ids: Vec<&str> = rows.iter().map(|r| r.id.as_str()).collect();
     let attempts: Vec<i32> = rows.iter().map(|r| r.attempt).collect();
-    let agents: Vec<&str> = rows.iter().map(|r| r.agent.as_str()).collect();
+    let agents: Vec<Option<&str>> = rows.iter().map(|r| r.agent.as_deref()).collect();
     let errors: Vec<&str> = rows.iter().map(|r| r.error.as_str()).collect();
     let retry: Vec<bool> = rows.iter().map(|r| r.retryable).collect();
     let ats: Vec<DateTime<Utc>> = rows.iter().map(|r| r.at).collect();
@@ -241,7 +263,8 @@ pub async fn record_failed(db: &PgPool, rows: &[Failure]) -> DbResult<Vec<Failur
     // repeated under the same message ids, so a crash between this write and those publishes
     // never strands a task.
     let out = sqlx::query(
-        "UPDATE coordinator.tasks t
+        "WITH l AS (SELECT task_id FROM coordinator.tasks WHERE task_id = ANY($1) ORDER BY task_id FOR UPDATE)
+         UPDATE coordinator.tasks t
          SET status = CASE WHEN t.attempt <> u.attempt OR t.status = 'dead' THEN t.status
                            WHEN u.retry AND t.attempt < t.max_attempts THEN 'queued' ELSE 'dead' END,
              attempt = CASE WHEN t.attempt <> u.attempt OR t.status = 'dead' THEN t.attempt
@@ -249,14 +272,19 @@ pub async fn record_failed(db: &PgPool, rows: &[Failure]) -> DbResult<Vec<Failur
              finished_at = CASE WHEN t.attempt <> u.attempt OR t.status = 'dead' THEN t.finished_at
                                 WHEN u.retry AND t.attempt < t.max_attempts THEN NULL ELSE u.at END,
              error = CASE WHEN t.attempt <> u.attempt OR t.status = 'dead' THEN t.error ELSE u.error END,
-             agent_id = CASE WHEN t.attempt <> u.attempt OR t.status = 'dead' THEN t.agent_id ELSE u.agent END,
+             agent_id = CASE WHEN t.attempt <> u.attempt OR t.status = 'dead' THEN t.agent_id
+                             ELSE COALESCE(u.agent, t.agent_id) END,
+             dispatch_at = CASE WHEN t.attempt <> u.attempt OR t.status = 'dead' THEN t.dispatch_at
+                                WHEN u.retry AND t.attempt < t.max_attempts THEN now() ELSE NULL END,
+             started_at = CASE WHEN t.attempt <> u.attempt OR t.status = 'dead' THEN t.started_at
+                               WHEN u.retry AND t.attempt < t.max_attempts THEN NULL ELSE t.started_at END,
              updated_at = now()
          FROM UNNEST($1::text[], $2::int4[], $3::text[], $4::text[], $5::bool[], $6::timestamptz[])
               AS u(id, attempt, agent, error, retry, at)
-         WHERE t.task_id = u.id
+         WHERE t.task_id = u.id AND t.task_id IN (SELECT task_id FROM l)
            AND ((t.attempt = u.attempt AND t.status IN ('queued', 'running', 'dead'))
              OR (t.attempt = u.attempt + 1 AND t.status = 'queued'))
-         RETURNING t.task_id, t.pool, t.status, t.attempt, t.envelope::text, t.error",
+         RETURNING t.task_id, t.pool, t.status, t.attempt, t.envelope::text, t.error, t.priority",
     )
     .bind(&ids)
     .bind(&attempts)
@@ -275,6 +303,7 @@ pub async fn record_failed(db: &PgPool, rows: &[Failure]) -> DbResult<Vec<Failur
             attempt: r.get(3),
             envelope: r.get(4),
             error: r.get::<Option<String>, _>(5).unwrap_or_default(),
+            priority: r.get(6),
         })
         .collect())
 }
@@ -360,3 +389,317 @@ pub const STATUSES: [&str; 10] = [
     "expired",
     "rejected",
 ];
+
+/// An attempt queued by the coordinator that still needs its work message.
+#[derive(Debug, Clone)]
+pub struct PendingDispatch {
+    pub id: String,
+    pub pool: String,
+    pub priority: Option<String>,
+    pub attempt: i32,
+    pub envelope: Option<String>,
+    pub not_before: Option<DateTime<Utc>>,
+}
+
+fn pending(r: sqlx::postgres::PgRow) -> PendingDispatch {
+    PendingDispatch {
+        id: r.get("task_id"),
+        pool: r.get("pool"),
+        priority: r.get("priority"),
+        attempt: r.get("attempt"),
+        envelope: r.get("envelope"),
+        not_before: r.get("not_before"),
+    }
+}
+
+/// The work (or schedule) message of these attempts is acknowledged: clear the outbox mark
+/// and remember when the attempt may start.
+pub async fn mark_dispatched(
+    db: &PgPool,
+    rows: &[(String, i32, Option<DateTime<Utc>>)],
+) -> DbResult<()> {
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let ids: Vec<&str> = rows.iter().map(|r| r.0.as_str()).collect();
+    let attempts: Vec<i32> = rows.iter().map(|r| r.1).collect();
+    let nbs: Vec<Option<DateTime<Utc>>> = rows.iter().map(|r| r.2).collect();
+    sqlx::query(
+        "WITH l AS (SELECT task_id FROM coordinator.tasks WHERE task_id = ANY($1) ORDER BY task_id FOR UPDATE)
+         UPDATE coordinator.tasks t SET dispatch_at = NULL, not_before = u.nb
+         FROM UNNEST($1::text[], $2::int4[], $3::timestamptz[]) AS u(id, attempt, nb)
+         WHERE t.task_id = u.id AND t.attempt = u.attempt AND t.dispatch_at IS NOT NULL
+           AND t.task_id IN (SELECT task_id FROM l)",
+    )
+    .bind(&ids)
+    .bind(&attempts)
+    .bind(&nbs)
+    .execute(db)
+    .await?;
+    Ok(())
+}
+
+/// Attempts whose work message was not confirmed within `older_than_ms` (a replica died
+/// between the database write and the publish).
+pub async fn stale_dispatches(db: &PgPool, older_than_ms: i64) -> DbResult<Vec<PendingDispatch>> {
+    Ok(sqlx::query(
+        "SELECT task_id, pool, priority, attempt, envelope::text AS envelope, not_before FROM coordinator.tasks
+         WHERE dispatch_at IS NOT NULL AND dispatch_at < now() - make_interval(secs => $1 / 1000.0)
+           AND status = 'queued'
+         ORDER BY dispatch_at LIMIT 500",
+    )
+    .bind(older_than_ms as f64)
+    .fetch_all(db)
+    .await?
+    .into_iter()
+    .map(pending)
+    .collect())
+}
+
+/// Queued tasks whose deadline passed: `expired`. Returns `(id, pool, deadline)`.
+pub async fn expire_overdue(db: &PgPool) -> DbResult<Vec<(String, String, DateTime<Utc>)>> {
+    let rows = sqlx::query(
+        "UPDATE coordinator.tasks SET status = 'expired', finished_at = now(), updated_at = now(), dispatch_at = NULL
+         WHERE task_id IN (SELECT task_id FROM coordinator.tasks
+                           WHERE status = 'queued' AND deadline IS NOT NULL AND deadline < now()
+                           ORDER BY task_id LIMIT 1000 FOR UPDATE SKIP LOCKED)
+           AND status = 'queued'
+         RETURNING task_id, pool, deadline",
+    )
+    .fetch_all(db)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect())
+}
+
+/// Record `expired` reported by agents (the deadline passed before the attempt started).
+pub async fn record_expired(db: &PgPool, rows: &[(String, i32)]) -> DbResult<Vec<String>> {
+    if rows.is_empty() {
+        return Ok(Vec::new());
+    }
+    let ids: Vec<&str> = rows.iter().map(|r| r.0.as_str()).collect();
+    let attempts: Vec<i32> = rows.iter().map(|r| r.1).collect();
+    let out = sqlx::query(
+        "WITH l AS (SELECT task_id FROM coordinator.tasks WHERE task_id = ANY($1) ORDER BY task_id FOR UPDATE)
+         UPDATE coordinator.tasks t SET status = 'expired', finished_at = now(), updated_at = now(), dispatch_at = NULL
+         FROM UNNEST($1::text[], $2::int4[]) AS u(id, attempt)
+         WHERE t.task_id = u.id AND t.attempt = u.attempt AND t.status IN ('queued', 'running')
+           AND t.task_id IN (SELECT task_id FROM l)
+         RETURNING t.task_id",
+    )
+    .bind(&ids)
+    .bind(&attempts)
+    .fetch_all(db)
+    .await?;
+    Ok(out.into_iter().map(|r| r.get(0)).collect())
+}
+
+/// Running attempts past `timeout_ms` plus `slack_ms`: `(id, attempt, agent)` to time out.
+pub async fn overdue_running(
+    db: &PgPool,
+    slack_ms: i64,
+) -> DbResult<Vec<(String, i32, Option<String>)>> {
+    let rows = sqlx::query(
+        "SELECT task_id, attempt, agent_id FROM coordinator.tasks
+         WHERE status = 'running' AND started_at IS NOT NULL AND timeout_ms IS NOT NULL
+           AND started_at + make_interval(secs => (timeout_ms + $1) / 1000.0) < now()
+         LIMIT 1000",
+    )
+    .bind(slack_ms as f64)
+    .fetch_all(db)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect())
+}
+
+/// Outcome of a cancel request.
+#[derive(Debug, Clone, PartialEq)]
+pub enum CancelOutcome {
+    /// Cancelled; the status it had.
+    Cancelled {
+        pool: String,
+        was: String,
+        agent: Option<String>,
+    },
+    /// Already terminal.
+    Terminal(String),
+    NotFound,
+}
+
+pub async fn cancel(db: &PgPool, id: &str, reason: &str) -> DbResult<CancelOutcome> {
+    let row = sqlx::query(
+        "WITH prev AS (SELECT task_id, status FROM coordinator.tasks WHERE task_id = $1 FOR UPDATE)
+         UPDATE coordinator.tasks t SET status = 'cancelled', error = $2, finished_at = now(), updated_at = now(),
+                dispatch_at = NULL
+         FROM prev WHERE t.task_id = prev.task_id AND t.status IN ('admitted', 'queued', 'running')
+         RETURNING t.pool, prev.status, t.agent_id",
+    )
+    .bind(id)
+    .bind(reason)
+    .fetch_optional(db)
+    .await?;
+    if let Some(r) = row {
+        return Ok(CancelOutcome::Cancelled {
+            pool: r.get(0),
+            was: r.get(1),
+            agent: r.get(2),
+        });
+    }
+    let status: Option<String> =
+        sqlx::query_scalar("SELECT status FROM coordinator.tasks WHERE task_id = $1")
+            .bind(id)
+            .fetch_optional(db)
+            .await?;
+    Ok(status.map_or(CancelOutcome::NotFound, CancelOutcome::Terminal))
+}
+
+/// Re-admit dead tasks with a fresh set of attempts; returns what to dispatch.
+pub async fn replay_dead(
+    db: &PgPool,
+    pool: Option<&str>,
+    ids: &[String],
+    limit: i64,
+) -> DbResult<Vec<PendingDispatch>> {
+    let rows = sqlx::query(
+        "UPDATE coordinator.tasks t
+         SET status = 'queued', attempt = t.attempt + 1,
+             max_attempts = t.attempt + GREATEST(1, COALESCE((t.envelope->>'max_attempts')::int, 1)),
+             error = NULL, finished_at = NULL, started_at = NULL, not_before = NULL,
+             dispatch_at = now(), updated_at = now()
+         WHERE t.task_id IN (SELECT task_id FROM coordinator.tasks
+                             WHERE status = 'dead'
+                               AND ($1::text IS NULL OR pool = $1)
+                               AND (cardinality($2::text[]) = 0 OR task_id = ANY($2))
+                             ORDER BY updated_at LIMIT $3)
+           AND t.status = 'dead'
+         RETURNING t.task_id, t.pool, t.priority, t.attempt, t.envelope::text AS envelope, t.not_before",
+    )
+    .bind(pool)
+    .bind(ids)
+    .bind(limit)
+    .fetch_all(db)
+    .await?;
+    Ok(rows.into_iter().map(pending).collect())
+}
+
+/// Per-agent outcome aggregate of one batch.
+#[derive(Debug, Clone, Default)]
+pub struct AgentBatch {
+    pub pool: String,
+    pub successes: i64,
+    pub failures: i64,
+    /// Sum of handler wall times of the successes, ms.
+    pub latency_sum_ms: f64,
+}
+
+/// Fold a batch of outcomes into each agent's EWMAs and reputation (see docs/PROTOCOL.md for
+/// the formula). Returns `(agent, reputation)` for every agent touched.
+pub async fn update_reputation(
+    db: &PgPool,
+    batch: &std::collections::HashMap<String, AgentBatch>,
+) -> DbResult<Vec<(String, rust_decimal::Decimal)>> {
+    if batch.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut ids = Vec::new();
+    let mut pools = Vec::new();
+    let mut succ = Vec::new();
+    let mut fail = Vec::new();
+    let mut lat = Vec::new();
+    for (id, b) in batch {
+        ids.push(id.as_str());
+        pools.push(b.pool.as_str());
+        succ.push(b.successes);
+        fail.push(b.failures);
+        lat.push(if b.successes > 0 {
+            Some(b.latency_sum_ms / b.successes as f64)
+        } else {
+            None
+        });
+    }
+    sqlx::query(
+        "INSERT INTO coordinator.agents AS a (agent_id, pool, successes, failures, success_ewma, latency_ewma_ms)
+         SELECT u.id, u.pool, u.s, u.f,
+                power(0.9, u.s + u.f) + (1 - power(0.9, u.s + u.f)) * u.s::float8 / (u.s + u.f),
+                u.lat
+         FROM UNNEST($1::text[], $2::text[], $3::int8[], $4::int8[], $5::float8[]) AS u(id, pool, s, f, lat)
+         ON CONFLICT (agent_id) DO UPDATE SET
+             pool = EXCLUDED.pool,
+             successes = a.successes + EXCLUDED.successes,
+             failures = a.failures + EXCLUDED.failures,
+             success_ewma = a.success_ewma * power(0.9, EXCLUDED.successes + EXCLUDED.failures)
+                 + (1 - power(0.9, EXCLUDED.successes + EXCLUDED.failures))
+                   * EXCLUDED.successes::float8 / (EXCLUDED.successes + EXCLUDED.failures),
+             latency_ewma_ms = CASE WHEN EXCLUDED.latency_ewma_ms IS NULL THEN a.latency_ewma_ms
+                                    WHEN a.latency_ewma_ms IS NULL THEN EXCLUDED.latency_ewma_ms
+                                    ELSE a.latency_ewma_ms * power(0.9, EXCLUDED.successes)
+                                         + (1 - power(0.9, EXCLUDED.successes)) * EXCLUDED.latency_ewma_ms END,
+             updated_at = now()",
+    )
+    .bind(&ids)
+    .bind(&pools)
+    .bind(&succ)
+    .bind(&fail)
+    .bind(&lat)
+    .execute(db)
+    .await?;
+    // multiplier = clamp((0.5 + 0.5 × success_ewma) × (0.9 if more than twice as slow as the
+    // pool's average agent, else 1), 0.45, 1), rounded to 4 decimals.
+    let rows = sqlx::query(
+        "WITH pool_lat AS (
+             SELECT pool, avg(latency_ewma_ms) AS lat FROM coordinator.agents
+             WHERE pool = ANY($2) AND updated_at > now() - interval '1 hour' GROUP BY pool
+         )
+         UPDATE coordinator.agents a
+         SET reputation = round(LEAST(1.0, GREATEST(0.45,
+                 (0.5 + 0.5 * a.success_ewma)
+                 * CASE WHEN a.latency_ewma_ms IS NOT NULL AND p.lat > 0 AND a.latency_ewma_ms > 2 * p.lat
+                        THEN 0.9 ELSE 1.0 END))::numeric, 4)
+         FROM pool_lat p
+         WHERE a.agent_id = ANY($1) AND p.pool = a.pool
+         RETURNING a.agent_id, a.reputation",
+    )
+    .bind(&ids)
+    .bind(&pools)
+    .fetch_all(db)
+    .await?;
+    Ok(rows.into_iter().map(|r| (r.get(0), r.get(1))).collect())
+}
+
+/// Stored reputation rows: `(agent, pool, successes, failures, success_ewma, latency, reputation)`.
+pub type AgentRow = (
+    String,
+    String,
+    i64,
+    i64,
+    f64,
+    Option<f64>,
+    rust_decimal::Decimal,
+);
+
+pub async fn agents(db: &PgPool) -> DbResult<Vec<AgentRow>> {
+    let rows = sqlx::query(
+        "SELECT agent_id, pool, successes, failures, success_ewma, latency_ewma_ms, reputation
+         FROM coordinator.agents ORDER BY pool, agent_id",
+    )
+    .fetch_all(db)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| {
+            (
+                r.get(0),
+                r.get(1),
+                r.get(2),
+                r.get(3),
+                r.get(4),
+                r.get(5),
+                r.get(6),
+            )
+        })
+        .collect())
+}

@@ -1,0 +1,94 @@
+//! Once a second: expire queued tasks past their deadline, time out running attempts that
+//! overran (when their agent did not report it), and re-send attempts whose work message was
+//! never confirmed. Safe on every replica at once: each step is one guarded UPDATE.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use taskbus_proto::events::{self, Event};
+use taskbus_runtime::CancellationToken;
+use tracing::warn;
+
+use crate::dispatch::{self, Dispatch};
+use crate::outcomes::{follow_up_failures, publish_event};
+use crate::store::{self, Failure};
+use crate::Ctx;
+
+/// Extra time an attempt gets past its `timeout_ms` before the coordinator declares it timed
+/// out (agents enforce the timeout themselves and report at once; this catches silent ones).
+const TIMEOUT_SLACK_MS: i64 = 10_000;
+/// Age after which an unconfirmed dispatch is re-sent.
+const STALE_DISPATCH_MS: i64 = 5_000;
+
+pub(crate) async fn run(ctx: Arc<Ctx>, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        if let Err(e) = once(&ctx).await {
+            warn!(error = %e, "maintenance pass failed");
+            ctx.metrics.error("maintenance");
+        }
+    }
+}
+
+pub(crate) async fn once(ctx: &Ctx) -> Result<(), sqlx::Error> {
+    let now = Utc::now();
+    let mut pending = Vec::new();
+    for (id, pool, deadline) in store::expire_overdue(&ctx.db).await? {
+        let ev = Event::Expired(events::Expired {
+            task_id: id.clone(),
+            pool: pool.clone(),
+            at: now,
+            deadline,
+        });
+        publish_event(ctx, &pool, &id, &ev, &mut pending).await;
+    }
+
+    let overdue = store::overdue_running(&ctx.db, TIMEOUT_SLACK_MS).await?;
+    if !overdue.is_empty() {
+        let failures: Vec<Failure> = overdue
+            .iter()
+            .map(|(id, attempt, agent)| Failure {
+                id: id.clone(),
+                attempt: *attempt,
+                agent: agent.clone(),
+                error: format!("attempt {attempt} timed out: no outcome within its timeout"),
+                retryable: true,
+                at: now,
+            })
+            .collect();
+        let recorded = store::record_failed(&ctx.db, &failures).await?;
+        for f in &recorded {
+            let attempt = if f.status == "queued" {
+                f.attempt - 1
+            } else {
+                f.attempt
+            };
+            let ev = Event::TimedOut(events::TimedOut {
+                task_id: f.id.clone(),
+                pool: f.pool.clone(),
+                at: now,
+                attempt: attempt as u32,
+                agent_id: None,
+            });
+            publish_event(ctx, &f.pool, &f.id, &ev, &mut pending).await;
+        }
+        follow_up_failures(ctx, recorded).await;
+    }
+
+    let stale = store::stale_dispatches(&ctx.db, STALE_DISPATCH_MS).await?;
+    if !stale.is_empty() {
+        dispatch::dispatch_all(ctx, stale.into_iter().map(Dispatch::from).collect()).await;
+    }
+    for r in futures::future::join_all(pending.into_iter().map(|f| async move { f.await })).await {
+        if let Err(e) = r {
+            warn!(error = %e, "maintenance event not acknowledged");
+        }
+    }
+    Ok(())
+}
