@@ -564,6 +564,10 @@ async fn process<H: Handler>(shared: &Shared<H>, msg: jetstream::Message) {
             _ = shared.hard.cancelled() => break End::HandBack,
         }
     };
+    if matches!(end, End::Cancelled | End::TimedOut) {
+        // Give a cooperative handler a moment to see its token and clean up.
+        let _ = tokio::time::timeout(Duration::from_secs(2), &mut work).await;
+    }
     drop(work);
     lock(&shared.running).remove(&task_id);
     let duration_ms = t0.elapsed().as_millis() as u64;

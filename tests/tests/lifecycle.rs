@@ -1,0 +1,511 @@
+//! Task lifecycle against a real nats-server and PostgreSQL: backoff, delays, deadlines,
+//! timeouts, cancellation, late and repeated outcomes, dead-letter replay, heartbeats, the
+//! circuit breaker and reputation.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use futures::StreamExt;
+use serde_json::{json, Value};
+use taskbus_agent::{Agent, AgentConfig, CancellationToken, TaskContext, TaskError};
+use taskbus_proto::PoolSettings;
+use taskbus_tests::eventually;
+use taskbus_tests::stack::Stack;
+
+const T: Duration = Duration::from_secs(30);
+
+/// Start an in-process agent with `handler`; returns its stop token.
+fn agent<H, F>(s: &Stack, id: &str, handler: H) -> CancellationToken
+where
+    H: Fn(TaskContext) -> F + Send + Sync + 'static,
+    F: std::future::Future<Output = Result<Value, TaskError>> + Send + 'static,
+{
+    let mut cfg = AgentConfig::new(s.nats.url(), "default");
+    cfg.agent_id = id.into();
+    cfg.concurrency = 8;
+    cfg.grace = Duration::from_secs(2);
+    cfg.heartbeat_every = Duration::from_millis(300);
+    let a = Agent::new(cfg, handler);
+    let token = CancellationToken::new();
+    let t = token.clone();
+    tokio::spawn(async move { a.run(t).await.expect("agent runs") });
+    token
+}
+
+async fn api(s: &Stack, endpoint: &str, body: Value) -> Value {
+    let r = s
+        .client
+        .request(
+            format!("taskbus.api.{endpoint}"),
+            serde_json::to_vec(&body).unwrap().into(),
+        )
+        .await
+        .expect("api reply");
+    serde_json::from_slice(&r.payload).unwrap()
+}
+
+async fn next_json(sub: &mut async_nats::Subscriber) -> Value {
+    let m = tokio::time::timeout(T, sub.next())
+        .await
+        .expect("event in time")
+        .expect("open");
+    serde_json::from_slice(&m.payload).unwrap()
+}
+
+#[tokio::test]
+async fn retries_back_off_through_message_schedules() {
+    let s = Stack::new(30_000).await;
+    s.set_pool(
+        "default",
+        PoolSettings {
+            retry_base_ms: 1200,
+            retry_max_ms: 5000,
+            ..Default::default()
+        },
+    )
+    .await;
+    let (_c, _t) = s.coordinator().await;
+    let starts = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let st = starts.clone();
+    let _a = agent(&s, "flaky", move |t: TaskContext| {
+        st.lock().unwrap().push((t.attempt, Instant::now()));
+        async move {
+            if t.attempt < 3 {
+                Err(TaskError::Retryable(format!("flake {}", t.attempt)))
+            } else {
+                Ok(json!("finally"))
+            }
+        }
+    });
+    let mut retries = s
+        .client
+        .subscribe("taskbus.events.default.bo.retry_scheduled")
+        .await
+        .unwrap();
+    s.submit(
+        "default",
+        json!({"kind": "x", "id": "bo", "max_attempts": 5}),
+    )
+    .await;
+    for expected_attempt in [2, 3] {
+        let ev = next_json(&mut retries).await;
+        assert_eq!(ev["attempt"], expected_attempt);
+        let at: chrono::DateTime<Utc> = ev["at"].as_str().unwrap().parse().unwrap();
+        let nb: chrono::DateTime<Utc> = ev["not_before"].as_str().unwrap().parse().unwrap();
+        let delay = (nb - at).num_milliseconds();
+        // base 1200 ms doubling, jitter factor in [0.5, 1]
+        let max = 1200 * (1 << (expected_attempt - 2));
+        assert!(
+            delay >= max / 2 && delay <= max,
+            "delay {delay} ms for attempt {expected_attempt}"
+        );
+    }
+    let row = s.wait_status("bo", "succeeded", T).await;
+    assert_eq!(row.attempt, 3);
+    let starts = starts.lock().unwrap().clone();
+    assert_eq!(starts.len(), 3);
+    // Delays of at least the jittered backoff (schedules round up to whole seconds).
+    assert!(
+        starts[1].1 - starts[0].1 >= Duration::from_millis(550),
+        "{starts:?}"
+    );
+    assert!(
+        starts[2].1 - starts[1].1 >= Duration::from_millis(1150),
+        "{starts:?}"
+    );
+}
+
+#[tokio::test]
+async fn not_before_delays_the_first_attempt() {
+    let s = Stack::new(30_000).await;
+    let (_c, _t) = s.coordinator().await;
+    let started = Arc::new(std::sync::Mutex::new(None));
+    let st = started.clone();
+    let _a = agent(&s, "waiter", move |_t: TaskContext| {
+        *st.lock().unwrap() = Some(Utc::now());
+        async { Ok(json!(1)) }
+    });
+    let nb = Utc::now() + chrono::Duration::seconds(2);
+    s.submit(
+        "default",
+        json!({"kind": "x", "id": "later", "not_before": nb.to_rfc3339()}),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert_eq!(
+        s.task("later").await.unwrap().status,
+        "queued",
+        "not handed out early"
+    );
+    s.wait_status("later", "succeeded", T).await;
+    let ran = started.lock().unwrap().unwrap();
+    assert!(ran >= nb, "ran at {ran}, not before {nb}");
+}
+
+#[tokio::test]
+async fn deadline_expires_unstarted_tasks_and_they_never_run() {
+    let s = Stack::new(30_000).await;
+    let (_c, _t) = s.coordinator().await;
+    let mut expired = s
+        .client
+        .subscribe("taskbus.events.default.dl.expired")
+        .await
+        .unwrap();
+    let deadline = Utc::now() + chrono::Duration::milliseconds(1500);
+    s.submit(
+        "default",
+        json!({"kind": "x", "id": "dl", "deadline": deadline.to_rfc3339()}),
+    )
+    .await;
+    let ev = next_json(&mut expired).await;
+    assert_eq!(ev["event"], "expired");
+    s.wait_status("dl", "expired", T).await;
+    // An agent that starts now gets the stale work message and reports expired, never runs it.
+    let runs = Arc::new(AtomicU64::new(0));
+    let r = runs.clone();
+    let _a = agent(&s, "late", move |_t: TaskContext| {
+        r.fetch_add(1, Ordering::Relaxed);
+        async { Ok(json!(1)) }
+    });
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(runs.load(Ordering::Relaxed), 0);
+    assert_eq!(s.task("dl").await.unwrap().status, "expired");
+}
+
+#[tokio::test]
+async fn overrunning_attempts_time_out_and_late_outcomes_change_nothing() {
+    let s = Stack::new(30_000).await;
+    s.set_pool(
+        "default",
+        PoolSettings {
+            retry_base_ms: 100,
+            retry_max_ms: 100,
+            ..Default::default()
+        },
+    )
+    .await;
+    let (_c, _t) = s.coordinator().await;
+    let _a = agent(&s, "slowpoke", |t: TaskContext| async move {
+        // Ignores cancellation on purpose for the first attempt.
+        if t.attempt == 1 {
+            tokio::time::sleep(Duration::from_secs(3)).await;
+        }
+        Ok(json!({"attempt": t.attempt}))
+    });
+    let mut timed_out = s
+        .client
+        .subscribe("taskbus.events.default.slow.timed_out")
+        .await
+        .unwrap();
+    s.submit(
+        "default",
+        json!({"kind": "x", "id": "slow", "timeout_ms": 300, "max_attempts": 2}),
+    )
+    .await;
+    let ev = next_json(&mut timed_out).await;
+    assert_eq!(ev["attempt"], 1);
+    let row = s.wait_status("slow", "succeeded", T).await;
+    assert_eq!(row.attempt, 2);
+    assert_eq!(row.result, Some(json!({"attempt": 2})));
+    // A late success for attempt 1 arrives: nothing changes.
+    publish_outcome(
+        &s,
+        "slow",
+        1,
+        "succeeded",
+        json!({"result": "late", "agent_id": "ghost"}),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let row = s.task("slow").await.unwrap();
+    assert_eq!(
+        (row.status.as_str(), row.attempt, row.result),
+        ("succeeded", 2, Some(json!({"attempt": 2})))
+    );
+}
+
+/// Publish an outcome event as an agent would (JetStream, durable), with a unique message id.
+async fn publish_outcome(s: &Stack, id: &str, attempt: u32, event: &str, extra: Value) {
+    let mut body = json!({
+        "event": event, "task_id": id, "pool": "default", "at": Utc::now().to_rfc3339(),
+        "attempt": attempt, "agent_id": "tester", "duration_ms": 1, "error": "boom", "retryable": true
+    });
+    for (k, v) in extra.as_object().unwrap() {
+        body[k] = v.clone();
+    }
+    s.js.publish(
+        format!("taskbus.events.default.{id}.{event}"),
+        serde_json::to_vec(&body).unwrap().into(),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn cancelling_a_queued_task_means_it_never_runs() {
+    let s = Stack::new(30_000).await;
+    let (_c, _t) = s.coordinator().await;
+    let runs = Arc::new(AtomicU64::new(0));
+    let r = runs.clone();
+    let _a = agent(&s, "c-agent", move |_t: TaskContext| {
+        r.fetch_add(1, Ordering::Relaxed);
+        async { Ok(json!(1)) }
+    });
+    let nb = Utc::now() + chrono::Duration::seconds(2);
+    s.submit(
+        "default",
+        json!({"kind": "x", "id": "cq", "not_before": nb.to_rfc3339()}),
+    )
+    .await;
+    s.wait_status("cq", "queued", T).await;
+    let v = api(
+        &s,
+        "task.cancel",
+        json!({"id": "cq", "reason": "changed my mind"}),
+    )
+    .await;
+    assert_eq!(v["ok"]["status"], "cancelled", "{v}");
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(
+        runs.load(Ordering::Relaxed),
+        0,
+        "a cancelled task never runs"
+    );
+    assert_eq!(s.task("cq").await.unwrap().status, "cancelled");
+    // Cancelling again, or an unknown id, is a clear error.
+    assert_eq!(
+        api(&s, "task.cancel", json!({"id": "cq"})).await["error"]["code"],
+        409
+    );
+    assert_eq!(
+        api(&s, "task.cancel", json!({"id": "nope"})).await["error"]["code"],
+        404
+    );
+    assert_eq!(
+        api(&s, "task.cancel", json!({"id": "bad id"})).await["error"]["code"],
+        400
+    );
+    assert_eq!(
+        api(&s, "task.cancel", json!({"nope": 1})).await["error"]["code"],
+        400
+    );
+}
+
+#[tokio::test]
+async fn cancelling_a_running_task_tells_the_handler_and_late_outcomes_are_ignored() {
+    let s = Stack::new(30_000).await;
+    let (_c, _t) = s.coordinator().await;
+    let saw_cancel = Arc::new(AtomicU64::new(0));
+    let sc = saw_cancel.clone();
+    let _a = agent(&s, "c-run", move |t: TaskContext| {
+        let sc = sc.clone();
+        async move {
+            tokio::select! {
+                _ = t.cancel.cancelled() => { sc.fetch_add(1, Ordering::Relaxed); Err(TaskError::Retryable("stopped".into())) }
+                _ = tokio::time::sleep(Duration::from_secs(60)) => Ok(json!("too late")),
+            }
+        }
+    });
+    s.submit("default", json!({"kind": "x", "id": "cr"})).await;
+    s.wait_status("cr", "running", T).await;
+    let v = api(&s, "task.cancel", json!({"id": "cr"})).await;
+    assert_eq!(v["ok"]["status"], "cancelled");
+    eventually("handler told", T, || async {
+        (saw_cancel.load(Ordering::Relaxed) == 1).then_some(())
+    })
+    .await;
+    // An outcome for the cancelled attempt (an agent that did not listen) changes nothing.
+    publish_outcome(&s, "cr", 1, "succeeded", json!({"result": "ignored"})).await;
+    publish_outcome(&s, "cr", 1, "failed", json!({})).await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let row = s.task("cr").await.unwrap();
+    assert_eq!(row.status, "cancelled");
+    assert_eq!(row.result, None);
+}
+
+#[tokio::test]
+async fn an_agent_reporting_twice_is_recorded_once() {
+    let s = Stack::new(30_000).await;
+    let (_c, _t) = s.coordinator().await;
+    s.submit("default", json!({"kind": "x", "id": "twice"}))
+        .await;
+    s.wait_status("twice", "queued", T).await;
+    publish_outcome(&s, "twice", 1, "succeeded", json!({"result": "first"})).await;
+    publish_outcome(&s, "twice", 1, "succeeded", json!({"result": "second"})).await;
+    publish_outcome(&s, "twice", 1, "failed", json!({})).await;
+    s.wait_status("twice", "succeeded", T).await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let row = s.task("twice").await.unwrap();
+    assert_eq!(
+        (row.status.as_str(), row.attempt, row.result),
+        ("succeeded", 1, Some(json!("first")))
+    );
+    // A failure reported twice retries once.
+    s.submit(
+        "default",
+        json!({"kind": "x", "id": "f-twice", "max_attempts": 3}),
+    )
+    .await;
+    s.wait_status("f-twice", "queued", T).await;
+    publish_outcome(&s, "f-twice", 1, "failed", json!({})).await;
+    publish_outcome(&s, "f-twice", 1, "failed", json!({})).await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(s.task("f-twice").await.unwrap().attempt, 2);
+}
+
+#[tokio::test]
+async fn dead_tasks_are_replayed_with_fresh_attempts() {
+    let s = Stack::new(30_000).await;
+    s.set_pool(
+        "default",
+        PoolSettings {
+            retry_base_ms: 50,
+            retry_max_ms: 50,
+            ..Default::default()
+        },
+    )
+    .await;
+    let (_c, _t) = s.coordinator().await;
+    let healthy = Arc::new(AtomicU64::new(0));
+    let h = healthy.clone();
+    let _a = agent(&s, "dlq-agent", move |t: TaskContext| {
+        let ok = h.load(Ordering::Relaxed) == 1;
+        async move {
+            if ok {
+                Ok(json!({"attempt": t.attempt}))
+            } else {
+                Err(TaskError::Retryable("down".into()))
+            }
+        }
+    });
+    for i in 0..3 {
+        s.submit(
+            "default",
+            json!({"kind": "x", "id": format!("dq{i}"), "max_attempts": 2}),
+        )
+        .await;
+    }
+    for i in 0..3 {
+        s.wait_status(&format!("dq{i}"), "dead", T).await;
+    }
+    let v = api(&s, "tasks.list", json!({"status": "dead"})).await;
+    assert_eq!(v["ok"].as_array().unwrap().len(), 3);
+    healthy.store(1, Ordering::Relaxed);
+    let v = api(&s, "dlq.replay", json!({"ids": ["dq0", "dq1", "unknown"]})).await;
+    assert_eq!(v["ok"]["replayed"].as_array().unwrap().len(), 2, "{v}");
+    assert_eq!(v["ok"]["skipped"], json!(["unknown"]));
+    let row = s.wait_status("dq0", "succeeded", T).await;
+    assert_eq!(row.attempt, 3, "fresh attempt after the two used ones");
+    assert_eq!(s.task("dq2").await.unwrap().status, "dead");
+    let v = api(&s, "dlq.replay", json!({"pool": "default"})).await;
+    assert_eq!(v["ok"]["replayed"], json!(["dq2"]));
+    s.wait_status("dq2", "succeeded", T).await;
+    assert_eq!(
+        api(&s, "dlq.replay", json!({"limit": 0})).await["error"]["code"],
+        400
+    );
+    assert_eq!(
+        api(&s, "dlq.replay", json!({"ids": ["a b"]})).await["error"]["code"],
+        400
+    );
+}
+
+#[tokio::test]
+async fn heartbeats_breaker_and_reputation() {
+    let s = Stack::new(30_000).await;
+    s.set_pool(
+        "default",
+        PoolSettings {
+            breaker_threshold: 3,
+            breaker_cooldown_ms: 60_000,
+            retry_base_ms: 50,
+            retry_max_ms: 50,
+            ..Default::default()
+        },
+    )
+    .await;
+    let (_c, _t) = s.coordinator().await;
+    let _good = agent(
+        &s,
+        "good-agent",
+        |t: TaskContext| async move { Ok(t.payload) },
+    );
+    // Let the good agent build a record first, then the bad one joins.
+    for i in 0..5 {
+        s.submit("default", json!({"kind": "x", "id": format!("g{i}")}))
+            .await;
+    }
+    for i in 0..5 {
+        s.wait_status(&format!("g{i}"), "succeeded", T).await;
+    }
+    let _bad = agent(&s, "bad-agent", |_t: TaskContext| async {
+        Err(TaskError::Retryable("broken".into()))
+    });
+    let mut hb = s
+        .client
+        .subscribe("taskbus.agents.default.bad-agent.heartbeat")
+        .await
+        .unwrap();
+    for i in 0..10 {
+        s.submit(
+            "default",
+            json!({"kind": "x", "id": format!("b{i}"), "max_attempts": 10}),
+        )
+        .await;
+    }
+    // The bad agent fails three in a row, opens its breaker and reports it.
+    let open = tokio::time::timeout(T, async {
+        loop {
+            let v = next_json(&mut hb).await;
+            if v["breaker"] == "open" {
+                return v;
+            }
+        }
+    })
+    .await
+    .expect("breaker open in a heartbeat");
+    // Tasks already in flight when it opened may add to the count.
+    assert!(
+        open["consecutive_failures"].as_u64().unwrap() >= 3,
+        "{open}"
+    );
+    // Every task still succeeds: the good agent takes over.
+    for i in 0..10 {
+        s.wait_status(&format!("b{i}"), "succeeded", T).await;
+    }
+    let agents = eventually("agents listed", T, || async {
+        let v = api(&s, "agents.list", json!({})).await;
+        let list = v["ok"].as_array()?.clone();
+        (list.len() == 2 && list.iter().all(|a| a["health"] != "gone")).then_some(list)
+    })
+    .await;
+    let bad = agents
+        .iter()
+        .find(|a| a["agent_id"] == "bad-agent")
+        .unwrap();
+    let good = agents
+        .iter()
+        .find(|a| a["agent_id"] == "good-agent")
+        .unwrap();
+    assert_eq!(bad["health"], "paused");
+    assert_eq!(bad["breaker"], "open");
+    let rep = |a: &Value| a["reputation"].as_str().unwrap().parse::<f64>().unwrap();
+    assert!(rep(bad) < rep(good), "bad {} good {}", rep(bad), rep(good));
+    assert!((0.45..=1.0).contains(&rep(bad)));
+    assert_eq!(rep(good), 1.0);
+    // The good agent stamps its multiplier into its succeeded events.
+    let mut ok = s
+        .client
+        .subscribe("taskbus.events.default.stamp.succeeded")
+        .await
+        .unwrap();
+    s.submit("default", json!({"kind": "x", "id": "stamp"}))
+        .await;
+    let ev = next_json(&mut ok).await;
+    assert_eq!(ev["agent_id"], "good-agent");
+    assert_eq!(ev["reputation"], "1.0000");
+}

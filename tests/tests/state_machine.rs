@@ -1,0 +1,125 @@
+//! Property test: random interleavings of outcomes, timeouts, expiries and cancellations (with
+//! repeats and stale attempt numbers) always leave a task in exactly one terminal state, and a
+//! terminal state never changes afterwards. Runs the coordinator's own SQL on a real PostgreSQL.
+
+use chrono::Utc;
+use proptest::prelude::*;
+use taskbus_coordinator::store::{self, CancelOutcome, Failure, NewTask, Success};
+use taskbus_tests::TestDb;
+
+#[derive(Debug, Clone)]
+enum Op {
+    Started(i32),
+    Succeeded(i32),
+    Failed(i32, bool),
+    TimedOut(i32),
+    Expired(i32),
+    Cancel,
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    let a = 1..4i32;
+    prop_oneof![
+        a.clone().prop_map(Op::Started),
+        a.clone().prop_map(Op::Succeeded),
+        (a.clone(), any::<bool>()).prop_map(|(a, r)| Op::Failed(a, r)),
+        a.clone().prop_map(Op::TimedOut),
+        a.clone().prop_map(Op::Expired),
+        Just(Op::Cancel),
+    ]
+}
+
+const TERMINAL: [&str; 4] = ["succeeded", "dead", "cancelled", "expired"];
+
+async fn status(db: &sqlx::PgPool, id: &str) -> (String, i32) {
+    sqlx::query_as("SELECT status, attempt FROM coordinator.tasks WHERE task_id = $1")
+        .bind(id)
+        .fetch_one(db)
+        .await
+        .unwrap()
+}
+
+async fn apply(db: &sqlx::PgPool, id: &str, op: &Op) {
+    let now = Utc::now();
+    let fail = |a: i32, retryable: bool| Failure {
+        id: id.into(),
+        attempt: a,
+        agent: Some("p".into()),
+        error: "e".into(),
+        retryable,
+        at: now,
+    };
+    match op {
+        Op::Started(a) => {
+            store::record_started(db, &[(id.into(), *a, "p".into(), now)])
+                .await
+                .unwrap();
+        }
+        Op::Succeeded(a) => {
+            store::record_succeeded(
+                db,
+                &[Success {
+                    id: id.into(),
+                    attempt: *a,
+                    agent: "p".into(),
+                    result: "1".into(),
+                    at: now,
+                }],
+            )
+            .await
+            .unwrap();
+        }
+        Op::Failed(a, r) => {
+            store::record_failed(db, &[fail(*a, *r)]).await.unwrap();
+        }
+        Op::TimedOut(a) => {
+            store::record_failed(db, &[fail(*a, true)]).await.unwrap();
+        }
+        Op::Expired(a) => {
+            store::record_expired(db, &[(id.into(), *a)]).await.unwrap();
+        }
+        Op::Cancel => {
+            let _: CancelOutcome = store::cancel(db, id, "test").await.unwrap();
+        }
+    }
+}
+
+#[test]
+fn every_interleaving_ends_in_exactly_one_terminal_state() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (db, _guard) = rt.block_on(async {
+        let t = TestDb::new().await;
+        let pool = taskbus_runtime::db::connect_and_migrate(&t.url, 4)
+            .await
+            .unwrap();
+        (pool, t)
+    });
+    let n = std::sync::atomic::AtomicU32::new(0);
+    let mut config = ProptestConfig::with_cases(150);
+    config.failure_persistence = None;
+    proptest!(config, |(max_attempts in 1..4i32, ops in proptest::collection::vec(op(), 1..14))| {
+        let n = n.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+        let id = format!("p{n}");
+        rt.block_on(async {
+            store::insert_admitted(&db, &[NewTask {
+                id: id.clone(), pool: "default".into(), kind: "k".into(), priority: "normal".into(),
+                max_attempts, envelope: "{}".into(), submit_seq: n as i64, payer: None,
+                deadline: None, not_before: None, timeout_ms: 1000,
+            }]).await.unwrap();
+            let mut terminal: Option<(String, i32)> = None;
+            // Every op twice in a row (replays), then a final cancel so the task must end.
+            for op in ops.iter().flat_map(|o| [o.clone(), o.clone()]).chain([Op::Cancel]) {
+                apply(&db, &id, &op).await;
+                let now = status(&db, &id).await;
+                match &terminal {
+                    Some(t) => prop_assert_eq!(t, &now, "terminal state changed after {:?}", op),
+                    None if TERMINAL.contains(&now.0.as_str()) => terminal = Some(now.clone()),
+                    None => prop_assert!(["queued", "running"].contains(&now.0.as_str()), "bad state {:?}", now),
+                }
+                prop_assert!(now.1 >= 1 && now.1 <= max_attempts, "attempt {} outside 1..={}", now.1, max_attempts);
+            }
+            prop_assert!(terminal.is_some(), "never terminal: {:?}", status(&db, &id).await);
+            Ok(())
+        })?;
+    });
+}
