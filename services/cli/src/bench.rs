@@ -285,11 +285,12 @@ async fn run_taskbus(
         |_| submit_subject.clone(),
         |i| format!(r#"{{"kind":"noop","id":"{run_id}-{i}","payload":{{"i":{i}}}}}"#).into_bytes(),
     );
-    let (p, _, finished) = tokio::join!(
-        publish,
-        started_rx_until(started_rx, &shutdown),
-        tokio::time::timeout(Duration::from_secs(600), done_rx)
-    );
+    let stop_rx = CancellationToken::new();
+    let (p, _, finished) = tokio::join!(publish, started_rx_until(started_rx, &stop_rx), async {
+        let r = tokio::time::timeout(Duration::from_secs(600), done_rx).await;
+        stop_rx.cancel();
+        r
+    });
     p?;
     pb.finish();
     shutdown.cancel();
