@@ -85,6 +85,8 @@ pub(crate) async fn run(ctx: Arc<Ctx>, consumer: PullConsumer, shutdown: Cancell
 enum Verdict {
     Admit(ValidTask),
     Reject(Rejection, String),
+    /// A priced task whose hold the ledger has not confirmed: handed back, retried later.
+    Wait,
 }
 
 struct Item {
@@ -145,6 +147,9 @@ async fn handle_batch(ctx: &Ctx, batch: Vec<Message>) -> Result<(), BatchError> 
         };
         items.push(Item { msg, seq, verdict });
     }
+
+    // 0. Priced tasks need their hold (payer → escrow) before anything else.
+    hold_prices(ctx, &mut items).await;
 
     // 1. Record admitted tasks.
     let mut new_tasks = Vec::new();
@@ -285,6 +290,7 @@ async fn handle_batch(ctx: &Ctx, batch: Vec<Message>) -> Result<(), BatchError> 
                         .await;
                 }
             }
+            Verdict::Wait => ackable[i] = false,
             Verdict::Reject(r, _) => {
                 let Some(row) = rejections.get(&i) else {
                     continue;
@@ -352,4 +358,85 @@ fn traceparent(msg: &Message) -> Option<String> {
         .as_ref()
         .and_then(|h: &HeaderMap| h.get(taskbus_proto::HDR_TRACEPARENT))
         .map(|v| v.as_str().to_string())
+}
+
+/// Ask the ledger to hold the price of every priced task in the batch (one request). Held tasks
+/// go on; refused ones become rejections (`insufficient_funds`, `invalid_value`); when the ledger
+/// does not answer, the tasks wait (their messages are handed back and retried), so a priced
+/// task is never dispatched unpaid and never lost.
+async fn hold_prices(ctx: &Ctx, items: &mut [Item]) {
+    use taskbus_proto::api::{Hold, HoldRequest, HoldResponse, HoldStatus};
+    use taskbus_proto::RejectReason;
+    let holds: Vec<(usize, Hold)> = items
+        .iter()
+        .enumerate()
+        .filter_map(|(i, it)| match &it.verdict {
+            Verdict::Admit(t) => t.price.map(|price| {
+                (
+                    i,
+                    Hold {
+                        task_id: t.id.clone(),
+                        pool: t.pool.clone(),
+                        payer: t.payer.clone().unwrap_or_default(),
+                        amount: price.to_string(),
+                        currency: t.currency.clone(),
+                    },
+                )
+            }),
+            _ => None,
+        })
+        .collect();
+    if holds.is_empty() {
+        return;
+    }
+    let req = HoldRequest { holds: holds.iter().map(|(_, h)| h.clone()).collect() };
+    let subject = taskbus_proto::api::ledger_hold_subject(ctx.subjects.prefix());
+    let body = serde_json::to_vec(&req).unwrap_or_default();
+    let reply = tokio::time::timeout(Duration::from_secs(10), ctx.client.request(subject, body.into())).await;
+    let results = match reply {
+        Ok(Ok(msg)) => match serde_json::from_slice::<taskbus_proto::api::Reply<HoldResponse>>(&msg.payload) {
+            Ok(taskbus_proto::api::Reply::Ok(r)) if r.results.len() == holds.len() => Some(r.results),
+            Ok(taskbus_proto::api::Reply::Error(e)) => {
+                warn!(code = e.code, error = %e.error, "ledger refused the hold request; priced tasks wait");
+                None
+            }
+            _ => {
+                warn!("unreadable ledger hold reply; priced tasks wait");
+                None
+            }
+        },
+        Ok(Err(e)) => {
+            warn!(error = %e, "no ledger answered the hold request; priced tasks wait (is taskbus-ledger running?)");
+            None
+        }
+        Err(_) => {
+            warn!("ledger hold request timed out; priced tasks wait");
+            None
+        }
+    };
+    for (n, (i, hold)) in holds.into_iter().enumerate() {
+        let it = &mut items[i];
+        let Verdict::Admit(t) = &it.verdict else { continue };
+        let new = match results.as_ref().map(|r| &r[n]) {
+            None => Some(Verdict::Wait),
+            Some(r) if r.task_id != hold.task_id => Some(Verdict::Wait),
+            Some(r) => match r.status {
+                HoldStatus::Held => None,
+                HoldStatus::InsufficientFunds | HoldStatus::Invalid => {
+                    let (reason, default) = if r.status == HoldStatus::InsufficientFunds {
+                        (RejectReason::InsufficientFunds, format!("payer {} cannot cover {} {}", hold.payer, hold.amount, hold.currency.as_deref().unwrap_or("")))
+                    } else {
+                        (RejectReason::InvalidValue, "the ledger refused the price".to_string())
+                    };
+                    Some(Verdict::Reject(
+                        Rejection { reason, message: r.message.clone().unwrap_or(default), task_id: Some(t.id.clone()) },
+                        t.pool.clone(),
+                    ))
+                }
+            },
+        };
+        if let Some(v) = new {
+            it.verdict = v;
+        }
+    }
 }
