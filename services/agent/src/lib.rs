@@ -568,7 +568,6 @@ async fn process<H: Handler>(shared: &Shared<H>, msg: jetstream::Message) {
         // Give a cooperative handler a moment to see its token and clean up.
         let _ = tokio::time::timeout(Duration::from_secs(2), &mut work).await;
     }
-    drop(work);
     lock(&shared.running).remove(&task_id);
     let duration_ms = t0.elapsed().as_millis() as u64;
     let at = Utc::now();

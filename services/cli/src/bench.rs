@@ -158,7 +158,7 @@ async fn publish_all(
     body: impl Fn(usize) -> Vec<u8>,
 ) -> anyhow::Result<()> {
     let mut acks = FuturesUnordered::new();
-    for i in 0..n {
+    for (i, slot) in sent.iter().enumerate().take(n) {
         if rate > 0.0 {
             let due = t0 + Duration::from_secs_f64(i as f64 / rate);
             if due > Instant::now() {
@@ -170,7 +170,7 @@ async fn publish_all(
                 r?;
             }
         }
-        sent[i].store(t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        slot.store(t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
         let f = js.publish(subject(i), body(i).into()).await?;
         acks.push(async move { f.await.map(|_| ()) });
     }

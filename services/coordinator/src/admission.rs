@@ -83,7 +83,7 @@ pub(crate) async fn run(ctx: Arc<Ctx>, consumer: PullConsumer, shutdown: Cancell
 
 /// One message, classified.
 enum Verdict {
-    Admit(ValidTask),
+    Admit(Box<ValidTask>),
     Reject(Rejection, String),
     /// A priced task whose hold the ledger has not confirmed: handed back, retried later.
     Wait,
@@ -142,7 +142,7 @@ async fn handle_batch(ctx: &Ctx, batch: Vec<Message>) -> Result<(), BatchError> 
             |p| ctx.pools.exists(p),
             || fallback_id(&msg, seq),
         ) {
-            Ok(t) => Verdict::Admit(t),
+            Ok(t) => Verdict::Admit(Box::new(t)),
             Err(r) => Verdict::Reject(r, pool),
         };
         items.push(Item { msg, seq, verdict });
@@ -389,22 +389,32 @@ async fn hold_prices(ctx: &Ctx, items: &mut [Item]) {
     if holds.is_empty() {
         return;
     }
-    let req = HoldRequest { holds: holds.iter().map(|(_, h)| h.clone()).collect() };
+    let req = HoldRequest {
+        holds: holds.iter().map(|(_, h)| h.clone()).collect(),
+    };
     let subject = taskbus_proto::api::ledger_hold_subject(ctx.subjects.prefix());
     let body = serde_json::to_vec(&req).unwrap_or_default();
-    let reply = tokio::time::timeout(Duration::from_secs(10), ctx.client.request(subject, body.into())).await;
+    let reply = tokio::time::timeout(
+        Duration::from_secs(10),
+        ctx.client.request(subject, body.into()),
+    )
+    .await;
     let results = match reply {
-        Ok(Ok(msg)) => match serde_json::from_slice::<taskbus_proto::api::Reply<HoldResponse>>(&msg.payload) {
-            Ok(taskbus_proto::api::Reply::Ok(r)) if r.results.len() == holds.len() => Some(r.results),
-            Ok(taskbus_proto::api::Reply::Error(e)) => {
-                warn!(code = e.code, error = %e.error, "ledger refused the hold request; priced tasks wait");
-                None
+        Ok(Ok(msg)) => {
+            match serde_json::from_slice::<taskbus_proto::api::Reply<HoldResponse>>(&msg.payload) {
+                Ok(taskbus_proto::api::Reply::Ok(r)) if r.results.len() == holds.len() => {
+                    Some(r.results)
+                }
+                Ok(taskbus_proto::api::Reply::Error(e)) => {
+                    warn!(code = e.code, error = %e.error, "ledger refused the hold request; priced tasks wait");
+                    None
+                }
+                _ => {
+                    warn!("unreadable ledger hold reply; priced tasks wait");
+                    None
+                }
             }
-            _ => {
-                warn!("unreadable ledger hold reply; priced tasks wait");
-                None
-            }
-        },
+        }
         Ok(Err(e)) => {
             warn!(error = %e, "no ledger answered the hold request; priced tasks wait (is taskbus-ledger running?)");
             None
@@ -416,7 +426,9 @@ async fn hold_prices(ctx: &Ctx, items: &mut [Item]) {
     };
     for (n, (i, hold)) in holds.into_iter().enumerate() {
         let it = &mut items[i];
-        let Verdict::Admit(t) = &it.verdict else { continue };
+        let Verdict::Admit(t) = &it.verdict else {
+            continue;
+        };
         let new = match results.as_ref().map(|r| &r[n]) {
             None => Some(Verdict::Wait),
             Some(r) if r.task_id != hold.task_id => Some(Verdict::Wait),
@@ -424,12 +436,27 @@ async fn hold_prices(ctx: &Ctx, items: &mut [Item]) {
                 HoldStatus::Held => None,
                 HoldStatus::InsufficientFunds | HoldStatus::Invalid => {
                     let (reason, default) = if r.status == HoldStatus::InsufficientFunds {
-                        (RejectReason::InsufficientFunds, format!("payer {} cannot cover {} {}", hold.payer, hold.amount, hold.currency.as_deref().unwrap_or("")))
+                        (
+                            RejectReason::InsufficientFunds,
+                            format!(
+                                "payer {} cannot cover {} {}",
+                                hold.payer,
+                                hold.amount,
+                                hold.currency.as_deref().unwrap_or("")
+                            ),
+                        )
                     } else {
-                        (RejectReason::InvalidValue, "the ledger refused the price".to_string())
+                        (
+                            RejectReason::InvalidValue,
+                            "the ledger refused the price".to_string(),
+                        )
                     };
                     Some(Verdict::Reject(
-                        Rejection { reason, message: r.message.clone().unwrap_or(default), task_id: Some(t.id.clone()) },
+                        Rejection {
+                            reason,
+                            message: r.message.clone().unwrap_or(default),
+                            task_id: Some(t.id.clone()),
+                        },
                         t.pool.clone(),
                     ))
                 }
