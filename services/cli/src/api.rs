@@ -8,11 +8,13 @@ use taskbus_proto::api::{Reply, TaskGet, TaskList, TaskRecord};
 use taskbus_proto::Subjects;
 
 pub async fn connect(url: &str) -> anyhow::Result<async_nats::Client> {
+    let addrs =
+        taskbus_runtime::nats::server_addrs(url).map_err(|e| anyhow::anyhow!("--nats-url: {e}"))?;
     async_nats::ConnectOptions::new()
         .name("taskbus-cli")
         .connection_timeout(Duration::from_secs(3))
         .request_timeout(Some(Duration::from_secs(10)))
-        .connect(url)
+        .connect(addrs.as_slice())
         .await
         .with_context(|| format!("cannot reach NATS at {url}; start one with `taskbus dev` or pass --nats-url / TASKBUS_NATS_URL"))
 }

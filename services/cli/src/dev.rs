@@ -32,6 +32,12 @@ pub struct DevArgs {
     /// Coordinator /healthz, /readyz, /metrics.
     #[arg(long, default_value = "127.0.0.1:0")]
     pub http_listen: SocketAddr,
+    /// Scaler's KEDA External Scaler gRPC address.
+    #[arg(long, default_value = "127.0.0.1:0")]
+    pub scaler_grpc_listen: SocketAddr,
+    /// Scaler's HTTP address (/v1/lag, /metrics, external metrics API).
+    #[arg(long, default_value = "127.0.0.1:0")]
+    pub scaler_http_listen: SocketAddr,
 }
 
 pub async fn run(args: DevArgs, nats_url: Option<String>, prefix: &str) -> anyhow::Result<()> {
@@ -76,6 +82,16 @@ pub async fn run(args: DevArgs, nats_url: Option<String>, prefix: &str) -> anyho
     let http = coordinator.http_addr;
     tracker.spawn(coordinator.wait());
 
+    let mut sc = taskbus_scaler::Config::new(nats_url.clone());
+    sc.prefix = prefix.to_string();
+    sc.grpc_listen = args.scaler_grpc_listen;
+    sc.http_listen = args.scaler_http_listen;
+    let scaler = taskbus_scaler::start(sc, shutdown.clone())
+        .await
+        .context("scaler failed to start")?;
+    let (scaler_grpc, scaler_http) = (scaler.grpc_addr, scaler.http_addr);
+    tracker.spawn(scaler.wait());
+
     for i in 0..args.agents {
         let mut ac = AgentConfig::new(nats_url.clone(), "default");
         ac.prefix = prefix.to_string();
@@ -104,7 +120,7 @@ pub async fn run(args: DevArgs, nats_url: Option<String>, prefix: &str) -> anyho
     tracker.close();
 
     eprintln!(
-        "\ntaskbus dev is up in {:.1} s: coordinator + {} agent(s) on pool `default`, demo load {}/s",
+        "\ntaskbus dev is up in {:.1} s: coordinator, scaler, {} agent(s) on pool `default`, demo load {}/s",
         started.elapsed().as_secs_f64(),
         args.agents,
         args.demo_rate
@@ -112,6 +128,7 @@ pub async fn run(args: DevArgs, nats_url: Option<String>, prefix: &str) -> anyho
     if let Some(h) = http {
         eprintln!("  coordinator metrics: http://{h}/metrics");
     }
+    eprintln!("  scaler: KEDA external scaler gRPC {scaler_grpc}, lag http://{scaler_http}/v1/lag, metrics http://{scaler_http}/metrics");
     eprintln!("  in another shell:");
     eprintln!("    export TASKBUS_NATS_URL={nats_url}");
     eprintln!("    nats pub {prefix}.submit.default '{{\"kind\":\"echo\",\"payload\":{{\"x\":1}}}}'   # or: taskbus submit --kind echo --wait");

