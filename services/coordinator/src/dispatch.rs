@@ -6,7 +6,8 @@
 //! `taskbus.sched.<pool>.<id>.<attempt>` with `Nats-Schedule: @at <time>` and
 //! `Nats-Schedule-Target: taskbus.work.<pool>.<priority>`; the server moves it to the work subject
 //! when due, so a delayed attempt survives coordinator restarts and needs no timer of ours.
-//! Schedules have one-second resolution; shorter delays are sent at once.
+//! Schedules have one-second resolution: the time is rounded up to the next whole second, so an
+//! attempt never starts early and may start up to a second late.
 
 use std::time::Duration;
 
@@ -62,7 +63,7 @@ pub(crate) async fn send(
         p = p.header(taskbus_proto::HDR_TRACEPARENT, tp);
     }
     match d.not_before {
-        Some(nb) if nb > Utc::now() + chrono::Duration::milliseconds(1000) => {
+        Some(nb) if nb > Utc::now() + chrono::Duration::milliseconds(20) => {
             // Round up to the next whole second: never start early.
             let at = if nb.nanosecond() > 0 {
                 nb.trunc_subsecs(0) + chrono::Duration::seconds(1)
