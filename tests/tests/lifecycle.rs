@@ -509,3 +509,118 @@ async fn heartbeats_breaker_and_reputation() {
     assert_eq!(ev["agent_id"], "good-agent");
     assert_eq!(ev["reputation"], "1.0000");
 }
+
+#[tokio::test]
+async fn a_flooding_tenant_does_not_block_another_beyond_the_fairness_limit() {
+    let s = Stack::new(30_000).await;
+    s.set_pool(
+        "default",
+        PoolSettings {
+            fairness_limit: 2,
+            ..Default::default()
+        },
+    )
+    .await;
+    let (_c, _t) = s.coordinator().await;
+    let _a = agent(&s, "fair-agent", |_t: TaskContext| async {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        Ok(json!(1))
+    });
+    // Tenant a floods the pool with 10,000 tasks.
+    let js = s.js.clone();
+    let mut acks = Vec::new();
+    let flood: usize = std::env::var("FAIR_FLOOD")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10_000);
+    for i in 0..flood {
+        let body = json!({"kind": "x", "id": format!("a{i}"), "labels": {"tenant": "a"}});
+        acks.push(
+            js.publish(
+                "taskbus.submit.default",
+                serde_json::to_vec(&body).unwrap().into(),
+            )
+            .await
+            .unwrap(),
+        );
+        if acks.len() == 1000 {
+            for a in acks.drain(..) {
+                a.await.unwrap();
+            }
+        }
+    }
+    for a in acks {
+        a.await.unwrap();
+    }
+    // Tenant b's single task still runs promptly.
+    let t0 = Instant::now();
+    s.submit(
+        "default",
+        json!({"kind": "x", "id": "b-task", "labels": {"tenant": "b"}}),
+    )
+    .await;
+    let mut max_active_a = 0i64;
+    loop {
+        let active_a: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM coordinator.tasks WHERE fair_key = 'a' AND status IN ('queued', 'running')",
+        )
+        .fetch_one(&s.pg)
+        .await
+        .unwrap();
+        max_active_a = max_active_a.max(active_a);
+        if s.task("b-task")
+            .await
+            .is_some_and(|t| t.status == "succeeded")
+        {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(45),
+            "tenant b waited too long"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let done_a: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM coordinator.tasks WHERE fair_key = 'a' AND status = 'succeeded'",
+    )
+    .fetch_one(&s.pg)
+    .await
+    .unwrap();
+    assert!(
+        max_active_a <= 2,
+        "tenant a had {max_active_a} tasks queued or running at once"
+    );
+    eprintln!(
+        "b done after {:?}; a: {done_a} done, at most {max_active_a} active",
+        t0.elapsed()
+    );
+    assert!(
+        (done_a as usize) < flood,
+        "b did not wait for a's whole flood ({done_a} of a's tasks done)"
+    );
+    let held_a: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM coordinator.tasks WHERE fair_key = 'a' AND status = 'admitted'",
+    )
+    .fetch_one(&s.pg)
+    .await
+    .unwrap();
+    assert!(held_a > 0, "a's flood is held back, not dropped");
+    // Lifting the limit releases the held tasks.
+    s.set_pool(
+        "default",
+        PoolSettings {
+            fairness_limit: 0,
+            ..Default::default()
+        },
+    )
+    .await;
+    eventually("held tasks released", T, || async {
+        let n: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM coordinator.tasks WHERE status = 'admitted'")
+                .fetch_one(&s.pg)
+                .await
+                .ok()?;
+        (n == 0).then_some(())
+    })
+    .await;
+}

@@ -104,7 +104,7 @@ fn every_interleaving_ends_in_exactly_one_terminal_state() {
             store::insert_admitted(&db, &[NewTask {
                 id: id.clone(), pool: "default".into(), kind: "k".into(), priority: "normal".into(),
                 max_attempts, envelope: "{}".into(), submit_seq: n as i64, payer: None,
-                deadline: None, not_before: None, timeout_ms: 1000,
+                deadline: None, not_before: None, timeout_ms: 1000, held: false, fair_key: None,
             }]).await.unwrap();
             let mut terminal: Option<(String, i32)> = None;
             // Every op twice in a row (replays), then a final cancel so the task must end.

@@ -12,6 +12,9 @@ use taskbus_proto::Subjects;
 use taskbus_runtime::devservers::{NatsServer, PgServer};
 use taskbus_runtime::{CancellationToken, TaskTracker};
 
+/// The ledger account `taskbus dev` funds and charges for priced demo tasks.
+const DEMO_PAYER: &str = "demo";
+
 #[derive(clap::Args, Debug)]
 pub struct DevArgs {
     /// PostgreSQL URL; without it a private PostgreSQL is started in a temp dir.
@@ -82,6 +85,25 @@ pub async fn run(args: DevArgs, nats_url: Option<String>, prefix: &str) -> anyho
     let http = coordinator.http_addr;
     tracker.spawn(coordinator.wait());
 
+    let mut lc = taskbus_ledger::Config::new(nats_url.clone(), database_url.clone());
+    lc.prefix = prefix.to_string();
+    let ledger = taskbus_ledger::start(lc, shutdown.clone())
+        .await
+        .context("payment ledger failed to start")?;
+    // Fund the demo payer once (a fixed idempotency key: restarts do not deposit again).
+    ledger
+        .ledger()
+        .deposit(&taskbus_ledger::api::MoveRequest {
+            account: DEMO_PAYER.into(),
+            amount: "1000.00".into(),
+            currency: Some("USD".into()),
+            key: Some("dev-demo-funding".into()),
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot fund the demo payer: {e}"))?;
+    let ledger_handle = ledger.ledger().clone();
+    tracker.spawn(ledger.wait());
+
     let mut sc = taskbus_scaler::Config::new(nats_url.clone());
     sc.prefix = prefix.to_string();
     sc.grpc_listen = args.scaler_grpc_listen;
@@ -120,7 +142,7 @@ pub async fn run(args: DevArgs, nats_url: Option<String>, prefix: &str) -> anyho
     tracker.close();
 
     eprintln!(
-        "\ntaskbus dev is up in {:.1} s: coordinator, scaler, {} agent(s) on pool `default`, demo load {}/s",
+        "\ntaskbus dev is up in {:.1} s: coordinator, payment ledger, scaler, {} agent(s) on pool `default`, demo load {}/s (every other task priced 0.25 USD, paid by `{DEMO_PAYER}`)",
         started.elapsed().as_secs_f64(),
         args.agents,
         args.demo_rate
@@ -133,13 +155,20 @@ pub async fn run(args: DevArgs, nats_url: Option<String>, prefix: &str) -> anyho
     eprintln!("    export TASKBUS_NATS_URL={nats_url}");
     eprintln!("    nats pub {prefix}.submit.default '{{\"kind\":\"echo\",\"payload\":{{\"x\":1}}}}'   # or: taskbus submit --kind echo --wait");
     eprintln!("    taskbus tasks list");
+    eprintln!("    taskbus ledger balance {DEMO_PAYER}; taskbus ledger balance platform; taskbus ledger accounts --kind agent");
     eprintln!("  Ctrl-C stops everything.\n");
 
     let db = taskbus_runtime::db::connect(&database_url, 2).await?;
     let stop_at = args
         .duration
         .map(|s| tokio::time::Instant::now() + Duration::from_secs(s));
-    let status = status_line(&js, &db, Subjects::new(prefix), shutdown.clone());
+    let status = status_line(
+        &js,
+        &db,
+        &ledger_handle,
+        Subjects::new(prefix),
+        shutdown.clone(),
+    );
     tokio::select! {
         _ = taskbus_runtime::cancel_on_signal(shutdown.clone()) => {}
         _ = async { match stop_at { Some(t) => tokio::time::sleep_until(t).await, None => std::future::pending().await } } => {}
@@ -165,7 +194,11 @@ async fn demo_load(
             _ = tick.tick() => {}
         }
         n += 1;
-        let body = serde_json::json!({ "kind": "echo", "payload": { "demo": n } });
+        let body = if n.is_multiple_of(2) {
+            serde_json::json!({ "kind": "echo", "payload": { "demo": n }, "price": "0.25", "payer": DEMO_PAYER, "currency": "USD" })
+        } else {
+            serde_json::json!({ "kind": "echo", "payload": { "demo": n } })
+        };
         if let Ok(f) = js
             .publish(subjects.submit("default"), body.to_string().into())
             .await
@@ -179,6 +212,7 @@ async fn demo_load(
 async fn status_line(
     js: &jetstream::Context,
     db: &sqlx::PgPool,
+    ledger: &taskbus_ledger::Ledger,
     subjects: Subjects,
     shutdown: CancellationToken,
 ) {
@@ -225,17 +259,19 @@ async fn status_line(
                 }
             }
         }
+        let demo = ledger
+            .balance(DEMO_PAYER, Some("USD"))
+            .await
+            .ok()
+            .and_then(|b| b.balances.first().map(|b| b.available.clone()))
+            .unwrap_or_else(|| "-".into());
         let line = format!(
-            "{:>7.1} tasks/s | succeeded {} dead {} rejected {} | backlog {}",
+            "{:>7.1} tasks/s | succeeded {} dead {} rejected {} | backlog {} | {DEMO_PAYER} {demo} USD",
             rate,
             done,
             total("dead"),
             total("rejected"),
-            if backlog.is_empty() {
-                "-".into()
-            } else {
-                backlog.join(", ")
-            }
+            if backlog.is_empty() { "-".into() } else { backlog.join(", ") }
         );
         if tty {
             eprint!("\r\x1b[2K{line}");

@@ -3,6 +3,7 @@
 mod api;
 mod bench;
 mod dev;
+mod ledger;
 mod ops;
 mod output;
 mod submit;
@@ -68,6 +69,11 @@ enum Command {
     Agents {
         #[command(subcommand)]
         cmd: ops::AgentsCmd,
+    },
+    /// The payment ledger: deposits, withdrawals, balances, statements, transfers by task.
+    Ledger {
+        #[command(subcommand)]
+        cmd: ledger::LedgerCmd,
     },
     /// Pool settings (JetStream KV bucket taskbus_pools).
     Pools {
@@ -143,6 +149,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Agents { cmd } => {
             ops::agents(&api::connect(&cli.nats_url).await?, &cli.prefix, cmd).await
+        }
+        Command::Ledger { cmd } => {
+            ledger::run(cmd, &api::connect(&cli.nats_url).await?, &cli.prefix).await
         }
         Command::Pools { cmd } => {
             ops::pools(&api::connect(&cli.nats_url).await?, &cli.prefix, cmd).await

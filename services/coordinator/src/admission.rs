@@ -174,6 +174,9 @@ async fn handle_batch(ctx: &Ctx, batch: Vec<Message>) -> Result<(), BatchError> 
                 deadline: t.deadline,
                 not_before: t.not_before,
                 timeout_ms: t.timeout_ms as i64,
+                held: fair_key(t).is_some()
+                    && ctx.pools.get(&t.pool).is_some_and(|p| p.fairness_limit > 0),
+                fair_key: fair_key(t),
             });
         }
     }
@@ -234,14 +237,20 @@ async fn handle_batch(ctx: &Ctx, batch: Vec<Message>) -> Result<(), BatchError> 
     // 3. Publish work and rejected events, all in flight at once.
     let now = Utc::now();
     let mut pending = Vec::new(); // (item index, ack future)
+    let mut fair_pools = std::collections::HashSet::new();
     let mut ackable = vec![true; items.len()];
     for (i, it) in items.iter().enumerate() {
         match &it.verdict {
             Verdict::Admit(t) => {
                 let first_in_batch = envelopes.contains_key(&i);
+                let held = fair_key(t).is_some()
+                    && ctx.pools.get(&t.pool).is_some_and(|p| p.fairness_limit > 0);
                 let publish = if first_in_batch && inserted.contains(&t.id) {
                     ctx.metrics.admitted.inc();
-                    true
+                    if held {
+                        fair_pools.insert(t.pool.clone());
+                    }
+                    !held
                 } else {
                     match existing.get(&t.id) {
                         // Our own earlier delivery: finish it (the work publish is deduplicated).
@@ -350,6 +359,7 @@ async fn handle_batch(ctx: &Ctx, batch: Vec<Message>) -> Result<(), BatchError> 
         }
     });
     futures::future::join_all(acks).await;
+    crate::fairness::promote(ctx, fair_pools).await;
     Ok(())
 }
 
@@ -466,4 +476,9 @@ async fn hold_prices(ctx: &Ctx, items: &mut [Item]) {
             it.verdict = v;
         }
     }
+}
+
+/// What the pool's fairness limit counts by: the payer, else the `tenant` label.
+fn fair_key(t: &ValidTask) -> Option<String> {
+    t.payer.clone().or_else(|| t.labels.get("tenant").cloned())
 }

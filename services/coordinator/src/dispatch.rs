@@ -93,9 +93,21 @@ use chrono::Timelike;
 /// Send attempts queued through the outbox (retries, replays, reconciliation) and clear their
 /// outbox mark once JetStream has them. Returns how many were confirmed.
 pub(crate) async fn dispatch_all(ctx: &Ctx, items: Vec<Dispatch>) -> usize {
+    // In chunks: the JetStream context allows a bounded number of unacknowledged publishes.
+    let mut n = 0;
+    for chunk in items.chunks(CHUNK) {
+        n += dispatch_chunk(ctx, chunk).await;
+    }
+    n
+}
+
+/// Publishes in flight at once per call (async-nats allows 5,000 per context in all).
+const CHUNK: usize = 500;
+
+async fn dispatch_chunk(ctx: &Ctx, items: &[Dispatch]) -> usize {
     let mut pending = Vec::with_capacity(items.len());
     for d in items {
-        match send(ctx, &d, None).await {
+        match send(ctx, d, None).await {
             Ok(f) => pending.push((d, f)),
             Err(e) => {
                 warn!(task_id = %d.id, error = %e, "dispatch failed; the reconciler will retry")
@@ -104,7 +116,7 @@ pub(crate) async fn dispatch_all(ctx: &Ctx, items: Vec<Dispatch>) -> usize {
     }
     let acked = futures::future::join_all(pending.into_iter().map(|(d, f)| async move {
         match tokio::time::timeout(Duration::from_secs(10), f).await {
-            Ok(Ok(_)) => Some((d.id, d.attempt as i32, d.not_before)),
+            Ok(Ok(_)) => Some((d.id.clone(), d.attempt as i32, d.not_before)),
             _ => None,
         }
     }))

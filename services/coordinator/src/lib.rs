@@ -21,6 +21,7 @@
 pub mod admission;
 pub mod api;
 mod dispatch;
+mod fairness;
 mod maintenance;
 pub mod metrics;
 pub mod outcomes;

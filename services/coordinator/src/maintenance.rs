@@ -81,6 +81,9 @@ pub(crate) async fn once(ctx: &Ctx) -> Result<(), sqlx::Error> {
         follow_up_failures(ctx, recorded).await;
     }
 
+    let held = store::pools_with_held(&ctx.db).await?;
+    crate::fairness::promote(ctx, held.into_iter().collect()).await;
+
     let stale = store::stale_dispatches(&ctx.db, STALE_DISPATCH_MS).await?;
     if !stale.is_empty() {
         dispatch::dispatch_all(ctx, stale.into_iter().map(Dispatch::from).collect()).await;

@@ -165,7 +165,17 @@ async fn handle_batch(
         }
     }
 
+    let pools: std::collections::HashSet<String> = durations
+        .values()
+        .map(|(_, p, _)| p.clone())
+        .chain(failures.iter().map(|(p, _)| p.clone()))
+        .collect();
     follow_up_failures(ctx, failed).await;
+    let fair: std::collections::HashSet<String> = pools
+        .into_iter()
+        .filter(|p| ctx.pools.get(p).is_some_and(|s| s.fairness_limit > 0))
+        .collect();
+    crate::fairness::promote(ctx, fair).await;
     futures::future::join_all(batch.iter().map(|m| m.ack())).await;
     Ok(())
 }

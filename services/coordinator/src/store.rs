@@ -24,6 +24,11 @@ pub struct NewTask {
     pub deadline: Option<DateTime<Utc>>,
     pub not_before: Option<DateTime<Utc>>,
     pub timeout_ms: i64,
+    /// Held back by the pool's fairness limit: recorded as `admitted`, dispatched later by
+    /// [`promote_fair`].
+    pub held: bool,
+    /// The payer, else the `tenant` label: what the fairness limit counts by.
+    pub fair_key: Option<String>,
 }
 
 /// Insert admitted tasks; returns the ids that were new. An id whose only record is a
@@ -44,19 +49,23 @@ pub async fn insert_admitted(db: &PgPool, rows: &[NewTask]) -> DbResult<HashSet<
     let deadlines: Vec<Option<DateTime<Utc>>> = rows.iter().map(|r| r.deadline).collect();
     let not_befores: Vec<Option<DateTime<Utc>>> = rows.iter().map(|r| r.not_before).collect();
     let timeouts: Vec<i64> = rows.iter().map(|r| r.timeout_ms).collect();
+    let held: Vec<bool> = rows.iter().map(|r| r.held).collect();
+    let fair_keys: Vec<Option<&str>> = rows.iter().map(|r| r.fair_key.as_deref()).collect();
     let inserted = sqlx::query(
         "INSERT INTO coordinator.tasks
              (task_id, pool, kind, priority, status, attempt, max_attempts, envelope, submit_seq, payer,
-              deadline, not_before, timeout_ms)
-         SELECT t.id, t.pool, t.kind, t.prio, 'queued', 1, t.maxa, t.env::jsonb, t.seq, t.payer, t.dl, t.nb, t.tmo
+              deadline, not_before, timeout_ms, fair_key)
+         SELECT t.id, t.pool, t.kind, t.prio, CASE WHEN t.held THEN 'admitted' ELSE 'queued' END, 1, t.maxa,
+                t.env::jsonb, t.seq, t.payer, t.dl, t.nb, t.tmo, t.fk
          FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::int4[], $6::text[], $7::int8[], $8::text[],
-                     $9::timestamptz[], $10::timestamptz[], $11::int8[])
-              AS t(id, pool, kind, prio, maxa, env, seq, payer, dl, nb, tmo)
+                     $9::timestamptz[], $10::timestamptz[], $11::int8[], $12::bool[], $13::text[])
+              AS t(id, pool, kind, prio, maxa, env, seq, payer, dl, nb, tmo, held, fk)
          ON CONFLICT (task_id) DO UPDATE
-         SET pool = EXCLUDED.pool, kind = EXCLUDED.kind, priority = EXCLUDED.priority, status = 'queued',
+         SET pool = EXCLUDED.pool, kind = EXCLUDED.kind, priority = EXCLUDED.priority, status = EXCLUDED.status,
              attempt = 1, max_attempts = EXCLUDED.max_attempts, envelope = EXCLUDED.envelope,
              submit_seq = EXCLUDED.submit_seq, payer = EXCLUDED.payer, reason = NULL, reason_message = NULL,
              deadline = EXCLUDED.deadline, not_before = EXCLUDED.not_before, timeout_ms = EXCLUDED.timeout_ms,
+             fair_key = EXCLUDED.fair_key,
              finished_at = NULL, created_at = now(), updated_at = now()
          WHERE coordinator.tasks.status = 'rejected'
          RETURNING task_id",
@@ -72,6 +81,8 @@ pub async fn insert_admitted(db: &PgPool, rows: &[NewTask]) -> DbResult<HashSet<
     .bind(&deadlines)
     .bind(&not_befores)
     .bind(&timeouts)
+    .bind(&held)
+    .bind(&fair_keys)
     .fetch_all(db)
     .await?;
     Ok(inserted
@@ -461,9 +472,9 @@ pub async fn expire_overdue(db: &PgPool) -> DbResult<Vec<(String, String, DateTi
     let rows = sqlx::query(
         "UPDATE coordinator.tasks SET status = 'expired', finished_at = now(), updated_at = now(), dispatch_at = NULL
          WHERE task_id IN (SELECT task_id FROM coordinator.tasks
-                           WHERE status = 'queued' AND deadline IS NOT NULL AND deadline < now()
+                           WHERE status IN ('queued', 'admitted') AND deadline IS NOT NULL AND deadline < now()
                            ORDER BY task_id LIMIT 1000 FOR UPDATE SKIP LOCKED)
-           AND status = 'queued'
+           AND status IN ('queued', 'admitted')
          RETURNING task_id, pool, deadline",
     )
     .fetch_all(db)
@@ -702,4 +713,49 @@ pub async fn agents(db: &PgPool) -> DbResult<Vec<AgentRow>> {
             )
         })
         .collect())
+}
+
+/// Fairness: move `admitted` (held back) tasks of `pool` to `queued` while each fairness key
+/// (payer, else `tenant` label) stays at or under `limit` tasks queued or running (`None`: release everything, the pool has no limit
+/// any more). Oldest first per payer. One replica at a time per pool (advisory lock).
+pub async fn promote_fair(
+    db: &PgPool,
+    pool: &str,
+    limit: Option<i32>,
+) -> DbResult<Vec<PendingDispatch>> {
+    let mut tx = db.begin().await?;
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtext('taskbus-fair:' || $1))")
+        .bind(pool)
+        .execute(&mut *tx)
+        .await?;
+    let rows = sqlx::query(
+        "WITH active AS (
+             SELECT fair_key, count(*) AS n FROM coordinator.tasks
+             WHERE pool = $1 AND status IN ('queued', 'running') AND fair_key IS NOT NULL GROUP BY fair_key
+         ), cand AS (
+             SELECT t.task_id, t.fair_key,
+                    row_number() OVER (PARTITION BY t.fair_key ORDER BY t.created_at, t.task_id) AS rn
+             FROM coordinator.tasks t WHERE t.pool = $1 AND t.status = 'admitted'
+         ), pick AS (
+             SELECT c.task_id FROM cand c LEFT JOIN active a ON a.fair_key = c.fair_key
+             WHERE $2::int4 IS NULL OR c.rn + COALESCE(a.n, 0) <= $2
+             LIMIT 5000
+         )
+         UPDATE coordinator.tasks t SET status = 'queued', dispatch_at = now(), updated_at = now()
+         FROM pick WHERE t.task_id = pick.task_id AND t.status = 'admitted'
+         RETURNING t.task_id, t.pool, t.priority, t.attempt, t.envelope::text AS envelope, t.not_before",
+    )
+    .bind(pool)
+    .bind(limit)
+    .fetch_all(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(rows.into_iter().map(pending).collect())
+}
+
+/// Pools that have tasks held back by fairness.
+pub async fn pools_with_held(db: &PgPool) -> DbResult<Vec<String>> {
+    sqlx::query_scalar("SELECT DISTINCT pool FROM coordinator.tasks WHERE status = 'admitted'")
+        .fetch_all(db)
+        .await
 }

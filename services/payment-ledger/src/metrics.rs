@@ -1,0 +1,71 @@
+//! Prometheus metrics of the ledger (prefix `taskbus_ledger_`).
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Label {
+    pub label: String,
+}
+
+#[derive(Clone)]
+pub struct Metrics {
+    /// Hold results by status (`new`, `repeat`, `insufficient_funds`, `invalid`).
+    pub holds: Family<Label, Counter>,
+    /// Resolved holds by outcome (`posted`, `voided`).
+    pub settlements: Family<Label, Counter>,
+    /// Events refused by settlement, by reason.
+    pub bad_events: Family<Label, Counter>,
+    /// Transient errors, by stage.
+    pub errors: Family<Label, Counter>,
+    pub settle_batch: Histogram,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self {
+            holds: Family::default(),
+            settlements: Family::default(),
+            bad_events: Family::default(),
+            errors: Family::default(),
+            settle_batch: Histogram::new(exponential_buckets(1.0, 2.0, 14)),
+        }
+    }
+}
+
+impl Metrics {
+    pub fn register(&self, r: &mut Registry) {
+        r.register("holds", "Hold results, by status", self.holds.clone());
+        r.register(
+            "settlements",
+            "Holds resolved, by outcome",
+            self.settlements.clone(),
+        );
+        r.register(
+            "bad_events",
+            "Events settlement could not use, by reason",
+            self.bad_events.clone(),
+        );
+        r.register("errors", "Transient errors, by stage", self.errors.clone());
+        r.register(
+            "settle_batch_size",
+            "Events per settlement batch",
+            self.settle_batch.clone(),
+        );
+    }
+
+    pub fn count(family: &Family<Label, Counter>, label: &str, n: u64) {
+        family
+            .get_or_create(&Label {
+                label: label.into(),
+            })
+            .inc_by(n);
+    }
+
+    pub fn error(&self, stage: &str) {
+        Self::count(&self.errors, stage, 1);
+    }
+}
