@@ -142,7 +142,8 @@ pub struct DlqReplay {
 pub struct ReplayResult {
     /// Re-admitted task ids.
     pub replayed: Vec<String>,
-    /// Ids that were not dead (or unknown), left alone.
+    /// Ids that were not dead, unknown, or priced (a priced task's hold was voided when it
+    /// died; resubmit it with a new id), left alone.
     pub skipped: Vec<String>,
 }
 

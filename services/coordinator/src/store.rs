@@ -568,7 +568,9 @@ pub async fn cancel(db: &PgPool, id: &str, reason: &str) -> DbResult<CancelOutco
     Ok(status.map_or(CancelOutcome::NotFound, CancelOutcome::Terminal))
 }
 
-/// Re-admit dead tasks with a fresh set of attempts; returns what to dispatch.
+/// Re-admit dead tasks with a fresh set of attempts; returns what to dispatch. Priced tasks
+/// are never replayed: their hold was voided when they died, so running them again would run
+/// them unpaid (resubmit them with a new id instead).
 pub async fn replay_dead(
     db: &PgPool,
     pool: Option<&str>,
@@ -582,7 +584,7 @@ pub async fn replay_dead(
              error = NULL, finished_at = NULL, started_at = NULL, not_before = NULL,
              dispatch_at = now(), updated_at = now()
          WHERE t.task_id IN (SELECT task_id FROM coordinator.tasks
-                             WHERE status = 'dead'
+                             WHERE status = 'dead' AND payer IS NULL
                                AND ($1::text IS NULL OR pool = $1)
                                AND (cardinality($2::text[]) = 0 OR task_id = ANY($2))
                              ORDER BY updated_at LIMIT $3)
