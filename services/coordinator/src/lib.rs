@@ -193,17 +193,11 @@ pub async fn start(
 
     let mut http_addr = None;
     if let Some(addr) = config.http_listen {
-        let (listener, bound) = taskbus_runtime::http::bind(addr)
-            .await
-            .map_err(|source| CoordinatorError::Http { addr, source })?;
+        let bound =
+            taskbus_runtime::http::spawn_health(&tracker, addr, health.clone(), shutdown.clone())
+                .await
+                .map_err(|source| CoordinatorError::Http { addr, source })?;
         http_addr = Some(bound);
-        let app = taskbus_runtime::http::router(health.clone());
-        let sd = shutdown.clone();
-        tracker.spawn(async move {
-            if let Err(e) = taskbus_runtime::http::serve(listener, app, sd).await {
-                tracing::error!(error = %e, "health server stopped");
-            }
-        });
     }
     tracker.close();
     health.set_ready(true);

@@ -93,3 +93,21 @@ pub async fn serve(
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await
 }
+
+/// Bind `addr` and serve the health/metrics router on `tracker` until `shutdown`; returns the
+/// bound address. The one way every service starts its health server.
+pub async fn spawn_health(
+    tracker: &tokio_util::task::TaskTracker,
+    addr: SocketAddr,
+    health: Health,
+    shutdown: CancellationToken,
+) -> std::io::Result<SocketAddr> {
+    let (listener, bound) = bind(addr).await?;
+    let app = router(health);
+    tracker.spawn(async move {
+        if let Err(e) = serve(listener, app, shutdown).await {
+            tracing::error!(error = %e, "health server stopped");
+        }
+    });
+    Ok(bound)
+}
