@@ -1,6 +1,6 @@
-//! Once a second: expire queued tasks past their deadline, time out running attempts that
-//! overran (when their agent did not report it), and re-send attempts whose work message was
-//! never confirmed. Safe on every replica at once: each step is one guarded UPDATE.
+//! Once a second: fold outcomes into reputation, expire queued tasks past their deadline, time
+//! out running attempts that overran (when their agent did not report it), promote tasks held
+//! by fairness limits, and re-send attempts whose work message was never confirmed. Safe on every replica at once: each step is one guarded UPDATE.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -37,6 +37,7 @@ pub(crate) async fn run(ctx: Arc<Ctx>, shutdown: CancellationToken) {
 }
 
 pub(crate) async fn once(ctx: &Ctx) -> Result<(), sqlx::Error> {
+    crate::registry::flush_reputation(ctx).await;
     let now = Utc::now();
     let mut pending = Vec::new();
     for (id, pool, deadline) in store::expire_overdue(&ctx.db).await? {

@@ -158,12 +158,7 @@ async fn handle_batch(
             b.failures += 1;
         }
     }
-    if !per_agent.is_empty() {
-        match store::update_reputation(&ctx.db, &per_agent).await {
-            Ok(reps) => crate::registry::publish_reputations(ctx, reps).await,
-            Err(e) => warn!(error = %e, "cannot update reputation"),
-        }
-    }
+    crate::registry::accumulate(ctx, per_agent);
 
     let pools: std::collections::HashSet<String> = durations
         .values()

@@ -17,6 +17,8 @@ use crate::{store, CoordinatorError, Ctx};
 #[derive(Clone)]
 pub(crate) struct Registry {
     beats: Arc<Mutex<HashMap<String, Heartbeat>>>,
+    /// Outcomes per agent not yet folded into `coordinator.agents` (flushed once a second).
+    pending: Arc<Mutex<HashMap<String, store::AgentBatch>>>,
     published: Arc<Mutex<HashMap<String, Decimal>>>,
     kv: kv::Store,
 }
@@ -48,9 +50,48 @@ impl Registry {
         };
         Ok(Self {
             beats: Arc::default(),
+            pending: Arc::default(),
             published: Arc::default(),
             kv,
         })
+    }
+}
+
+/// Add a batch's outcomes per agent to what the next [`flush_reputation`] folds in.
+pub(crate) fn accumulate(ctx: &Ctx, batch: HashMap<String, store::AgentBatch>) {
+    let mut p = ctx
+        .registry
+        .pending
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    for (agent, b) in batch {
+        let e = p.entry(agent).or_default();
+        e.pool = b.pool;
+        e.successes += b.successes;
+        e.failures += b.failures;
+        e.latency_sum_ms += b.latency_sum_ms;
+    }
+}
+
+/// Fold the accumulated outcomes into each agent's EWMAs and publish changed multipliers. Runs
+/// once a second (maintenance), so reputation costs two statements a second, not two per batch.
+pub(crate) async fn flush_reputation(ctx: &Ctx) {
+    let batch = std::mem::take(
+        &mut *ctx
+            .registry
+            .pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()),
+    );
+    if batch.is_empty() {
+        return;
+    }
+    match store::update_reputation(&ctx.db, &batch).await {
+        Ok(reps) => publish_reputations(ctx, reps).await,
+        Err(e) => {
+            warn!(error = %e, "cannot update reputation; keeping the outcomes for the next pass");
+            accumulate(ctx, batch);
+        }
     }
 }
 
