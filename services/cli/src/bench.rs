@@ -185,6 +185,22 @@ fn index_of(token: &str) -> Option<usize> {
     token.rsplit('-').next()?.parse().ok()
 }
 
+/// Record the first time an event for task `<run>-<i>` (4th subject token) arrived; true when
+/// this was the first time.
+fn stamp(subject: &str, run: &str, times: &[AtomicU64], t0: Instant) -> bool {
+    let now = t0.elapsed().as_nanos() as u64;
+    subject
+        .split('.')
+        .nth(3)
+        .filter(|id| id.starts_with(run))
+        .and_then(index_of)
+        .and_then(|i| times.get(i))
+        .is_some_and(|slot| {
+            slot.compare_exchange(0, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        })
+}
+
 async fn run_taskbus(
     args: &BenchArgs,
     nats_url: &str,
@@ -234,18 +250,7 @@ async fn run_taskbus(
     let st = started.clone();
     let started_rx = async move {
         while let Some(m) = sub_started.next().await {
-            let now = t0.elapsed().as_nanos() as u64;
-            if let Some(i) = m
-                .subject
-                .split('.')
-                .nth(3)
-                .filter(|id| id.starts_with(&rid))
-                .and_then(index_of)
-            {
-                if i < st.len() {
-                    let _ = st[i].compare_exchange(0, now, Ordering::Relaxed, Ordering::Relaxed);
-                }
-            }
+            stamp(&m.subject, &rid, &st, t0);
         }
     };
     let rid = run_id.clone();
@@ -254,24 +259,11 @@ async fn run_taskbus(
     let done_rx = async move {
         let mut count = 0usize;
         while let Some(m) = sub_done.next().await {
-            let now = t0.elapsed().as_nanos() as u64;
-            if let Some(i) = m
-                .subject
-                .split('.')
-                .nth(3)
-                .filter(|id| id.starts_with(&rid))
-                .and_then(index_of)
-            {
-                if i < dn.len()
-                    && dn[i]
-                        .compare_exchange(0, now, Ordering::Relaxed, Ordering::Relaxed)
-                        .is_ok()
-                {
-                    count += 1;
-                    pb2.inc(1);
-                    if count == n {
-                        return;
-                    }
+            if stamp(&m.subject, &rid, &dn, t0) {
+                count += 1;
+                pb2.inc(1);
+                if count == n {
+                    return;
                 }
             }
         }

@@ -55,22 +55,6 @@ struct Args {
     store_only: bool,
 }
 
-fn with_database(url: &str, db: &str) -> String {
-    let (base, query) = match url.split_once('?') {
-        Some((b, q)) => (b, Some(q)),
-        None => (url, None),
-    };
-    let scheme_end = base.find("://").map(|i| i + 3).unwrap_or(0);
-    let base = match base[scheme_end..].find('/') {
-        Some(i) => &base[..scheme_end + i],
-        None => base,
-    };
-    match query {
-        Some(q) => format!("{base}/{db}?{q}"),
-        None => format!("{base}/{db}"),
-    }
-}
-
 async fn fresh_db(admin: &str, name: &str) -> anyhow::Result<String> {
     let pool = sqlx::postgres::PgPoolOptions::new()
         .max_connections(1)
@@ -83,7 +67,7 @@ async fn fresh_db(admin: &str, name: &str) -> anyhow::Result<String> {
         .execute(&pool)
         .await?;
     pool.close().await;
-    Ok(with_database(admin, name))
+    Ok(taskbus_tests::with_database(admin, name))
 }
 
 fn pgbench(url: &str, secs: u64, extra: &[&str], what: &str) {
