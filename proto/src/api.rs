@@ -51,6 +51,33 @@ pub struct ApiError {
     pub error: String,
 }
 
+/// An [`ApiError`] with `code` and a sentence.
+pub fn bad(code: u16, msg: impl Into<String>) -> ApiError {
+    ApiError {
+        code,
+        error: msg.into(),
+    }
+}
+
+/// The JSON body of a reply: `{"ok": …}` or `{"error": …}`.
+pub fn reply_body<T: Serialize>(r: Result<T, ApiError>) -> Vec<u8> {
+    let r = match r {
+        Ok(v) => Reply::Ok(v),
+        Err(e) => Reply::Error(e),
+    };
+    serde_json::to_vec(&r).unwrap_or_default()
+}
+
+/// Parse a request body; an empty body means `{}`. Errors are 400s that quote serde's reason.
+pub fn parse_request<T: serde::de::DeserializeOwned>(payload: &[u8]) -> Result<T, ApiError> {
+    let payload = if payload.iter().all(u8::is_ascii_whitespace) {
+        b"{}".as_slice()
+    } else {
+        payload
+    };
+    serde_json::from_slice(payload).map_err(|e| bad(400, format!("bad request body: {e}")))
+}
+
 /// Reply envelope: either `{"ok": …}` or `{"error": …}`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]

@@ -11,7 +11,6 @@ use futures::StreamExt;
 use indicatif::{ProgressBar, ProgressStyle};
 use taskbus_agent::{Agent, AgentConfig, TaskContext, TaskError};
 use taskbus_proto::Subjects;
-use taskbus_runtime::devservers::{NatsServer, PgServer};
 use taskbus_runtime::{CancellationToken, TaskTracker};
 
 #[derive(clap::Args, Debug)]
@@ -67,28 +66,8 @@ pub async fn run(args: BenchArgs, nats_url: Option<String>, prefix: &str) -> any
     if !(args.rate.is_finite() && args.rate >= 0.0) {
         bail!("--rate must be a non-negative number");
     }
-    let mut _n = None;
-    let nats_url = match nats_url {
-        Some(u) => u,
-        None => {
-            let n = NatsServer::start()
-                .await
-                .context("cannot start nats-server")?;
-            let u = n.url();
-            _n = Some(n);
-            u
-        }
-    };
-    let mut _p = None;
-    let database_url = match &args.database_url {
-        Some(u) => u.clone(),
-        None => {
-            let p = PgServer::start().await.context("cannot start PostgreSQL")?;
-            let u = p.url();
-            _p = Some(p);
-            u
-        }
-    };
+    let local = crate::local::ensure(nats_url, args.database_url.clone(), false).await?;
+    let (nats_url, database_url) = (local.nats_url.clone(), local.database_url.clone());
     eprintln!("bench: nats {nats_url}, postgres {database_url}");
     let taskbus = run_taskbus(&args, &nats_url, &database_url, prefix).await?;
     let baseline = if args.no_baseline {

@@ -9,7 +9,6 @@ use async_nats::jetstream;
 use taskbus_agent::handlers::Demo;
 use taskbus_agent::{Agent, AgentConfig};
 use taskbus_proto::Subjects;
-use taskbus_runtime::devservers::{NatsServer, PgServer};
 use taskbus_runtime::{CancellationToken, TaskTracker};
 
 /// The ledger account `taskbus dev` funds and charges for priced demo tasks.
@@ -48,30 +47,8 @@ pub async fn run(args: DevArgs, nats_url: Option<String>, prefix: &str) -> anyho
         anyhow::bail!("--demo-rate must be between 0 and 100000 tasks per second");
     }
     let started = Instant::now();
-    let mut _nats_guard = None;
-    let nats_url = match nats_url {
-        Some(u) => u,
-        None => {
-            let n = NatsServer::start()
-                .await
-                .context("cannot start nats-server")?;
-            let u = n.url();
-            eprintln!("started nats-server (JetStream) at {u}");
-            _nats_guard = Some(n);
-            u
-        }
-    };
-    let mut _pg_guard = None;
-    let database_url = match args.database_url.clone() {
-        Some(u) => u,
-        None => {
-            let p = PgServer::start().await.context("cannot start PostgreSQL")?;
-            let u = p.url();
-            eprintln!("started PostgreSQL at {u}");
-            _pg_guard = Some(p);
-            u
-        }
-    };
+    let local = crate::local::ensure(nats_url, args.database_url.clone(), true).await?;
+    let (nats_url, database_url) = (local.nats_url.clone(), local.database_url.clone());
 
     let shutdown = CancellationToken::new();
     let tracker = TaskTracker::new();

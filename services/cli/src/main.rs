@@ -4,6 +4,7 @@ mod api;
 mod bench;
 mod dev;
 mod ledger;
+mod local;
 mod ops;
 mod output;
 mod submit;

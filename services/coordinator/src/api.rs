@@ -17,7 +17,8 @@ use bytes::Bytes;
 use futures::StreamExt;
 use serde::Serialize;
 use taskbus_proto::api::{
-    ApiError, DlqReplay, ReplayResult, Reply, TaskCancel, TaskGet, TaskList, COORDINATOR_SERVICE,
+    bad, parse_request as parse, ApiError, DlqReplay, ReplayResult, TaskCancel, TaskGet, TaskList,
+    COORDINATOR_SERVICE,
 };
 use taskbus_proto::events::{self, Event};
 use taskbus_runtime::CancellationToken;
@@ -100,27 +101,7 @@ pub(crate) async fn run(ctx: Arc<Ctx>, ep: Endpoints, shutdown: CancellationToke
 }
 
 fn reply<T: Serialize>(r: Result<T, ApiError>) -> Bytes {
-    let r = match r {
-        Ok(v) => Reply::Ok(v),
-        Err(e) => Reply::Error(e),
-    };
-    serde_json::to_vec(&r).unwrap_or_default().into()
-}
-
-fn bad(code: u16, msg: impl Into<String>) -> ApiError {
-    ApiError {
-        code,
-        error: msg.into(),
-    }
-}
-
-fn parse<T: serde::de::DeserializeOwned>(payload: &[u8]) -> Result<T, ApiError> {
-    let payload = if payload.iter().all(u8::is_ascii_whitespace) {
-        b"{}".as_slice()
-    } else {
-        payload
-    };
-    serde_json::from_slice(payload).map_err(|e| bad(400, format!("bad request body: {e}")))
+    taskbus_proto::api::reply_body(r).into()
 }
 
 async fn handle_get(ctx: &Ctx, payload: &[u8]) -> Bytes {

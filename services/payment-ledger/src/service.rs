@@ -13,7 +13,9 @@ use async_nats::service::{self, Service, ServiceExt};
 use bytes::Bytes;
 use futures::StreamExt;
 use serde::Serialize;
-use taskbus_proto::api::{ApiError, HoldRequest, HoldResponse, Reply, LEDGER_SERVICE};
+use taskbus_proto::api::{
+    bad, parse_request as parse, ApiError, HoldRequest, HoldResponse, LEDGER_SERVICE,
+};
 use taskbus_proto::events::{self, Event, EventKind};
 use taskbus_runtime::CancellationToken;
 use tracing::warn;
@@ -137,31 +139,11 @@ async fn sync_with_server(client: &async_nats::Client) -> Result<(), String> {
 }
 
 fn reply<T: Serialize>(r: Result<T, ApiError>) -> Bytes {
-    let r = match r {
-        Ok(v) => Reply::Ok(v),
-        Err(e) => Reply::Error(e),
-    };
-    serde_json::to_vec(&r).unwrap_or_default().into()
-}
-
-fn bad(code: u16, msg: impl Into<String>) -> ApiError {
-    ApiError {
-        code,
-        error: msg.into(),
-    }
+    taskbus_proto::api::reply_body(r).into()
 }
 
 fn op(e: OpError) -> ApiError {
     bad(e.code(), e.to_string())
-}
-
-fn parse<T: serde::de::DeserializeOwned>(payload: &[u8]) -> Result<T, ApiError> {
-    let payload = if payload.iter().all(u8::is_ascii_whitespace) {
-        b"{}".as_slice()
-    } else {
-        payload
-    };
-    serde_json::from_slice(payload).map_err(|e| bad(400, format!("bad request body: {e}")))
 }
 
 async fn handle(ctx: &Ctx, which: Which, payload: &[u8]) -> Bytes {
