@@ -3,8 +3,9 @@
     pip install nats-py
     TASKBUS_NATS_URL=nats://127.0.0.1:4222 python docs/examples/agent.py default
 
-It pulls from the pool's durable consumer, reports `started`, runs the handler while
-extending its lease, publishes the outcome with JetStream and then acks the work message.
+It pulls from the pool's three durable consumers in priority order (high, normal, low; every
+tenth task low while low tasks wait), reports `started`, runs the handler while extending its
+lease, publishes the outcome with JetStream and then acks the work message.
 """
 import asyncio
 import datetime
@@ -65,16 +66,39 @@ async def run_one(nc, js, msg):
     await msg.ack()
 
 
+BANDS = ("high", "normal", "low")
+LOW_EVERY = 10
+
+
+async def next_batch(subs, n, state):
+    """Up to n tasks: high first, then normal, then low; low first for every tenth task."""
+    owed = min((state["since_low"] + n) // LOW_EVERY, n)
+    order = ([("low", owed)] if owed else []) + [(b, n) for b in BANDS]
+    got, low = [], 0
+    for band, k in order:
+        k = min(k, n - len(got))
+        if k <= 0:
+            continue
+        try:
+            msgs = await subs[band].fetch(batch=k, timeout=0.05)
+        except NatsTimeout:
+            msgs = []
+        got += msgs
+        low += len(msgs) if band == "low" else 0
+    other = len(got) - low
+    state["since_low"] = min(max(state["since_low"] + other - low * (LOW_EVERY - 1), 0), LOW_EVERY - 1)
+    return got
+
+
 async def main():
     nc = await nats.connect(os.environ.get("TASKBUS_NATS_URL", "nats://127.0.0.1:4222"), name=AGENT_ID)
     js = nc.jetstream()
-    sub = await js.pull_subscribe_bind(durable=f"work-{POOL}", stream=f"{PREFIX.upper()}_WORK")
+    stream = f"{PREFIX.upper()}_WORK"
+    subs = {b: await js.pull_subscribe_bind(durable=f"work-{POOL}-{b}", stream=stream) for b in BANDS}
     print(f"{AGENT_ID} serving pool {POOL}", flush=True)
+    state = {"since_low": 0}
     while True:
-        try:
-            msgs = await sub.fetch(batch=4, timeout=5)
-        except NatsTimeout:
-            continue
+        msgs = await next_batch(subs, 4, state)
         await asyncio.gather(*(run_one(nc, js, m) for m in msgs))
 
 

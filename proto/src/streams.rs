@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::{consumer, stream};
 
+use crate::envelope::Priority;
 use crate::subjects::Subjects;
 
 /// Knobs for the streams; defaults suit a single node. Replicas > 1 needs a JetStream cluster.
@@ -110,12 +111,21 @@ pub fn outcome_consumer(s: &Subjects) -> consumer::pull::Config {
     }
 }
 
-/// The durable consumer the agents of `pool` share.
-pub fn work_consumer(s: &Subjects, pool: &str, ack_wait: Duration) -> consumer::pull::Config {
+/// The durable consumer the agents of `pool` share for one priority band. Agents pull the
+/// bands in priority order (see docs/PROTOCOL.md, "Priorities").
+pub fn work_consumer(
+    s: &Subjects,
+    pool: &str,
+    priority: Priority,
+    ack_wait: Duration,
+) -> consumer::pull::Config {
     consumer::pull::Config {
-        durable_name: Some(s.work_consumer(pool)),
-        description: Some(format!("taskbus agents of pool {pool}")),
-        filter_subject: s.work_pool(pool),
+        durable_name: Some(s.work_consumer(pool, priority)),
+        description: Some(format!(
+            "taskbus agents of pool {pool}, {} priority",
+            priority.as_str()
+        )),
+        filter_subject: s.work(pool, priority),
         ack_policy: consumer::AckPolicy::Explicit,
         ack_wait,
         max_deliver: -1,

@@ -112,8 +112,14 @@ impl Subjects {
     pub fn sched_all(&self) -> String {
         format!("{}.sched.>", self.prefix)
     }
-    /// Durable consumer name agents of `pool` share.
-    pub fn work_consumer(&self, pool: &str) -> String {
+    /// Durable consumer the agents of `pool` share for one priority band:
+    /// `work-<pool>-<priority>` (filter `taskbus.work.<pool>.<priority>`).
+    pub fn work_consumer(&self, pool: &str, priority: Priority) -> String {
+        format!("work-{pool}-{}", priority.as_str())
+    }
+    /// The single per-pool consumer of releases before priority bands (`work-<pool>`,
+    /// filter `taskbus.work.<pool>.*`); the coordinator removes it on start.
+    pub fn legacy_work_consumer(&self, pool: &str) -> String {
         format!("work-{pool}")
     }
 
@@ -175,6 +181,8 @@ mod tests {
         let s = Subjects::default();
         assert_eq!(s.submit_stream(), "TASKBUS_SUBMIT");
         assert_eq!(s.work("p", Priority::High), "taskbus.work.p.high");
+        assert_eq!(s.work_consumer("p", Priority::Low), "work-p-low");
+        assert_eq!(s.legacy_work_consumer("p"), "work-p");
         assert_eq!(
             s.event("p", "t1", EventKind::Succeeded),
             "taskbus.events.p.t1.succeeded"

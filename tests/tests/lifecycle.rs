@@ -365,6 +365,9 @@ async fn dead_tasks_are_replayed_with_fresh_attempts() {
         PoolSettings {
             retry_base_ms: 50,
             retry_max_ms: 50,
+            // Six failures in a row would open the agent's breaker for 30 s; not this test's
+            // subject.
+            breaker_threshold: 0,
             ..Default::default()
         },
     )
@@ -477,10 +480,21 @@ async fn heartbeats_breaker_and_reputation() {
     for i in 0..10 {
         s.wait_status(&format!("b{i}"), "succeeded", T).await;
     }
-    let agents = eventually("agents listed", T, || async {
+    // Reputation is flushed once a second: wait until the bad agent's failures show.
+    let rep = |a: &Value| {
+        a["reputation"]
+            .as_str()
+            .and_then(|r| r.parse::<f64>().ok())
+            .unwrap_or(f64::NAN)
+    };
+    let agents = eventually("agents listed with reputations", T, || async {
         let v = api(&s, "agents.list", json!({})).await;
         let list = v["ok"].as_array()?.clone();
-        (list.len() == 2 && list.iter().all(|a| a["health"] != "gone")).then_some(list)
+        let of = |id: &str| list.iter().find(|a| a["agent_id"] == id).map(rep);
+        (list.len() == 2
+            && list.iter().all(|a| a["health"] != "gone")
+            && of("bad-agent")? < of("good-agent")?)
+        .then_some(list)
     })
     .await;
     let bad = agents
@@ -493,8 +507,7 @@ async fn heartbeats_breaker_and_reputation() {
         .unwrap();
     assert_eq!(bad["health"], "paused");
     assert_eq!(bad["breaker"], "open");
-    let rep = |a: &Value| a["reputation"].as_str().unwrap().parse::<f64>().unwrap();
-    assert!(rep(bad) < rep(good), "bad {} good {}", rep(bad), rep(good));
+
     assert!((0.45..=1.0).contains(&rep(bad)));
     assert_eq!(rep(good), 1.0);
     // The good agent stamps its multiplier into its succeeded events.
@@ -621,6 +634,150 @@ async fn a_flooding_tenant_does_not_block_another_beyond_the_fairness_limit() {
                 .await
                 .ok()?;
         (n == 0).then_some(())
+    })
+    .await;
+}
+
+/// The documented priority rule, as an independent model: with one slot and tasks waiting in
+/// every band, an agent takes `high` before `normal` before `low`, except that every tenth
+/// task it takes is a `low` one while any wait.
+fn expected_priority_order(
+    mut high: usize,
+    mut normal: usize,
+    mut low: usize,
+) -> Vec<&'static str> {
+    let mut out = Vec::new();
+    while high + normal + low > 0 {
+        let tenth = out.len() % taskbus_agent::LOW_EVERY == taskbus_agent::LOW_EVERY - 1;
+        let band = if low > 0 && (tenth || high + normal == 0) {
+            low -= 1;
+            "low"
+        } else if high > 0 {
+            high -= 1;
+            "high"
+        } else {
+            normal -= 1;
+            "normal"
+        };
+        out.push(band);
+    }
+    out
+}
+
+#[tokio::test]
+async fn high_goes_before_normal_before_low_and_low_is_not_starved() {
+    let s = Stack::new(30_000).await;
+    let (_c, _t) = s.coordinator().await;
+    // Published low first, then normal, then high: arrival order is the reverse of priority.
+    for band in ["low", "normal", "high"] {
+        for i in 0..25 {
+            s.submit(
+                "default",
+                json!({"kind": "x", "id": format!("{band}-{i:02}"), "priority": band, "payload": {"band": band}}),
+            )
+            .await;
+        }
+    }
+    // Wait until all 75 wait in the work stream, then let one single-slot agent take them.
+    eventually("all 75 tasks queued for agents", T, || async {
+        let mut pending = 0;
+        for p in taskbus_proto::Priority::ALL {
+            let mut c = s
+                .js
+                .get_consumer_from_stream::<async_nats::jetstream::consumer::pull::Config, _, _>(
+                    s.subjects.work_consumer("default", p),
+                    s.subjects.work_stream(),
+                )
+                .await
+                .ok()?;
+            pending += c.info().await.ok()?.num_pending;
+        }
+        (pending == 75).then_some(())
+    })
+    .await;
+    let order = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = order.clone();
+    let mut cfg = AgentConfig::new(s.nats.url(), "default");
+    cfg.agent_id = "prio-agent".into();
+    cfg.concurrency = 1;
+    let a = Agent::new(cfg, move |t: TaskContext| {
+        let seen = seen.clone();
+        async move {
+            let band = t.payload["band"].as_str().unwrap_or("?").to_string();
+            seen.lock().unwrap().push(band);
+            Ok(json!(null))
+        }
+    });
+    let stop = CancellationToken::new();
+    let t = stop.clone();
+    let running = tokio::spawn(async move { a.run(t).await });
+    eventually("all 75 succeeded", T, || async {
+        (s.count("succeeded").await == 75).then_some(())
+    })
+    .await;
+    stop.cancel();
+    running.await.unwrap().unwrap();
+    let got = order.lock().unwrap().clone();
+    let want = expected_priority_order(25, 25, 25);
+    assert_eq!(got, want, "start order by band");
+    eprintln!(
+        "start order: {}",
+        got.iter().map(|b| &b[..1]).collect::<String>()
+    );
+}
+
+#[tokio::test]
+async fn the_pre_priority_work_consumer_is_replaced_and_its_queue_served() {
+    use async_nats::jetstream::consumer;
+    let s = Stack::new(30_000).await;
+    let stream = s.js.get_stream(s.subjects.work_stream()).await.unwrap();
+    // What an older coordinator left behind: one consumer over every band of the pool, and a
+    // task it had not delivered yet.
+    stream
+        .create_consumer(consumer::pull::Config {
+            durable_name: Some("work-default".into()),
+            filter_subject: s.subjects.work_pool("default"),
+            ack_policy: consumer::AckPolicy::Explicit,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let item = r#"{"attempt":1,"pool":"default","task":{"id":"legacy-1","kind":"x"}}"#;
+    serde_json::from_str::<taskbus_proto::WorkItem>(item).expect("a valid work item");
+    s.js.publish("taskbus.work.default.normal", item.into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let (_c, _t) = s.coordinator().await;
+    let names: Vec<String> = stream
+        .consumer_names()
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .map(|n| n.unwrap())
+        .collect();
+    assert!(!names.contains(&"work-default".to_string()), "{names:?}");
+    for band in ["high", "normal", "low"] {
+        assert!(names.contains(&format!("work-default-{band}")), "{names:?}");
+    }
+    let ran = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = ran.clone();
+    let _a = agent(&s, "after-upgrade", move |t: TaskContext| {
+        let seen = seen.clone();
+        async move {
+            seen.lock().unwrap().push(t.task_id.clone());
+            Ok(json!(null))
+        }
+    });
+    s.submit("default", json!({"kind": "x", "id": "new-1"}))
+        .await;
+    s.wait_status("new-1", "succeeded", T).await;
+    eventually("the old queued task ran", T, || async {
+        ran.lock()
+            .unwrap()
+            .contains(&"legacy-1".to_string())
+            .then_some(())
     })
     .await;
 }

@@ -14,9 +14,10 @@
 //! ```
 //!
 //! What the SDK does for the handler:
-//! - pulls from the pool's durable consumer `work-<pool>` with bounded concurrency (it asks
-//!   the server only for as many messages as it has free slots, so nothing waits in a local
-//!   buffer while its lease runs out);
+//! - pulls from the pool's durable consumers `work-<pool>-high|normal|low` in priority order
+//!   with bounded concurrency (it asks the server only for as many messages as it has free
+//!   slots, so nothing waits in a local buffer while its lease runs out; see `src/pull.rs` for the
+//!   priority rule and how `low` is kept from starving);
 //! - publishes `started` (core NATS), extends the lease with progress acks every third of the
 //!   consumer's `ack_wait` while the handler runs, enforces the task's `timeout_ms`;
 //! - publishes the outcome (`succeeded`/`failed`) with JetStream and waits for its ack, then
@@ -27,6 +28,9 @@
 //!   at once. Nothing is lost when a pod is scaled down.
 
 pub mod handlers;
+mod pull;
+
+pub use pull::LOW_EVERY;
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
@@ -41,8 +45,7 @@ use chrono::Utc;
 use futures::StreamExt;
 use taskbus_proto::api::Heartbeat;
 use taskbus_proto::events::{self, Event, EventKind};
-use taskbus_proto::{PoolSettings, Subjects, WorkItem};
-use tokio::sync::Semaphore;
+use taskbus_proto::{PoolSettings, Priority, Subjects, WorkItem};
 use tracing::{debug, info, warn};
 
 pub use taskbus_runtime::CancellationToken;
@@ -298,10 +301,15 @@ impl<H: Handler> Agent<H> {
             taskbus_runtime::nats::connect(&c.nats_url, &format!("taskbus-agent {}", c.agent_id))
                 .await?;
         let js = jetstream::new(client.clone());
-        let Some(consumer) = wait_for_consumer(&js, &subjects, &c.pool, &shutdown).await else {
+        let Some(bands) = wait_for_consumers(&js, &subjects, &c.pool, &shutdown).await else {
             return Ok(());
         };
-        let ack_wait = consumer.cached_info().config.ack_wait;
+        let ack_wait = bands
+            .consumers
+            .iter()
+            .map(|(_, c)| c.cached_info().config.ack_wait)
+            .min()
+            .unwrap_or(Duration::from_secs(30));
         info!(pool = %c.pool, agent_id = %c.agent_id, concurrency = c.concurrency, ?ack_wait, "agent running");
         let shared = Arc::new(Shared {
             config: self.config.clone(),
@@ -328,7 +336,7 @@ impl<H: Handler> Agent<H> {
         aux.spawn(watch_reputation(shared.clone(), aux_stop.clone()));
         aux.close();
         let tracker = taskbus_runtime::TaskTracker::new();
-        pull_loop(&shared, &consumer, &tracker, &shutdown).await;
+        pull::pull_loop(&shared, &bands, &tracker, &shutdown).await;
 
         // Drain: in-flight tasks get the grace period, then are cancelled and handed back.
         tracker.close();
@@ -352,116 +360,43 @@ impl<H: Handler> Agent<H> {
     }
 }
 
-async fn wait_for_consumer(
+async fn wait_for_consumers(
     js: &jetstream::Context,
     subjects: &Subjects,
     pool: &str,
     shutdown: &CancellationToken,
-) -> Option<PullConsumer> {
+) -> Option<pull::Bands> {
     let mut warned = false;
     loop {
-        match js
-            .get_consumer_from_stream::<jetstream::consumer::pull::Config, _, _>(
-                subjects.work_consumer(pool),
-                subjects.work_stream(),
-            )
-            .await
-        {
-            Ok(c) => return Some(c),
-            Err(e) => {
-                if !warned {
-                    warn!(pool, error = %e, "work consumer not found yet; is the coordinator running and the pool configured? waiting");
-                    warned = true;
+        let mut found = Vec::with_capacity(3);
+        let mut missing = None;
+        for priority in Priority::ALL {
+            match js
+                .get_consumer_from_stream::<jetstream::consumer::pull::Config, _, _>(
+                    subjects.work_consumer(pool, priority),
+                    subjects.work_stream(),
+                )
+                .await
+            {
+                Ok(c) => found.push((priority, c)),
+                Err(e) => {
+                    missing = Some(e);
+                    break;
                 }
             }
+        }
+        if let Ok(consumers) = <[(Priority, PullConsumer); 3]>::try_from(found) {
+            return Some(pull::Bands { consumers });
+        }
+        if !warned {
+            if let Some(e) = missing {
+                warn!(pool, error = %e, "work consumers not found yet; is the coordinator running and the pool configured? waiting");
+            }
+            warned = true;
         }
         tokio::select! {
             _ = shutdown.cancelled() => return None,
             _ = tokio::time::sleep(Duration::from_millis(500)) => {}
-        }
-    }
-}
-
-async fn pull_loop<H: Handler>(
-    shared: &Arc<Shared<H>>,
-    consumer: &PullConsumer,
-    tracker: &taskbus_runtime::TaskTracker,
-    shutdown: &CancellationToken,
-) {
-    let slots = Arc::new(Semaphore::new(shared.config.concurrency));
-    while !shutdown.is_cancelled() {
-        let state = lock(&shared.breaker).state(Instant::now());
-        let wait = match state {
-            BreakerState::Open(until) => Some(until.saturating_duration_since(Instant::now())),
-            BreakerState::HalfOpen if shared.in_flight.load(Ordering::Relaxed) > 0 => {
-                Some(Duration::from_millis(50))
-            }
-            _ => None,
-        };
-        if let Some(d) = wait {
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = tokio::time::sleep(d) => {}
-            }
-            continue;
-        }
-        let first = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
-        };
-        let want = if state == BreakerState::HalfOpen {
-            1
-        } else {
-            1 + slots.available_permits()
-        };
-        let mut batch = match consumer
-            .batch()
-            .max_messages(want)
-            .expires(shared.config.pull_expiry)
-            .messages()
-            .await
-        {
-            Ok(b) => b,
-            Err(e) => {
-                warn!(error = %e, "pull request failed; retrying");
-                drop(first);
-                tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    _ = tokio::time::sleep(Duration::from_millis(500)) => {}
-                }
-                continue;
-            }
-        };
-        let mut first = Some(first);
-        // Read the whole batch, even past shutdown, so nothing delivered to us is left waiting
-        // for its lease to expire: after shutdown each message is handed back at once.
-        while let Some(msg) = batch.next().await {
-            let msg = match msg {
-                Ok(m) => m,
-                Err(e) => {
-                    debug!(error = %e, "pull notice");
-                    continue;
-                }
-            };
-            if shutdown.is_cancelled() {
-                let _ = msg.ack_with(AckKind::Nak(None)).await;
-                shared.stats.handed_back.fetch_add(1, Ordering::Relaxed);
-                continue;
-            }
-            let permit = match first.take() {
-                Some(p) => p,
-                None => match slots.clone().acquire_owned().await {
-                    Ok(p) => p,
-                    Err(_) => return,
-                },
-            };
-            let shared = shared.clone();
-            shared.in_flight.fetch_add(1, Ordering::Relaxed);
-            tracker.spawn(async move {
-                process(&shared, msg).await;
-                shared.in_flight.fetch_sub(1, Ordering::Relaxed);
-                drop(permit);
-            });
         }
     }
 }

@@ -221,19 +221,24 @@ async fn status_line(
             .iter()
             .filter(|p| taskbus_proto::ids::is_valid_pool(p))
         {
-            if let Ok(mut c) = js
-                .get_consumer_from_stream::<jetstream::consumer::pull::Config, _, _>(
-                    subjects.work_consumer(p),
-                    subjects.work_stream(),
-                )
-                .await
-            {
-                if let Ok(i) = c.info().await {
-                    backlog.push(format!(
-                        "{p}: {} queued/{} running",
-                        i.num_pending, i.num_ack_pending
-                    ));
+            let (mut queued, mut running, mut found) = (0, 0, false);
+            for prio in taskbus_proto::Priority::ALL {
+                if let Ok(mut c) = js
+                    .get_consumer_from_stream::<jetstream::consumer::pull::Config, _, _>(
+                        subjects.work_consumer(p, prio),
+                        subjects.work_stream(),
+                    )
+                    .await
+                {
+                    if let Ok(i) = c.info().await {
+                        queued += i.num_pending;
+                        running += i.num_ack_pending;
+                        found = true;
+                    }
                 }
+            }
+            if found {
+                backlog.push(format!("{p}: {queued} queued/{running} running"));
             }
         }
         let demo = ledger

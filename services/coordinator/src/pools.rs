@@ -1,5 +1,5 @@
 //! The pool registry: settings from the JetStream KV bucket, kept fresh by a watcher, plus the
-//! per-pool work consumer each pool needs.
+//! work consumers (one per priority band) each pool needs.
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, kv};
 use futures::StreamExt;
-use taskbus_proto::{streams, PoolSettings, Subjects};
+use taskbus_proto::{streams, PoolSettings, Priority, Subjects};
 use taskbus_runtime::CancellationToken;
 use tracing::{info, warn};
 
@@ -80,8 +80,8 @@ impl Pools {
                 return;
             }
         };
-        if let Err(e) = self.ensure_work_consumer(name, &settings).await {
-            warn!(pool = name, error = %e, "cannot create the pool's work consumer");
+        if let Err(e) = self.ensure_work_consumers(name, &settings).await {
+            warn!(pool = name, error = %e, "cannot create the pool's work consumers");
         }
         self.inner
             .write()
@@ -89,7 +89,10 @@ impl Pools {
             .insert(name.to_string(), settings);
     }
 
-    async fn ensure_work_consumer(
+    /// One durable consumer per priority band (`work-<pool>-high|normal|low`). The single
+    /// `work-<pool>` consumer of earlier releases overlaps them on the work-queue stream, so it
+    /// is removed first; messages it had not delivered stay in the stream for the new ones.
+    async fn ensure_work_consumers(
         &self,
         pool: &str,
         s: &PoolSettings,
@@ -99,12 +102,32 @@ impl Pools {
             .get_stream(self.subjects.work_stream())
             .await
             .map_err(CoordinatorError::js)?;
-        let cfg =
-            streams::work_consumer(&self.subjects, pool, Duration::from_millis(s.ack_wait_ms));
-        stream
-            .create_consumer(cfg)
-            .await
-            .map_err(CoordinatorError::js)?;
+        let legacy = self.subjects.legacy_work_consumer(pool);
+        if let Ok(info) = stream.consumer_info(&legacy).await {
+            if info.config.filter_subject == self.subjects.work_pool(pool) {
+                info!(
+                    pool,
+                    consumer = %legacy,
+                    "removing the pre-priority work consumer"
+                );
+                stream
+                    .delete_consumer(&legacy)
+                    .await
+                    .map_err(CoordinatorError::js)?;
+            }
+        }
+        for priority in Priority::ALL {
+            let cfg = streams::work_consumer(
+                &self.subjects,
+                pool,
+                priority,
+                Duration::from_millis(s.ack_wait_ms),
+            );
+            stream
+                .create_consumer(cfg)
+                .await
+                .map_err(CoordinatorError::js)?;
+        }
         Ok(())
     }
 

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream::{self, kv};
 use chrono::Utc;
 use futures::StreamExt;
-use taskbus_proto::Subjects;
+use taskbus_proto::{Priority, Subjects};
 use taskbus_runtime::CancellationToken;
 use tracing::{debug, info, warn};
 
@@ -211,38 +211,43 @@ async fn read_consumer(
         .await
         .map_err(ScalerError::js)?;
     let delayed = count_delayed(&stream, subjects, pool).await;
-    let info = match stream.consumer_info(subjects.work_consumer(pool)).await {
-        Ok(i) => i,
-        Err(e)
-            if matches!(
-                e.kind(),
-                jetstream::context::ConsumerInfoErrorKind::NotFound
-            ) =>
-        {
-            return Ok(ConsumerRead {
-                delayed,
-                ..Default::default()
-            });
-        }
-        Err(e) => return Err(ScalerError::js(e)),
-    };
+    // One consumer per priority band: the pool's figures are their sums (the oldest waiting
+    // task is the oldest over the bands).
     let mut read = ConsumerRead {
-        found: true,
-        pending: info.num_pending,
-        ack_pending: info.num_ack_pending as u64,
-        delivered: info.delivered.consumer_sequence,
         delayed,
-        oldest_age_seconds: 0.0,
+        ..Default::default()
     };
-    if info.num_pending > 0 {
-        // The first message of the pool after the last delivered one is the oldest waiting.
-        let from = info.delivered.stream_sequence.saturating_add(1);
-        if let Ok(msg) = stream
-            .get_first_raw_message_by_subject(subjects.work_pool(pool), from)
+    for priority in Priority::ALL {
+        let info = match stream
+            .consumer_info(subjects.work_consumer(pool, priority))
             .await
         {
-            let age = Utc::now().signed_duration_since(msg.time);
-            read.oldest_age_seconds = (age.num_milliseconds().max(0) as f64) / 1000.0;
+            Ok(i) => i,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    jetstream::context::ConsumerInfoErrorKind::NotFound
+                ) =>
+            {
+                continue;
+            }
+            Err(e) => return Err(ScalerError::js(e)),
+        };
+        read.found = true;
+        read.pending += info.num_pending;
+        read.ack_pending += info.num_ack_pending as u64;
+        read.delivered += info.delivered.consumer_sequence;
+        if info.num_pending > 0 {
+            // The first message of the band after its last delivered one is its oldest waiting.
+            let from = info.delivered.stream_sequence.saturating_add(1);
+            if let Ok(msg) = stream
+                .get_first_raw_message_by_subject(subjects.work(pool, priority), from)
+                .await
+            {
+                let age = Utc::now().signed_duration_since(msg.time);
+                let age = (age.num_milliseconds().max(0) as f64) / 1000.0;
+                read.oldest_age_seconds = read.oldest_age_seconds.max(age);
+            }
         }
     }
     Ok(read)

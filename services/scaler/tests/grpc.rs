@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use common::{http_get, http_json, take, Env};
 use futures::StreamExt;
 use taskbus_proto::pool::FreezeWindow;
-use taskbus_proto::PoolSettings;
+use taskbus_proto::{PoolSettings, Priority};
 use taskbus_runtime::CancellationToken;
 use taskbus_scaler::pb::external_scaler_client::ExternalScalerClient;
 use taskbus_scaler::pb::{GetMetricsRequest, ScaledObjectRef};
@@ -165,6 +165,14 @@ async fn keda_rpcs_track_the_real_queue() {
     // 12 waiting, 5 per replica, 1 s default service time, 5 s target: ceil(12/5 × 1 / 5) = 1;
     // never fewer than the in-flight work needs.
     assert!(metric(&mut c, "cpu", "desired").await.0 >= 1);
+
+    // The pool's figures sum its three priority bands.
+    env.publish_band("cpu", Priority::High, 2).await;
+    env.publish_band("cpu", Priority::Low, 3).await;
+    assert!(backlog_becomes(&mut c, "cpu", 17).await < Duration::from_secs(1));
+    take(&env.band("cpu", Priority::High).await, 2, true).await;
+    take(&env.band("cpu", Priority::Low).await, 3, true).await;
+    assert!(backlog_becomes(&mut c, "cpu", 12).await < Duration::from_secs(1));
 
     // A stream opened while the pool is already active reports it once, at once.
     let mut late = c

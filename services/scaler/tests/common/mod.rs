@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, consumer::PullConsumer};
 use futures::StreamExt;
-use taskbus_proto::{streams, PoolSettings, Subjects};
+use taskbus_proto::{streams, PoolSettings, Priority, Subjects};
 use taskbus_runtime::devservers::NatsServer;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -49,16 +49,35 @@ impl Env {
         self.consumer(name).await
     }
 
+    /// Create the pool's three priority-band consumers; returns the `normal` one.
     pub async fn consumer(&self, name: &str) -> PullConsumer {
         let stream = self
             .js
             .get_stream(self.subjects.work_stream())
             .await
             .unwrap();
-        stream
-            .get_or_create_consumer(
-                &self.subjects.work_consumer(name),
-                streams::work_consumer(&self.subjects, name, Duration::from_secs(30)),
+        let mut normal = None;
+        for p in Priority::ALL {
+            let c = stream
+                .get_or_create_consumer(
+                    &self.subjects.work_consumer(name, p),
+                    streams::work_consumer(&self.subjects, name, p, Duration::from_secs(30)),
+                )
+                .await
+                .unwrap();
+            if p == Priority::Normal {
+                normal = Some(c);
+            }
+        }
+        normal.unwrap()
+    }
+
+    /// One priority band's consumer of a pool (created by [`Env::consumer`]).
+    pub async fn band(&self, name: &str, p: Priority) -> PullConsumer {
+        self.js
+            .get_consumer_from_stream(
+                self.subjects.work_consumer(name, p),
+                self.subjects.work_stream(),
             )
             .await
             .unwrap()
@@ -66,10 +85,15 @@ impl Env {
 
     /// Publish `n` work messages to `taskbus.work.<pool>.normal`.
     pub async fn publish(&self, pool: &str, n: usize) {
+        self.publish_band(pool, Priority::Normal, n).await
+    }
+
+    /// Publish `n` work messages to `taskbus.work.<pool>.<band>`.
+    pub async fn publish_band(&self, pool: &str, band: Priority, n: usize) {
         for i in 0..n {
             self.js
                 .publish(
-                    format!("taskbus.work.{pool}.normal"),
+                    format!("taskbus.work.{pool}.{}", band.as_str()),
                     format!("{{\"n\":{i}}}").into(),
                 )
                 .await
