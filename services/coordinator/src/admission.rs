@@ -218,17 +218,23 @@ async fn handle_batch(ctx: &Ctx, batch: Vec<Message>) -> Result<(), BatchError> 
         .filter(|r| !rej_inserted.contains(&r.id))
         .map(|r| r.id.clone())
         .collect();
-    let rej_existing: HashMap<String, Option<i64>> = store::existing(&ctx.db, &rej_conflicts)
-        .await?
-        .into_iter()
-        .map(|(id, seq, _)| (id, seq))
-        .collect();
+    let rej_existing: HashMap<String, (Option<i64>, String)> =
+        store::existing(&ctx.db, &rej_conflicts)
+            .await?
+            .into_iter()
+            .map(|(id, seq, status)| (id, (seq, status)))
+            .collect();
     let mut rekeyed = Vec::new();
-    for r in rejections.values_mut() {
-        if let Some(seq) = rej_existing.get(&r.id) {
+    // Redeliveries of a message that was admitted earlier and is refused now only because the
+    // task's hold has meanwhile resolved (the task ran): nothing to announce, just ack.
+    let mut admitted_earlier = std::collections::HashSet::new();
+    for (i, r) in rejections.iter_mut() {
+        if let Some((seq, status)) = rej_existing.get(&r.id) {
             if *seq != Some(r.submit_seq) {
                 r.id = format!("seq-{}", r.submit_seq);
                 rekeyed.push(r.clone());
+            } else if status != "rejected" {
+                admitted_earlier.insert(*i);
             }
         }
     }
@@ -304,6 +310,10 @@ async fn handle_batch(ctx: &Ctx, batch: Vec<Message>) -> Result<(), BatchError> 
                 let Some(row) = rejections.get(&i) else {
                     continue;
                 };
+                if admitted_earlier.contains(&i) {
+                    debug!(task_id = %row.id, seq = it.seq, "redelivery of an admitted task: nothing to reject");
+                    continue;
+                }
                 ctx.metrics
                     .rejected
                     .get_or_create(&crate::metrics::ReasonLabel {
