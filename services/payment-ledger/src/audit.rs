@@ -4,7 +4,8 @@
 //! 1. Per currency, Σ debits = Σ credits over all accounts, posted and pending separately.
 //! 2. No `no_overdraft` account has `debits_posted + debits_pending > credits_posted`.
 //! 3. Every account's four balance columns equal the sums of its journal rows.
-//! 4. Every transfer's accounts are in the transfer's currency.
+//! 4. Every transfer's accounts exist and are in the transfer's currency (no foreign keys: see
+//!    the migration `20261122000101_ledger_speed.sql`).
 //! 5. A settled hold's posted part equals its payout plus fee; a voided hold has neither; a
 //!    task has at most one payout and one fee (the unique index also guarantees this).
 
@@ -75,14 +76,18 @@ pub async fn check(db: &PgPool) -> Result<Vec<String>, sqlx::Error> {
     }
 
     for r in sqlx::query(
-        "SELECT t.id FROM ledger.transfers t
-         JOIN ledger.accounts d ON d.id = t.debit_account JOIN ledger.accounts c ON c.id = t.credit_account
-         WHERE d.currency <> t.currency OR c.currency <> t.currency LIMIT 20",
+        "SELECT t.id, d.id IS NULL OR c.id IS NULL FROM ledger.transfers t
+         LEFT JOIN ledger.accounts d ON d.id = t.debit_account LEFT JOIN ledger.accounts c ON c.id = t.credit_account
+         WHERE d.id IS NULL OR c.id IS NULL OR d.currency <> t.currency OR c.currency <> t.currency LIMIT 20",
     )
     .fetch_all(db)
     .await?
     {
-        problems.push(format!("transfer {} mixes currencies", r.get::<i64, _>(0)));
+        problems.push(if r.get::<bool, _>(1) {
+            format!("transfer {} refers to a missing account", r.get::<i64, _>(0))
+        } else {
+            format!("transfer {} mixes currencies", r.get::<i64, _>(0))
+        });
     }
 
     for r in sqlx::query(

@@ -5,9 +5,10 @@
 //! - the **API** ([`service`]): a NATS services-framework service (`taskbus-ledger`) with the
 //!   coordinator's batch `hold` endpoint and the operator endpoints (deposit, withdraw, balance,
 //!   statement, transfers, accounts, audit), see [`api`];
-//! - **settlement** ([`settle`]): a durable consumer of `held`, `succeeded`, `dead`,
-//!   `cancelled`, `expired` and `rejected` events on `TASKBUS_EVENTS` that posts or voids holds
-//!   in batches (one transaction per batch) and publishes `settled`.
+//! - **settlement** ([`settle`]): a durable consumer of `succeeded`, `dead`, `cancelled`,
+//!   `expired` and `rejected` events (and `held`, when rebuilding from the stream) on
+//!   `TASKBUS_EVENTS` that posts or voids holds in batches (one transaction per batch) and
+//!   publishes `settled`.
 //!
 //! The money logic lives in [`store::Ledger`], usable without NATS (tests, benchmarks,
 //! `taskbus dev`). Any number of replicas may run against one NATS and one PostgreSQL: they
@@ -54,6 +55,10 @@ pub struct Config {
     pub ack_wait: Duration,
     /// API requests handled at once.
     pub api_concurrency: usize,
+    /// Also read `held` events and re-apply their holds: for a ledger rebuilding its database
+    /// from the events stream (with a fresh consumer). A live ledger made its holds itself
+    /// and leaves them out (set when the consumer is created).
+    pub replay_held: bool,
 }
 
 impl Config {
@@ -70,6 +75,7 @@ impl Config {
             consumer: "ledger".into(),
             ack_wait: Duration::from_secs(10),
             api_concurrency: 8,
+            replay_held: false,
         }
     }
 }
@@ -107,6 +113,7 @@ pub(crate) struct Ctx {
     pub metrics: metrics::Metrics,
     pub batch_size: usize,
     pub api_concurrency: usize,
+    pub replay_held: bool,
 }
 
 /// A started ledger; [`Running::wait`] returns once every loop has stopped.
@@ -155,6 +162,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
         metrics,
         batch_size: config.batch_size.max(1),
         api_concurrency: config.api_concurrency.max(1),
+        replay_held: config.replay_held,
     });
     let consumer = settle::consumer(&ctx, &config.consumer, config.ack_wait).await?;
     let endpoints = service::start(&ctx, &client).await?;

@@ -60,6 +60,11 @@ struct Args {
     /// Durable consumer name on the events stream.
     #[arg(long, env = "TASKBUS_LEDGER_CONSUMER", default_value = "ledger")]
     consumer: String,
+    /// Also read `held` events and re-apply their holds: for a ledger rebuilding a lost
+    /// database from the events stream (use a fresh --consumer). Applies when the consumer is
+    /// created.
+    #[arg(long, env = "TASKBUS_LEDGER_REPLAY_HELD")]
+    replay_held: bool,
     /// PostgreSQL connections.
     #[arg(long, env = "TASKBUS_LEDGER_DB_CONNECTIONS", default_value_t = 8)]
     db_connections: u32,
@@ -87,6 +92,7 @@ async fn main() -> anyhow::Result<()> {
     config.ack_wait = Duration::from_secs(args.ack_wait_secs.max(1));
     config.consumer = args.consumer;
     config.db_max_connections = args.db_connections;
+    config.replay_held = args.replay_held;
     let shutdown = CancellationToken::new();
     let running = taskbus_ledger::start(config, shutdown.clone()).await?;
     taskbus_runtime::cancel_on_signal(shutdown).await;

@@ -1,7 +1,7 @@
 //! Settlement: a durable consumer of the events that move money.
 //!
-//! - `held`: re-applies the hold (a no-op when it exists; a fresh ledger replaying the stream
-//!   rebuilds its holds from these);
+//! - `held` (only with `replay_held`): re-applies the hold (a no-op when it exists; a fresh
+//!   ledger replaying the stream rebuilds its holds from these);
 //! - `succeeded`: posts the hold (payout to the agent and the platform, the rest back to the
 //!   payer);
 //! - `dead`, `cancelled`, `expired`: voids the hold;
@@ -44,11 +44,14 @@ pub const SETTLEMENT_EVENTS: [EventKind; 6] = [
     EventKind::Rejected,
 ];
 
-/// The durable consumer spec (shared by every replica).
+/// The durable consumer spec (shared by every replica). Without `replay_held` the consumer
+/// leaves out `held` events: a live ledger made those holds itself (before publishing the
+/// event), so reading them back would only cost a delivery, an ack and a lookup per task.
 pub fn consumer_config(
     subjects: &Subjects,
     name: &str,
     ack_wait: Duration,
+    replay_held: bool,
 ) -> consumer::pull::Config {
     consumer::pull::Config {
         durable_name: Some(name.into()),
@@ -59,6 +62,7 @@ pub fn consumer_config(
         max_ack_pending: 50_000,
         filter_subjects: SETTLEMENT_EVENTS
             .iter()
+            .filter(|k| replay_held || **k != EventKind::Held)
             .map(|k| subjects.event_kind_all(*k))
             .collect(),
         deliver_policy: consumer::DeliverPolicy::All,
@@ -71,13 +75,14 @@ pub(crate) async fn consumer(
     name: &str,
     ack_wait: Duration,
 ) -> Result<PullConsumer, LedgerError> {
+    let config = consumer_config(&ctx.subjects, name, ack_wait, ctx.replay_held);
     let stream = ctx
         .js
         .get_stream(ctx.subjects.events_stream())
         .await
         .map_err(LedgerError::js)?;
     stream
-        .get_or_create_consumer(name, consumer_config(&ctx.subjects, name, ack_wait))
+        .get_or_create_consumer(name, config)
         .await
         .map_err(LedgerError::js)
 }
@@ -218,6 +223,9 @@ pub(crate) async fn run(
     };
     let mut buffer: BTreeMap<u64, async_nats::jetstream::Message> = BTreeMap::new();
     let mut waiting_since: Option<Instant> = None;
+    // Events of a batch that failed and is being retried in process: the failure may have come
+    // after the commit (the `settled` publish), so they are treated as redelivered.
+    let mut retried: HashSet<u64> = HashSet::new();
     let mut last_progress = Instant::now();
     let mut idle = Duration::from_millis(5);
     while !shutdown.is_cancelled() {
@@ -301,7 +309,15 @@ pub(crate) async fn run(
             std::mem::take(&mut buffer).into_values().collect();
         for chunk in all.chunks(ctx.batch_size) {
             ctx.metrics.settle_batch.observe(chunk.len() as f64);
-            if let Err(e) = handle_batch(&ctx, chunk).await {
+            let result = handle_batch(&ctx, chunk, &retried).await;
+            if result.is_ok() && !retried.is_empty() {
+                for m in chunk {
+                    if let Ok(i) = m.info() {
+                        retried.remove(&i.stream_sequence);
+                    }
+                }
+            }
+            if let Err(e) = result {
                 warn!(error = %e, events = chunk.len(), "settlement batch failed; it will be redelivered");
                 ctx.metrics.error("settle");
                 crate::pause(&shutdown, Duration::from_millis(500)).await;
@@ -314,6 +330,7 @@ pub(crate) async fn run(
                     .filter(|m| m.info().ok().map(|i| i.stream_sequence) >= first)
                 {
                     let seq = m.info().map(|i| i.stream_sequence).unwrap_or(0);
+                    retried.insert(seq);
                     buffer.insert(seq, m.clone());
                 }
                 break;
@@ -325,6 +342,7 @@ pub(crate) async fn run(
 async fn handle_batch(
     ctx: &Ctx,
     batch: &[async_nats::jetstream::Message],
+    retried: &HashSet<u64>,
 ) -> Result<(), BatchError> {
     let mut holds = Vec::new();
     let mut resolutions = Vec::new();
@@ -335,9 +353,11 @@ async fn handle_batch(
             .map(|i| (i.stream_sequence, i.delivered))
             .unwrap_or((0, 1));
         match parse(&ctx.subjects, m.subject.as_str(), &m.payload, seq) {
-            Parsed::Hold(h) => holds.push(h),
+            // A consumer created before `replay_held` was off still delivers them: skip.
+            Parsed::Hold(h) if ctx.replay_held => holds.push(h),
+            Parsed::Hold(_) => {}
             Parsed::Resolve(r) => {
-                if delivered > 1 {
+                if delivered > 1 || retried.contains(&seq) {
                     redelivered.push((r.task_id.clone(), r.seq));
                 }
                 resolutions.push(r);

@@ -348,6 +348,7 @@ async fn killed_ledger_settles_every_task_exactly_once() {
     }
     let mut cfg = taskbus_ledger::Config::new(env.nats.url(), fresh.url.clone());
     cfg.consumer = "ledger-replay".into();
+    cfg.replay_held = true;
     let token = taskbus_runtime::CancellationToken::new();
     let replay = taskbus_ledger::start(cfg, token.clone()).await.unwrap();
     let fresh_pool = fresh.pool().await;

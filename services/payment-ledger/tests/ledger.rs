@@ -463,7 +463,11 @@ async fn operator_operations_are_idempotent_and_validated() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_events_change_nothing() {
     let env = Env::new().await;
-    let (running, token) = env.start().await;
+    // Read `held` events too (as a ledger rebuilding from the stream does): a conflicting or
+    // unaffordable one must change nothing either.
+    let mut config = env.config();
+    config.replay_held = true;
+    let (running, token) = env.start_with(config).await;
     env.deposit("dave", "10", "USD").await;
     assert_eq!(
         holds(&env, vec![hold("h1", "dave", "4", None)])
@@ -629,4 +633,41 @@ async fn replicas_share_the_work_and_hold_each_task_once() {
     t2.cancel();
     r1.wait().await;
     r2.wait().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn accounts_are_permanent_and_the_audit_finds_dangling_transfers() {
+    let env = Env::new().await;
+    let (running, token) = env.start().await;
+    env.deposit("gina", "5", "USD").await;
+    // The journal has no foreign keys (they cost 40 % of a settlement): accounts are
+    // permanent instead, so an id once read stays valid.
+    for sql in [
+        "DELETE FROM ledger.accounts WHERE name = 'gina'",
+        "UPDATE ledger.accounts SET id = id + 100000 WHERE name = 'gina'",
+        "TRUNCATE ledger.accounts CASCADE",
+    ] {
+        let e = sqlx::query(sql)
+            .execute(&env.pool)
+            .await
+            .expect_err(sql)
+            .to_string();
+        assert!(e.contains("permanent"), "{sql}: {e}");
+    }
+    env.audit().await;
+    // A transfer naming a missing account can only be planted by hand; the audit reports it.
+    sqlx::query(
+        "INSERT INTO ledger.transfers (kind, status, debit_account, credit_account, currency, amount)
+         SELECT 'deposit', 'posted', 987654321, id, 'USD', 1 FROM ledger.accounts WHERE name = 'gina'",
+    )
+    .execute(&env.pool)
+    .await
+    .unwrap();
+    let problems = taskbus_ledger::audit::check(&env.pool).await.unwrap();
+    assert!(
+        problems.iter().any(|p| p.contains("missing account")),
+        "{problems:#?}"
+    );
+    token.cancel();
+    running.wait().await;
 }
