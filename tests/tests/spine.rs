@@ -576,3 +576,87 @@ async fn request_reply_api_get_list_and_bad_requests() {
     let v: serde_json::Value = serde_json::from_slice(&r.payload).unwrap();
     assert_eq!(v["name"], "taskbus-coordinator");
 }
+
+#[test]
+fn coordinator_refuses_bad_tuning_flags_with_a_clear_error() {
+    for (flag, value) in [
+        ("--batch-size", "0"),
+        ("--batch-size", "many"),
+        ("--admission-pipeline", "0"),
+        ("--admission-pipeline", "99"),
+    ] {
+        let out = std::process::Command::new(workspace_bin("taskbus-coordinator"))
+            .args([flag, value])
+            .env("TASKBUS_DATABASE_URL", "postgres://nobody@127.0.0.1:1/x")
+            .output()
+            .expect("coordinator binary runs");
+        assert!(!out.status.success(), "{flag} {value} accepted");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains(flag) && err.contains(value),
+            "{flag} {value}: {err}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_burst_of_repeated_ids_across_concurrent_batches_runs_each_once() {
+    let s = Stack::new(30_000).await;
+    let mut cfg = s.coordinator_config();
+    // Small batches, many in progress at once: the same id lands in concurrent batches.
+    cfg.batch_size = 7;
+    cfg.admission_pipeline = 4;
+    let shutdown = CancellationToken::new();
+    let _coord = taskbus_coordinator::start(cfg, shutdown.clone())
+        .await
+        .expect("coordinator starts");
+    let (_a, _at, runs) = echo_agent(&s, "agent-burst", 32);
+    let mut acks = Vec::new();
+    // Ten ids, each repeated every ten messages: with batches of 7 and 4 batches in progress,
+    // every id is in several concurrent batches.
+    for round in 0..100 {
+        for i in 0..10 {
+            let body = json!({"kind": "echo", "id": format!("burst-{i:03}"), "payload": round});
+            acks.push(
+                s.js.publish(
+                    s.subjects.submit("default"),
+                    serde_json::to_vec(&body).unwrap().into(),
+                )
+                .await
+                .unwrap(),
+            );
+        }
+    }
+    for a in acks {
+        a.await.unwrap();
+    }
+    eventually("10 tasks succeeded", T, || async {
+        (s.count("succeeded").await == 10).then_some(())
+    })
+    .await;
+    // Every submit message was handled (acked), none is left to redeliver.
+    eventually("submit stream drained", T, || async {
+        let mut st = s.js.get_stream(s.subjects.submit_stream()).await.ok()?;
+        (st.info().await.ok()?.state.messages == 0).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(runs.load(Ordering::Relaxed), 10, "each id ran exactly once");
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM coordinator.tasks")
+        .fetch_one(&s.pg)
+        .await
+        .unwrap();
+    assert_eq!(rows, 10);
+    // Each task ran with the payload of one of its submissions.
+    let payloads: Vec<i64> = sqlx::query_scalar(
+        "SELECT (envelope->'payload')::int8 FROM coordinator.tasks ORDER BY task_id",
+    )
+    .fetch_all(&s.pg)
+    .await
+    .unwrap();
+    assert!(
+        payloads.iter().all(|p| (0..100).contains(p)),
+        "{payloads:?}"
+    );
+    shutdown.cancel();
+}

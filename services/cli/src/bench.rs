@@ -31,7 +31,10 @@ pub struct BenchArgs {
     /// PostgreSQL to use (default: start a private one).
     #[arg(long, env = "TASKBUS_DATABASE_URL")]
     pub database_url: Option<String>,
-    /// Skip the raw JetStream baseline.
+    /// Admission batches the coordinator has in progress at once (1 = one after the other).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=16))]
+    pub admission_pipeline: u32,
+    /// Skip the raw JetStream baselines.
     #[arg(long)]
     pub no_baseline: bool,
     /// Print the figures as JSON.
@@ -71,9 +74,12 @@ pub async fn run(args: BenchArgs, nats_url: Option<String>, prefix: &str) -> any
     eprintln!("bench: nats {nats_url}, postgres {database_url}");
     let taskbus = run_taskbus(&args, &nats_url, &database_url, prefix).await?;
     let baseline = if args.no_baseline {
-        None
+        vec![]
     } else {
-        Some(run_baseline(&args, &nats_url).await?)
+        vec![
+            run_baseline(&args, &nats_url, 1).await?,
+            run_baseline(&args, &nats_url, 3).await?,
+        ]
     };
     if args.json {
         println!(
@@ -84,13 +90,13 @@ pub async fn run(args: BenchArgs, nats_url: Option<String>, prefix: &str) -> any
         );
     } else {
         println!(
-            "{:<34} {:>8} {:>10} {:>9} {:>9} {:>9} {:>9}",
+            "{:<40} {:>8} {:>10} {:>9} {:>9} {:>9} {:>9}",
             "", "tasks", "per sec", "p50 start", "p99 start", "p50 done", "p99 done"
         );
-        for f in std::iter::once(&taskbus).chain(baseline.as_ref()) {
+        for f in std::iter::once(&taskbus).chain(baseline.iter()) {
             let ms = |v: Option<f64>| v.map(|v| format!("{v:.2}ms")).unwrap_or_else(|| "-".into());
             println!(
-                "{:<34} {:>8} {:>10.0} {:>9} {:>9} {:>9} {:>9}",
+                "{:<40} {:>8} {:>10.0} {:>9} {:>9} {:>9} {:>9}",
                 f.name,
                 f.tasks,
                 f.per_second,
@@ -194,6 +200,7 @@ async fn run_taskbus(
     cfg.prefix = prefix.to_string();
     cfg.ensure_pools = vec!["bench".into()];
     cfg.publish_admitted = false;
+    cfg.admission_pipeline = args.admission_pipeline as usize;
     let coord = taskbus_coordinator::start(cfg, shutdown.clone()).await?;
     tracker.spawn(coord.wait());
     for a in 0..args.agents {
@@ -307,31 +314,71 @@ async fn started_rx_until(f: impl std::future::Future<Output = ()>, shutdown: &C
 }
 
 /// Raw JetStream: durable publish to a file-backed work-queue stream, consumed and acked by a
-/// pull consumer: the floor of what a durable task queue costs on this machine.
-async fn run_baseline(args: &BenchArgs, nats_url: &str) -> anyhow::Result<Figures> {
+/// pull consumer: the floor of what a durable task queue costs on this machine. With `hops`
+/// > 1 the message is relayed through that many work queues, each relay publishing to the
+/// next hop and acking only after the publish is acknowledged (in batches, as the coordinator
+/// does): taskbus's path has three such durable hops (submit, work, outcome).
+async fn run_baseline(args: &BenchArgs, nats_url: &str, hops: usize) -> anyhow::Result<Figures> {
     let n = args.tasks;
     let client = taskbus_runtime::nats::connect(nats_url, "taskbus-bench-baseline").await?;
     let js = jetstream::new(client.clone());
     let id = ulid::Ulid::new().to_string();
     let name = format!("BENCH_RAW_{id}");
-    let subject = format!("benchraw.{id}");
+    let hop_subject = |k: usize| format!("benchraw.{id}.{k}");
     let st = js
         .create_stream(stream::Config {
             name: name.clone(),
-            subjects: vec![subject.clone()],
+            subjects: vec![format!("benchraw.{id}.>")],
             retention: stream::RetentionPolicy::WorkQueue,
             storage: stream::StorageType::File,
             ..Default::default()
         })
         .await?;
-    let c = st
-        .create_consumer(consumer::pull::Config {
-            durable_name: Some("bench".into()),
-            ack_policy: consumer::AckPolicy::Explicit,
-            max_ack_pending: 100_000,
-            ..Default::default()
-        })
-        .await?;
+    let mut consumers = Vec::with_capacity(hops);
+    for k in 1..=hops {
+        consumers.push(
+            st.create_consumer(consumer::pull::Config {
+                durable_name: Some(format!("bench-{k}")),
+                filter_subject: hop_subject(k),
+                ack_policy: consumer::AckPolicy::Explicit,
+                max_ack_pending: 100_000,
+                ..Default::default()
+            })
+            .await?,
+        );
+    }
+    let c = consumers.pop().context("at least one hop")?;
+    let relays = consumers.into_iter().enumerate().map(|(k, c)| {
+        let js = js.clone();
+        let next = hop_subject(k + 2);
+        async move {
+            let msgs = c.stream().max_messages_per_batch(1000).messages().await?;
+            let mut chunks = msgs.ready_chunks(1000);
+            let mut count = 0;
+            while count < n {
+                let Some(chunk) = chunks.next().await else {
+                    break;
+                };
+                let chunk: Vec<_> = chunk
+                    .into_iter()
+                    .collect::<Result<_, _>>()
+                    .map_err(|e| anyhow::anyhow!("{e}"))?;
+                let mut acks = Vec::with_capacity(chunk.len());
+                for m in &chunk {
+                    acks.push(js.publish(next.clone(), m.payload.clone()).await?);
+                }
+                for a in acks {
+                    a.await?;
+                }
+                for m in &chunk {
+                    m.ack().await.map_err(|e| anyhow::anyhow!("{e}"))?;
+                }
+                count += chunk.len();
+            }
+            anyhow::Ok(())
+        }
+    });
+    let relays = futures::future::try_join_all(relays);
     let sent: Arc<Vec<AtomicU64>> = Arc::new((0..n).map(|_| AtomicU64::new(0)).collect());
     let done: Arc<Vec<AtomicU64>> = Arc::new((0..n).map(|_| AtomicU64::new(0)).collect());
     let t0 = Instant::now();
@@ -367,21 +414,24 @@ async fn run_baseline(args: &BenchArgs, nats_url: &str) -> anyhow::Result<Figure
         }
         anyhow::Ok(())
     };
+    let first = hop_subject(1);
     let publish = publish_all(
         &js,
         n,
         args.rate,
         t0,
         &sent,
-        |_| subject.clone(),
+        |_| first.clone(),
         |i| format!("{i} {{\"kind\":\"noop\",\"payload\":{{\"i\":{i}}}}}").into_bytes(),
     );
-    let (p, c) = tokio::join!(
+    let (p, c, r) = tokio::join!(
         publish,
-        tokio::time::timeout(Duration::from_secs(600), consume)
+        tokio::time::timeout(Duration::from_secs(600), consume),
+        tokio::time::timeout(Duration::from_secs(600), relays)
     );
     p?;
     c.context("baseline did not finish within 600 s")??;
+    r.context("baseline relays did not finish within 600 s")??;
     pb.finish();
     let _ = js.delete_stream(&name).await;
     let mut lat: Vec<f64> = (0..n)
@@ -399,7 +449,11 @@ async fn run_baseline(args: &BenchArgs, nats_url: &str) -> anyhow::Result<Figure
     lat.sort_by(f64::total_cmp);
     let secs = last as f64 / 1e9;
     Ok(Figures {
-        name: "raw JetStream publish→consume+ack".into(),
+        name: if hops == 1 {
+            "raw JetStream publish→consume+ack".into()
+        } else {
+            format!("raw JetStream, {hops} chained hops")
+        },
         tasks: n,
         offered_rate: args.rate,
         seconds: secs,

@@ -55,10 +55,24 @@ pub(crate) async fn run(ctx: Arc<Ctx>, consumer: PullConsumer, shutdown: Cancell
             }
         };
         let mut chunks = messages.ready_chunks(ctx.batch_size);
+        // Up to `admission_pipeline` batches are in progress at once: while one waits for its
+        // commit or its publish acks, the next is validated and written, so a message does not
+        // wait for the whole batch ahead of it. Batches are independent (conflicting ids are
+        // settled by the primary key, in id order), as they are between coordinator replicas.
+        let mut in_progress = futures::stream::FuturesUnordered::new();
         loop {
             let chunk = tokio::select! {
-                _ = shutdown.cancelled() => return,
-                c = chunks.next() => c,
+                _ = shutdown.cancelled() => {
+                    while in_progress.next().await.is_some() {}
+                    return;
+                }
+                Some(failed) = in_progress.next(), if !in_progress.is_empty() => {
+                    if failed {
+                        crate::pause(&shutdown, Duration::from_millis(500)).await;
+                    }
+                    continue;
+                }
+                c = chunks.next(), if in_progress.len() < ctx.admission_pipeline => c,
             };
             let Some(chunk) = chunk else { break };
             let mut batch = Vec::with_capacity(chunk.len());
@@ -72,12 +86,19 @@ pub(crate) async fn run(ctx: Arc<Ctx>, consumer: PullConsumer, shutdown: Cancell
                 continue;
             }
             ctx.metrics.batch_size.observe(batch.len() as f64);
-            if let Err(e) = handle_batch(&ctx, batch).await {
-                warn!(error = %e, "admission batch failed; its messages will be redelivered");
-                ctx.metrics.error("admission");
-                crate::pause(&shutdown, Duration::from_millis(500)).await;
-            }
+            let ctx = &ctx;
+            in_progress.push(async move {
+                match handle_batch(ctx, batch).await {
+                    Ok(()) => false,
+                    Err(e) => {
+                        warn!(error = %e, "admission batch failed; its messages will be redelivered");
+                        ctx.metrics.error("admission");
+                        true
+                    }
+                }
+            });
         }
+        while in_progress.next().await.is_some() {}
     }
 }
 
@@ -180,6 +201,8 @@ async fn handle_batch(ctx: &Ctx, batch: Vec<Message>) -> Result<(), BatchError> 
             });
         }
     }
+    // The same order in every batch, so concurrent batches with a common id cannot deadlock.
+    new_tasks.sort_by(|a, b| a.id.cmp(&b.id));
     let inserted = store::insert_admitted(&ctx.db, &new_tasks).await?;
     let conflicts: Vec<String> = new_tasks
         .iter()

@@ -51,6 +51,9 @@ pub struct Config {
     pub streams: StreamOptions,
     /// Most messages handled in one batch (one SQL statement, one ack round).
     pub batch_size: usize,
+    /// Admission batches in progress at once (each holds one database connection while it
+    /// writes); 1 handles one batch after the other.
+    pub admission_pipeline: usize,
     pub db_max_connections: u32,
     /// `/healthz`, `/readyz`, `/metrics`; `None` serves nothing.
     pub http_listen: Option<SocketAddr>,
@@ -68,6 +71,7 @@ impl Config {
             limits: Limits::default(),
             streams: StreamOptions::default(),
             batch_size: 500,
+            admission_pipeline: 3,
             db_max_connections: 8,
             http_listen: None,
             publish_admitted: true,
@@ -111,6 +115,7 @@ pub(crate) struct Ctx {
     pub metrics: metrics::Metrics,
     pub(crate) registry: registry::Registry,
     pub batch_size: usize,
+    pub admission_pipeline: usize,
     pub publish_admitted: bool,
 }
 
@@ -166,6 +171,7 @@ pub async fn start(
         metrics,
         registry,
         batch_size: config.batch_size.max(1),
+        admission_pipeline: config.admission_pipeline.max(1),
         publish_admitted: config.publish_admitted,
     });
 

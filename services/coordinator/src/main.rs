@@ -42,8 +42,14 @@ struct Args {
     #[arg(long, env = "TASKBUS_MAX_MESSAGE_BYTES", default_value_t = 256 * 1024)]
     max_message_bytes: usize,
     /// Most messages per admission batch.
-    #[arg(long, env = "TASKBUS_BATCH_SIZE", default_value_t = 500)]
-    batch_size: usize,
+    #[arg(long, env = "TASKBUS_BATCH_SIZE", default_value_t = 500,
+          value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    batch_size: u32,
+    /// Admission batches in progress at once: while one waits for its commit and publish
+    /// acks the next is written. 1 = strictly one after the other.
+    #[arg(long, env = "TASKBUS_ADMISSION_PIPELINE", default_value_t = 3,
+          value_parser = clap::value_parser!(u32).range(1..=16))]
+    admission_pipeline: u32,
     /// Log format.
     #[arg(long, env = "TASKBUS_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -59,7 +65,8 @@ async fn main() -> anyhow::Result<()> {
     config.http_listen = Some(args.http_listen);
     config.streams.replicas = args.stream_replicas;
     config.limits.max_message_bytes = args.max_message_bytes;
-    config.batch_size = args.batch_size;
+    config.batch_size = args.batch_size as usize;
+    config.admission_pipeline = args.admission_pipeline as usize;
     let shutdown = CancellationToken::new();
     let running = taskbus_coordinator::start(config, shutdown.clone()).await?;
     taskbus_runtime::cancel_on_signal(shutdown).await;
