@@ -314,8 +314,8 @@ async fn started_rx_until(f: impl std::future::Future<Output = ()>, shutdown: &C
 }
 
 /// Raw JetStream: durable publish to a file-backed work-queue stream, consumed and acked by a
-/// pull consumer: the floor of what a durable task queue costs on this machine. With `hops`
-/// > 1 the message is relayed through that many work queues, each relay publishing to the
+/// pull consumer: the floor of what a durable task queue costs on this machine. With more
+/// than one hop the message is relayed through that many work queues, each relay publishing to the
 /// next hop and acking only after the publish is acknowledged (in batches, as the coordinator
 /// does): taskbus's path has three such durable hops (submit, work, outcome).
 async fn run_baseline(args: &BenchArgs, nats_url: &str, hops: usize) -> anyhow::Result<Figures> {

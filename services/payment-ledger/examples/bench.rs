@@ -14,6 +14,10 @@
 //! 2. **service**: the whole path through NATS: batch hold requests to `taskbus.ledger.hold`,
 //!    the `held` events, `succeeded` events published to JetStream, settlement consuming them,
 //!    `settled` events published; timed until every hold is settled.
+//!
+//! `--compare` adds, in the same run, the store on the schema before migration
+//! 20261122000101 (foreign keys, fillfactor 85) and the service reading its own `held` events
+//! back, to show what those changes bought.
 
 use std::process::Command;
 use std::sync::Arc;
@@ -53,7 +57,19 @@ struct Args {
     /// Skip the service (NATS) measurement.
     #[arg(long)]
     store_only: bool,
+    /// Also measure, in the same run, what the changes of migration
+    /// 20261122000101_ledger_speed.sql and of skipping `held` events bought: the store on the
+    /// earlier schema (foreign keys, fillfactor 85) and the service reading its own `held`
+    /// events back.
+    #[arg(long)]
+    compare: bool,
 }
+
+/// The journal as it was before migration 20261122000101 (for `--compare`).
+const EARLIER_SCHEMA: &str = "ALTER TABLE ledger.transfers
+    ADD CONSTRAINT transfers_debit_account_fkey FOREIGN KEY (debit_account) REFERENCES ledger.accounts (id),
+    ADD CONSTRAINT transfers_credit_account_fkey FOREIGN KEY (credit_account) REFERENCES ledger.accounts (id),
+    SET (fillfactor = 85)";
 
 async fn fresh_db(admin: &str, name: &str) -> anyhow::Result<String> {
     let pool = sqlx::postgres::PgPoolOptions::new()
@@ -103,8 +119,11 @@ fn rep(i: usize) -> Decimal {
     ][i % 4]
 }
 
-async fn open(url: &str, shards: u32) -> anyhow::Result<Ledger> {
+async fn open(url: &str, shards: u32, earlier_schema: bool) -> anyhow::Result<Ledger> {
     let pool = taskbus_runtime::db::connect_and_migrate(url, 4).await?;
+    if earlier_schema {
+        sqlx::query(EARLIER_SCHEMA).execute(&pool).await?;
+    }
     let opts = LedgerOptions {
         shards,
         ..Default::default()
@@ -128,8 +147,14 @@ async fn fund(ledger: &Ledger, payers: usize, tasks: usize) -> anyhow::Result<()
 }
 
 /// Holds and settles `tasks` tasks with the library, hold and settle pipelined.
-async fn store_bench(url: &str, args: &Args, shards: u32, tag: &str) -> anyhow::Result<f64> {
-    let ledger = open(url, shards).await?;
+async fn store_bench(
+    url: &str,
+    args: &Args,
+    shards: u32,
+    tag: &str,
+    earlier_schema: bool,
+) -> anyhow::Result<f64> {
+    let ledger = open(url, shards, earlier_schema).await?;
     fund(&ledger, args.payers, args.tasks).await?;
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<String>>(8);
     let started = Instant::now();
@@ -194,8 +219,9 @@ async fn store_bench(url: &str, args: &Args, shards: u32, tag: &str) -> anyhow::
     let rate = settled as f64 / secs;
     let problems = taskbus_ledger::audit::check(ledger.db()).await?;
     println!(
-        "store, {shards} shard(s), batch {}: {settled} tasks held+settled in {secs:.2} s = {rate:.0} settled tasks/s \
+        "store{}, {shards} shard(s), batch {}: {settled} tasks held+settled in {secs:.2} s = {rate:.0} settled tasks/s \
          (time in hold {:.2} s, in settle {:.2} s; audit: {})",
+        if earlier_schema { " on the earlier schema" } else { "" },
         args.batch,
         hold_time.as_secs_f64(),
         settle_time.as_secs_f64(),
@@ -204,8 +230,16 @@ async fn store_bench(url: &str, args: &Args, shards: u32, tag: &str) -> anyhow::
     Ok(rate)
 }
 
-async fn service_bench(url: &str, args: &Args, nats_url: &str) -> anyhow::Result<f64> {
+async fn service_bench(
+    url: &str,
+    args: &Args,
+    nats_url: &str,
+    replay_held: bool,
+) -> anyhow::Result<f64> {
     let mut cfg = taskbus_ledger::Config::new(nats_url, url);
+    cfg.replay_held = replay_held;
+    // Its own consumer, so that a second run in the same stream starts from its own events.
+    cfg.consumer = format!("ledger-bench-{}", ulid::Ulid::new());
     cfg.ledger.shards = args.shards;
     cfg.batch_size = args.batch.max(1000);
     let token = taskbus_runtime::CancellationToken::new();
@@ -226,7 +260,7 @@ async fn service_bench(url: &str, args: &Args, nats_url: &str) -> anyhow::Result
             for b in part {
                 let holds: Vec<_> = (b * batch..((b + 1) * batch).min(tasks))
                     .map(|i| taskbus_proto::api::Hold {
-                        task_id: format!("svc-{i}"),
+                        task_id: format!("svc{}-{i}", u8::from(replay_held)),
                         pool: "default".into(),
                         payer: format!("payer-{}", i % payers),
                         amount: "1.00".into(),
@@ -301,7 +335,8 @@ async fn service_bench(url: &str, args: &Args, nats_url: &str) -> anyhow::Result
     let rate = total as f64 / secs;
     let problems = taskbus_ledger::audit::check(&db).await?;
     println!(
-        "service (NATS hold requests + held/succeeded/settled events), {} shards: {total} tasks in {secs:.2} s = {rate:.0} settled tasks/s (audit: {})",
+        "service (NATS hold requests, held events, succeeded events consumed{}, settled events), {} shards: {total} tasks in {secs:.2} s = {rate:.0} settled tasks/s (audit: {})",
+        if replay_held { ", held events read back" } else { "" },
         args.shards,
         if problems.is_empty() { "ok".to_string() } else { format!("{problems:?}") }
     );
@@ -362,25 +397,43 @@ async fn main() -> anyhow::Result<()> {
             Err(e) => println!("pgbench not available: {e}"),
         }
     }
-    store_bench(&url, &args, 1, "one").await?;
-    store_bench(&url, &args, args.shards, "sharded").await?;
+    store_bench(&url, &args, 1, "one", false).await?;
+    store_bench(&url, &args, args.shards, "sharded", false).await?;
+    let mut dbs = vec![name.clone()];
+    if args.compare {
+        let old = format!("{name}_old");
+        let old_url = fresh_db(&args.database_url, &old).await?;
+        dbs.push(old);
+        store_bench(&old_url, &args, 1, "one", true).await?;
+        store_bench(&old_url, &args, args.shards, "sharded", true).await?;
+    }
     if !args.store_only {
-        let server;
-        let nats_url = match &args.nats_url {
-            Some(u) => u.clone(),
-            None => {
-                server = taskbus_runtime::devservers::NatsServer::start().await?;
-                server.url()
-            }
+        let variants: &[bool] = if args.compare {
+            &[false, true]
+        } else {
+            &[false]
         };
-        let svc_db = fresh_db(&args.database_url, &format!("{name}_svc")).await?;
-        service_bench(&svc_db, &args, &nats_url).await?;
+        for &replay_held in variants {
+            // A fresh nats-server (unless one is given) and database per run.
+            let server;
+            let nats_url = match &args.nats_url {
+                Some(u) => u.clone(),
+                None => {
+                    server = taskbus_runtime::devservers::NatsServer::start().await?;
+                    server.url()
+                }
+            };
+            let db = format!("{name}_svc{}", u8::from(replay_held));
+            let svc_db = fresh_db(&args.database_url, &db).await?;
+            dbs.push(db);
+            service_bench(&svc_db, &args, &nats_url, replay_held).await?;
+        }
     }
     let pool = sqlx::postgres::PgPoolOptions::new()
         .max_connections(1)
         .connect(&args.database_url)
         .await?;
-    for db in [name.clone(), format!("{name}_svc")] {
+    for db in dbs {
         sqlx::query(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"))
             .execute(&pool)
             .await?;
