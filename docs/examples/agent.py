@@ -81,7 +81,7 @@ async def next_batch(subs, n, state):
             continue
         try:
             msgs = await subs[band].fetch(batch=k, timeout=0.05)
-        except NatsTimeout:
+        except (NatsTimeout, asyncio.TimeoutError):  # nats-py raises either when a band is empty
             msgs = []
         got += msgs
         low += len(msgs) if band == "low" else 0
