@@ -67,6 +67,8 @@ struct Args {
 
 /// The journal as it was before migration 20261122000101 (for `--compare`).
 const EARLIER_SCHEMA: &str = "ALTER TABLE ledger.transfers
+    DROP CONSTRAINT IF EXISTS transfers_debit_account_fkey,
+    DROP CONSTRAINT IF EXISTS transfers_credit_account_fkey,
     ADD CONSTRAINT transfers_debit_account_fkey FOREIGN KEY (debit_account) REFERENCES ledger.accounts (id),
     ADD CONSTRAINT transfers_credit_account_fkey FOREIGN KEY (credit_account) REFERENCES ledger.accounts (id),
     SET (fillfactor = 85)";
