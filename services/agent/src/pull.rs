@@ -32,6 +32,9 @@ use crate::{lock, process, BreakerState, Handler, Shared};
 /// While `low` tasks wait, at least one in `LOW_EVERY` tasks an agent takes is a `low` one.
 pub const LOW_EVERY: usize = 10;
 
+/// Longest wait for the answer to a no-wait fetch.
+const FETCH_ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// The pool's three work consumers, in priority order.
 pub(crate) struct Bands {
     pub consumers: [(Priority, PullConsumer); 3],
@@ -186,7 +189,21 @@ impl<H: Handler> Puller<'_, H> {
                     continue;
                 }
             };
-            while let Some(msg) = batch.next().await {
+            // A no-wait fetch has no expiry of its own; if its answer is lost (the connection
+            // dropped), give up on it rather than wait forever.
+            let give_up = tokio::time::sleep(FETCH_ANSWER_TIMEOUT);
+            tokio::pin!(give_up);
+            loop {
+                let msg = tokio::select! {
+                    m = batch.next() => match m {
+                        Some(m) => m,
+                        None => break,
+                    },
+                    _ = &mut give_up => {
+                        warn!(band = band.as_str(), "no answer to a pull request; asking again");
+                        break;
+                    }
+                };
                 let msg = match msg {
                     Ok(m) => m,
                     Err(e) => {
