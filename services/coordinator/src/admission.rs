@@ -5,7 +5,7 @@
 //! Nothing is acked before its effects are durable, so a crash at any point only causes a
 //! redelivery, which is recognised by the stored submit sequence and finished, never doubled.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -57,16 +57,20 @@ pub(crate) async fn run(ctx: Arc<Ctx>, consumer: PullConsumer, shutdown: Cancell
         let mut chunks = messages.ready_chunks(ctx.batch_size);
         // Up to `admission_pipeline` batches are in progress at once: while one waits for its
         // commit or its publish acks, the next is validated and written, so a message does not
-        // wait for the whole batch ahead of it. Batches are independent (conflicting ids are
-        // settled by the primary key, in id order), as they are between coordinator replicas.
+        // wait for the whole batch ahead of it. A batch that shares a task id with one in
+        // progress waits for those to finish first, so of two messages with the same id the
+        // earlier one still wins.
         let mut in_progress = futures::stream::FuturesUnordered::new();
+        let mut in_progress_ids: HashMap<u64, HashSet<String>> = HashMap::new();
+        let mut next_batch = 0u64;
         loop {
             let chunk = tokio::select! {
                 _ = shutdown.cancelled() => {
                     while in_progress.next().await.is_some() {}
                     return;
                 }
-                Some(failed) = in_progress.next(), if !in_progress.is_empty() => {
+                Some((n, failed)) = in_progress.next(), if !in_progress.is_empty() => {
+                    in_progress_ids.remove(&n);
                     if failed {
                         crate::pause(&shutdown, Duration::from_millis(500)).await;
                     }
@@ -86,14 +90,27 @@ pub(crate) async fn run(ctx: Arc<Ctx>, consumer: PullConsumer, shutdown: Cancell
                 continue;
             }
             ctx.metrics.batch_size.observe(batch.len() as f64);
+            let items = classify(&ctx, batch);
+            let ids = batch_ids(&items);
+            if in_progress_ids
+                .values()
+                .any(|other| !other.is_disjoint(&ids))
+            {
+                while let Some((n, _)) = in_progress.next().await {
+                    in_progress_ids.remove(&n);
+                }
+            }
+            let n = next_batch;
+            next_batch += 1;
+            in_progress_ids.insert(n, ids);
             let ctx = &ctx;
             in_progress.push(async move {
-                match handle_batch(ctx, batch).await {
-                    Ok(()) => false,
+                match handle_batch(ctx, items).await {
+                    Ok(()) => (n, false),
                     Err(e) => {
                         warn!(error = %e, "admission batch failed; its messages will be redelivered");
                         ctx.metrics.error("admission");
-                        true
+                        (n, true)
                     }
                 }
             });
@@ -145,7 +162,8 @@ fn subject_pool(pool: &str) -> &str {
     }
 }
 
-async fn handle_batch(ctx: &Ctx, batch: Vec<Message>) -> Result<(), BatchError> {
+/// Validate a batch of submit messages.
+fn classify(ctx: &Ctx, batch: Vec<Message>) -> Vec<Item> {
     let mut items = Vec::with_capacity(batch.len());
     for msg in batch {
         let seq = msg.info().map(|i| i.stream_sequence).unwrap_or(0);
@@ -168,7 +186,22 @@ async fn handle_batch(ctx: &Ctx, batch: Vec<Message>) -> Result<(), BatchError> 
         };
         items.push(Item { msg, seq, verdict });
     }
+    items
+}
 
+/// The task ids a batch touches (admitted or rejected under an id).
+fn batch_ids(items: &[Item]) -> HashSet<String> {
+    items
+        .iter()
+        .filter_map(|it| match &it.verdict {
+            Verdict::Admit(t) => Some(t.id.clone()),
+            Verdict::Reject(r, _) => r.task_id.clone(),
+            Verdict::Wait => None,
+        })
+        .collect()
+}
+
+async fn handle_batch(ctx: &Ctx, mut items: Vec<Item>) -> Result<(), BatchError> {
     // 0. Priced tasks need their hold (payer → escrow) before anything else.
     hold_prices(ctx, &mut items).await;
 
