@@ -8,7 +8,9 @@
 //! every attempt (`max_attempts` 2: dead) and some fatally (dead at once). A few tasks go to a
 //! pool without agents and are cancelled while queued (through the coordinator's API, retried
 //! across its crashes), and a poorly funded payer gets some of its tasks rejected with
-//! `insufficient_funds`. Afterwards:
+//! `insufficient_funds` (it is topped up midway, so that a rejected task whose submit message
+//! comes back after a coordinator crash could now be afforded: it must stay rejected, with no
+//! hold). Afterwards:
 //!
 //! - every task has reached exactly one terminal state in `coordinator.tasks`, the one its plan
 //!   allows, and no row was invented;
@@ -55,6 +57,10 @@ const FUNDS: &str = "100000.00";
 /// A payer that cannot afford all of its tasks.
 const POOR: &str = "payer-poor";
 const POOR_FUNDS: &str = "20.00";
+/// Deposited to the poor payer while the load runs, so that a rejected task's redelivered
+/// submit message (after a coordinator crash) could now be afforded: it must stay rejected,
+/// and no hold may be made for it.
+const POOR_TOP_UP: &str = "30.00";
 /// A pool without agents: its tasks stay queued until cancelled.
 const IDLE_POOL: &str = "idle";
 const FEE_SHARE: Decimal = Decimal::from_parts(1, 0, 0, false, 1);
@@ -177,9 +183,9 @@ async fn ask(
 }
 
 /// Deposit through the ledger's API, retried (with the same key) until it is accepted.
-async fn deposit(client: &async_nats::Client, account: &str, amount: &str) {
+async fn deposit(client: &async_nats::Client, account: &str, amount: &str, key: &str) {
     let body = serde_json::to_vec(&json!({
-        "account": account, "amount": amount, "currency": "USD", "key": format!("fund-{account}")
+        "account": account, "amount": amount, "currency": "USD", "key": key
     }))
     .unwrap();
     eventually(
@@ -284,9 +290,15 @@ async fn coordinator_and_ledger_killed_settle_every_task_exactly_once() {
     let ledger = spawn_ledger(&nats, &db, &ledger_log);
 
     for p in 0..PAYERS {
-        deposit(&s.client, &format!("payer-{p}"), FUNDS).await;
+        deposit(
+            &s.client,
+            &format!("payer-{p}"),
+            FUNDS,
+            &format!("fund-{p}"),
+        )
+        .await;
     }
-    deposit(&s.client, POOR, POOR_FUNDS).await;
+    deposit(&s.client, POOR, POOR_FUNDS, "fund-poor").await;
 
     // Agents, in-process (they are not what this test kills).
     let tracker = TaskTracker::new();
@@ -431,8 +443,13 @@ async fn coordinator_and_ledger_killed_settle_every_task_exactly_once() {
     };
     // Keep killing until most of the work is done, and at least a few times each.
     let kill_until = tasks as i64 * 9 / 10;
+    let mut topped_up = false;
     loop {
         let done = terminal_count().await;
+        if !topped_up && done >= tasks as i64 * 4 / 10 {
+            deposit(&s.client, POOR, POOR_TOP_UP, "top-up-poor").await;
+            topped_up = true;
+        }
         let enough =
             coord_kills.load(Ordering::SeqCst) >= 3 && ledger_kills.load(Ordering::SeqCst) >= 3;
         if (done >= kill_until && enough) || began.elapsed() > Duration::from_secs(150) {
@@ -674,7 +691,10 @@ async fn coordinator_and_ledger_killed_settle_every_task_exactly_once() {
         .chain([(POOR.to_string(), POOR_FUNDS)])
     {
         let [dp, dpo, _, cpo] = accounts[&name].1;
-        let funds: Decimal = funds.parse().unwrap();
+        let mut funds: Decimal = funds.parse().unwrap();
+        if name == POOR && topped_up {
+            funds += POOR_TOP_UP.parse::<Decimal>().unwrap();
+        }
         let want = spent.get(&name).copied().unwrap_or_default();
         assert_eq!(
             (dp, dpo, cpo),

@@ -203,7 +203,7 @@ fn batch_ids(items: &[Item]) -> HashSet<String> {
 
 async fn handle_batch(ctx: &Ctx, mut items: Vec<Item>) -> Result<(), BatchError> {
     // 0. Priced tasks need their hold (payer → escrow) before anything else.
-    hold_prices(ctx, &mut items).await;
+    hold_prices(ctx, &mut items).await?;
 
     // 1. Record admitted tasks.
     let mut new_tasks = Vec::new();
@@ -440,7 +440,7 @@ fn traceparent(msg: &Message) -> Option<String> {
 /// go on; refused ones become rejections (`insufficient_funds`, `invalid_value`); when the ledger
 /// does not answer, the tasks wait (their messages are handed back and retried), so a priced
 /// task is never dispatched unpaid and never lost.
-async fn hold_prices(ctx: &Ctx, items: &mut [Item]) {
+async fn hold_prices(ctx: &Ctx, items: &mut [Item]) -> Result<(), sqlx::Error> {
     use taskbus_proto::api::{Hold, HoldRequest, HoldResponse, HoldStatus};
     use taskbus_proto::RejectReason;
     let holds: Vec<(usize, Hold)> = items
@@ -463,7 +463,39 @@ async fn hold_prices(ctx: &Ctx, items: &mut [Item]) {
         })
         .collect();
     if holds.is_empty() {
-        return;
+        return Ok(());
+    }
+    // A redelivered message that is already recorded needs no hold: an admitted task has its
+    // hold (asked again after it resolved, the ledger would refuse it), and a rejected one stays
+    // rejected (a hold made now, after the payer's funds arrived, would belong to a task that
+    // never runs, and nothing would ever release it). The admission path finishes their job.
+    let ids: Vec<String> = holds.iter().map(|(_, h)| h.task_id.clone()).collect();
+    let recorded = store::recorded(&ctx.db, &ids).await?;
+    let mut ask = Vec::with_capacity(holds.len());
+    for (i, hold) in holds {
+        match recorded.get(&hold.task_id) {
+            Some((seq, status, reason, message)) if *seq == Some(items[i].seq as i64) => {
+                if status == "rejected" {
+                    let reason = reason
+                        .as_deref()
+                        .and_then(|r| serde_json::from_value(serde_json::Value::from(r)).ok())
+                        .unwrap_or(RejectReason::InvalidValue);
+                    items[i].verdict = Verdict::Reject(
+                        Rejection {
+                            reason,
+                            message: message.clone().unwrap_or_default(),
+                            task_id: Some(hold.task_id.clone()),
+                        },
+                        hold.pool.clone(),
+                    );
+                }
+            }
+            _ => ask.push((i, hold)),
+        }
+    }
+    let holds = ask;
+    if holds.is_empty() {
+        return Ok(());
     }
     let req = HoldRequest {
         holds: holds.iter().map(|(_, h)| h.clone()).collect(),
@@ -542,6 +574,7 @@ async fn hold_prices(ctx: &Ctx, items: &mut [Item]) {
             it.verdict = v;
         }
     }
+    Ok(())
 }
 
 /// What the pool's fairness limit counts by: the payer, else the `tenant` label.

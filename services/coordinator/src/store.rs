@@ -2,7 +2,7 @@
 //! (`UNNEST` of arrays), and every state change is guarded by the attempt number and the
 //! current status, so replaying an event or racing replicas changes nothing.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use chrono::{DateTime, Utc};
 use sqlx::{PgPool, Row};
@@ -105,6 +105,27 @@ pub async fn existing(db: &PgPool, ids: &[String]) -> DbResult<Vec<(String, Opti
     Ok(rows
         .into_iter()
         .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect())
+}
+
+/// What is recorded of these tasks: `(submit_seq, status, reason, reason_message)` by id, to
+/// recognise a redelivered message before asking the ledger for its hold.
+pub async fn recorded(
+    db: &PgPool,
+    ids: &[String],
+) -> DbResult<HashMap<String, (Option<i64>, String, Option<String>, Option<String>)>> {
+    if ids.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let rows = sqlx::query(
+        "SELECT task_id, submit_seq, status, reason, reason_message FROM coordinator.tasks WHERE task_id = ANY($1)",
+    )
+    .bind(ids)
+    .fetch_all(db)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| (r.get(0), (r.get(1), r.get(2), r.get(3), r.get(4))))
         .collect())
 }
 
