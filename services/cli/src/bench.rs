@@ -34,6 +34,10 @@ pub struct BenchArgs {
     /// Admission batches the coordinator has in progress at once (1 = one after the other).
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=16))]
     pub admission_pipeline: u32,
+    /// Write each task's publish, start and completion times (ms since the run began) to this
+    /// CSV file, to see when slow tasks happened.
+    #[arg(long, value_name = "FILE")]
+    pub csv: Option<std::path::PathBuf>,
     /// Skip the raw JetStream baselines.
     #[arg(long)]
     pub no_baseline: bool,
@@ -276,6 +280,23 @@ async fn run_taskbus(
     tracker.wait().await;
     finished.context("not every task completed within 600 s")?;
 
+    if let Some(path) = &args.csv {
+        let mut out = String::from("task,published_ms,started_ms,done_ms\n");
+        for i in 0..n {
+            let ms = |v: &AtomicU64| match v.load(Ordering::Relaxed) {
+                0 => String::new(),
+                ns => format!("{:.3}", ns as f64 / 1e6),
+            };
+            out.push_str(&format!(
+                "{i},{},{},{}\n",
+                ms(&sent[i]),
+                ms(&started[i]),
+                ms(&done[i])
+            ));
+        }
+        std::fs::write(path, out)
+            .with_context(|| format!("cannot write the CSV file {}", path.display()))?;
+    }
     let mut start_lat = Vec::with_capacity(n);
     let mut done_lat = Vec::with_capacity(n);
     let mut last = 0u64;
