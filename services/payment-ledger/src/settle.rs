@@ -14,6 +14,7 @@
 //! without changing anything.
 
 use std::collections::{BTreeMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -24,7 +25,7 @@ use futures::StreamExt;
 use taskbus_proto::events::{self, Event, EventKind};
 use taskbus_proto::ids::is_valid_agent_id;
 use taskbus_proto::Subjects;
-use taskbus_runtime::CancellationToken;
+use taskbus_runtime::{CancellationToken, TaskTracker};
 use tracing::{debug, warn};
 
 use crate::metrics::Metrics;
@@ -228,7 +229,20 @@ pub(crate) async fn run(
     let mut retried: HashSet<u64> = HashSet::new();
     let mut last_progress = Instant::now();
     let mut idle = Duration::from_millis(5);
+    // The publish-and-ack stage of the last settled batch (the tail) runs while the next batch
+    // is fetched and settled (one tail at a time). Its events count as in hand for the order
+    // check only while it has not begun to acknowledge them (checked after the consumer state
+    // was read, so none of them can have been acknowledged when it was). If its publishes
+    // fail it hands the events back (nak); they come back as redeliveries, which publish their
+    // `settled` again.
+    let tails = TaskTracker::new();
+    let mut tail: Option<Tail> = None;
     while !shutdown.is_cancelled() {
+        if tail.as_ref().is_some_and(|t| t.handle.is_finished()) {
+            if let Some(t) = tail.take() {
+                let _ = t.handle.await;
+            }
+        }
         // Always fetch: while we wait for older events, only a fetch brings their redelivery
         // (the consumer's max_ack_pending bounds the buffer).
         {
@@ -275,7 +289,18 @@ pub(crate) async fn run(
                 continue;
             }
         };
-        if outstanding > buffer.len() {
+        let in_tail = match &tail {
+            None => 0,
+            Some(t) if !t.acking.load(Ordering::SeqCst) => t.events,
+            Some(_) => {
+                // Its acks may or may not be counted yet: let it finish and look again.
+                if let Some(t) = tail.take() {
+                    let _ = t.handle.await;
+                }
+                continue;
+            }
+        };
+        if outstanding > buffer.len() + in_tail {
             // Older events are out with a dead replica (or our last acks are still on their
             // way): keep ours alive and wait for the redelivery.
             let since = *waiting_since.get_or_insert_with(Instant::now);
@@ -309,7 +334,7 @@ pub(crate) async fn run(
             std::mem::take(&mut buffer).into_values().collect();
         for chunk in all.chunks(ctx.batch_size) {
             ctx.metrics.settle_batch.observe(chunk.len() as f64);
-            let result = handle_batch(&ctx, chunk, &retried).await;
+            let result = settle_batch(&ctx, chunk, &retried).await;
             if result.is_ok() && !retried.is_empty() {
                 for m in chunk {
                     if let Ok(i) = m.info() {
@@ -317,33 +342,73 @@ pub(crate) async fn run(
                     }
                 }
             }
-            if let Err(e) = result {
-                warn!(error = %e, events = chunk.len(), "settlement batch failed; it will be redelivered");
-                ctx.metrics.error("settle");
-                crate::pause(&shutdown, Duration::from_millis(500)).await;
-                // Keep the rest in hand (in order) and retry from this chunk on.
-                let first = chunk
-                    .first()
-                    .and_then(|m| m.info().ok().map(|i| i.stream_sequence));
-                for m in all
-                    .iter()
-                    .filter(|m| m.info().ok().map(|i| i.stream_sequence) >= first)
-                {
-                    let seq = m.info().map(|i| i.stream_sequence).unwrap_or(0);
-                    retried.insert(seq);
-                    buffer.insert(seq, m.clone());
+            match result {
+                Ok(records) => {
+                    if let Some(t) = tail.take() {
+                        let _ = t.handle.await;
+                    }
+                    let acking = Arc::new(AtomicBool::new(false));
+                    let (ctx, msgs, flag) = (ctx.clone(), chunk.to_vec(), acking.clone());
+                    let events = msgs.len();
+                    let handle = tails.spawn(async move {
+                        let published = publish_settled(&ctx, &records).await;
+                        flag.store(true, Ordering::SeqCst);
+                        match published {
+                            Ok(()) => {
+                                futures::future::join_all(msgs.iter().map(|m| m.ack())).await;
+                            }
+                            Err(e) => {
+                                warn!(error = %e, events = msgs.len(), "settled events not published; the batch is handed back");
+                                ctx.metrics.error("settle");
+                                for m in &msgs {
+                                    let _ = m
+                                        .ack_with(AckKind::Nak(Some(Duration::from_millis(100))))
+                                        .await;
+                                }
+                            }
+                        }
+                    });
+                    tail = Some(Tail {
+                        handle,
+                        events,
+                        acking,
+                    });
                 }
-                break;
+                Err(e) => {
+                    warn!(error = %e, events = chunk.len(), "settlement batch failed; it will be redelivered");
+                    ctx.metrics.error("settle");
+                    crate::pause(&shutdown, Duration::from_millis(500)).await;
+                    // Keep the rest in hand (in order) and retry from this chunk on.
+                    let first = chunk
+                        .first()
+                        .and_then(|m| m.info().ok().map(|i| i.stream_sequence));
+                    for m in all
+                        .iter()
+                        .filter(|m| m.info().ok().map(|i| i.stream_sequence) >= first)
+                    {
+                        let seq = m.info().map(|i| i.stream_sequence).unwrap_or(0);
+                        retried.insert(seq);
+                        buffer.insert(seq, m.clone());
+                    }
+                    break;
+                }
             }
         }
     }
+    if let Some(t) = tail.take() {
+        let _ = t.handle.await;
+    }
+    tails.close();
+    tails.wait().await;
 }
 
-async fn handle_batch(
+/// The database part of a batch: apply it (one transaction) and return the `settled` records
+/// to publish (also those of redelivered events that had resolved a hold before).
+async fn settle_batch(
     ctx: &Ctx,
     batch: &[async_nats::jetstream::Message],
     retried: &HashSet<u64>,
-) -> Result<(), BatchError> {
+) -> Result<Vec<SettledRecord>, BatchError> {
     let mut holds = Vec::new();
     let mut resolutions = Vec::new();
     let mut redelivered = Vec::new();
@@ -396,9 +461,15 @@ async fn handle_batch(
             }
         }
     }
-    publish_settled(ctx, &records).await?;
-    futures::future::join_all(batch.iter().map(|m| m.ack())).await;
-    Ok(())
+    Ok(records)
+}
+
+/// A settled batch whose `settled` events are being published, then its events acknowledged.
+struct Tail {
+    handle: tokio::task::JoinHandle<()>,
+    events: usize,
+    /// Set once it starts acknowledging (or handing back) its events.
+    acking: Arc<AtomicBool>,
 }
 
 /// The `settled` event of a resolved hold.
