@@ -453,7 +453,9 @@ async fn heartbeats_breaker_and_reputation() {
         .subscribe("taskbus.agents.default.bad-agent.heartbeat")
         .await
         .unwrap();
-    for i in 0..10 {
+    // Once it is pulling, the bad agent gets its share of the tasks.
+    next_json(&mut hb).await;
+    for i in 0..30 {
         s.submit(
             "default",
             json!({"kind": "x", "id": format!("b{i}"), "max_attempts": 10}),
@@ -477,7 +479,7 @@ async fn heartbeats_breaker_and_reputation() {
         "{open}"
     );
     // Every task still succeeds: the good agent takes over.
-    for i in 0..10 {
+    for i in 0..30 {
         s.wait_status(&format!("b{i}"), "succeeded", T).await;
     }
     // Reputation is flushed once a second: wait until the bad agent's failures show.

@@ -11,9 +11,12 @@
 //!   tasks it is about to take). While `low` tasks wait, at least one in ten tasks an agent
 //!   starts is a `low` one.
 //! - When every band is empty the agent long-polls all three at once, each for a third of its
-//!   free slots (rounded up), and starts what arrives. Only with fewer than three free slots
-//!   can more arrive than there are slots; such a task is handed straight back (`nak`) to be
-//!   delivered to another agent, and this agent fetches in priority order again.
+//!   free slots (rounded up), and starts what arrives; with free slots there is nothing to
+//!   order. While all three polls are out it makes no other requests. A poll that expires
+//!   unfilled is renewed at once; one that filled up sends the agent back to fetching in
+//!   priority order, since more may be waiting. Only with fewer than three free slots can
+//!   more arrive than there are slots; such a task is handed straight back (`nak`) to be
+//!   delivered to another agent.
 
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
@@ -76,13 +79,25 @@ enum Polled {
 
 type PollStream = Pin<Box<dyn Stream<Item = Polled> + Send>>;
 
+/// One band's outstanding long-poll, if any.
+#[derive(Debug, Clone, Copy)]
+struct BandPoll {
+    active: bool,
+    asked: usize,
+    delivered: usize,
+    since: Instant,
+}
+
 struct Puller<'a, H> {
     shared: &'a Arc<Shared<H>>,
     bands: &'a Bands,
     tracker: &'a taskbus_runtime::TaskTracker,
     slots: Arc<Semaphore>,
     polls: SelectAll<PollStream>,
-    polling: [bool; 3],
+    poll: [BandPoll; 3],
+    /// A poll ended early without delivering anything (the server refused it): pause before
+    /// asking again.
+    refused: bool,
     since_low: usize,
 }
 
@@ -98,7 +113,13 @@ pub(crate) async fn pull_loop<H: Handler>(
         tracker,
         slots: Arc::new(Semaphore::new(shared.config.concurrency)),
         polls: SelectAll::new(),
-        polling: [false; 3],
+        poll: [BandPoll {
+            active: false,
+            asked: 0,
+            delivered: 0,
+            since: Instant::now(),
+        }; 3],
+        refused: false,
         since_low: 0,
     };
     loop {
@@ -129,6 +150,17 @@ pub(crate) async fn pull_loop<H: Handler>(
             }
             continue;
         }
+        if p.poll.iter().all(|b| b.active) {
+            // Every band has a long-poll out: arrivals come through them. Fetching as well
+            // would only cost requests (what a band holds goes to its poll first).
+            tokio::select! {
+                _ = shutdown.cancelled() => {}
+                polled = p.polls.next() => if let Some(polled) = polled {
+                    p.on_polled(polled).await;
+                },
+            }
+            continue;
+        }
         let first = tokio::select! {
             _ = shutdown.cancelled() => continue,
             permit = p.slots.clone().acquire_owned() => match permit {
@@ -148,19 +180,12 @@ pub(crate) async fn pull_loop<H: Handler>(
         if p.fetch_in_order(want, first, shutdown).await > 0 {
             continue;
         }
-        // Every band is empty: long-poll the bands not already polled, then wait for news.
-        if !p.start_polls().await {
+        // The bands without a poll are empty: long-poll them (the loop then waits above).
+        if std::mem::take(&mut p.refused) || !p.start_polls().await {
             tokio::select! {
                 _ = shutdown.cancelled() => {}
                 _ = tokio::time::sleep(Duration::from_millis(500)) => {}
             }
-            continue;
-        }
-        tokio::select! {
-            _ = shutdown.cancelled() => {}
-            polled = p.polls.next() => if let Some(polled) = polled {
-                p.on_polled(polled).await;
-            },
         }
     }
 }
@@ -178,7 +203,7 @@ impl<H: Handler> Puller<'_, H> {
         let (mut low, mut other) = (0, 0);
         for (band, n) in plan(want, self.since_low) {
             let n = n.min(want - low - other);
-            if n == 0 {
+            if n == 0 || self.poll[band_index(band)].active {
                 continue;
             }
             let consumer = &self.bands.consumers[band_index(band)].1;
@@ -240,40 +265,48 @@ impl<H: Handler> Puller<'_, H> {
         low + other
     }
 
-    /// Long-poll every band that has no poll outstanding, each for a third of the free slots
-    /// (at least one). False when a pull request could not be made.
+    /// Long-poll every band that has no poll outstanding. False when a pull request could
+    /// not be made.
     async fn start_polls(&mut self) -> bool {
-        let free = self.slots.available_permits().max(1);
-        let each = free.div_ceil(3);
-        let expiry = self.shared.config.pull_expiry;
         let mut ok = true;
-        for (band, consumer) in &self.bands.consumers {
-            let i = band_index(*band);
-            if self.polling[i] {
-                continue;
-            }
-            match consumer
-                .batch()
-                .max_messages(each)
-                .expires(expiry)
-                .messages()
-                .await
-            {
-                Ok(batch) => {
-                    let band = *band;
-                    let s = batch
-                        .map(move |m| Polled::Msg(band, Box::new(m)))
-                        .chain(stream::once(async move { Polled::Ended(band) }));
-                    self.polls.push(Box::pin(s));
-                    self.polling[i] = true;
-                }
-                Err(e) => {
-                    warn!(band = band.as_str(), error = %e, "pull request failed; retrying");
-                    ok = false;
-                }
+        for band in Priority::ALL {
+            if !self.poll[band_index(band)].active {
+                ok &= self.start_poll(band).await;
             }
         }
-        ok || !self.polls.is_empty()
+        ok
+    }
+
+    /// Long-poll one band for a third of the free slots (at least one).
+    async fn start_poll(&mut self, band: Priority) -> bool {
+        let i = band_index(band);
+        let each = self.slots.available_permits().max(1).div_ceil(3);
+        let consumer = &self.bands.consumers[i].1;
+        match consumer
+            .batch()
+            .max_messages(each)
+            .expires(self.shared.config.pull_expiry)
+            .messages()
+            .await
+        {
+            Ok(batch) => {
+                let s = batch
+                    .map(move |m| Polled::Msg(band, Box::new(m)))
+                    .chain(stream::once(async move { Polled::Ended(band) }));
+                self.polls.push(Box::pin(s));
+                self.poll[i] = BandPoll {
+                    active: true,
+                    asked: each,
+                    delivered: 0,
+                    since: Instant::now(),
+                };
+                true
+            }
+            Err(e) => {
+                warn!(band = band.as_str(), error = %e, "pull request failed; retrying");
+                false
+            }
+        }
     }
 
     /// A task (or the end) from a long-poll: start it if a slot is free and the breaker lets
@@ -281,11 +314,30 @@ impl<H: Handler> Puller<'_, H> {
     async fn on_polled(&mut self, polled: Polled) {
         let (band, msg) = match polled {
             Polled::Ended(band) => {
-                self.polling[band_index(band)] = false;
+                let i = band_index(band);
+                let done = self.poll[i];
+                self.poll[i].active = false;
+                let closed =
+                    lock(&self.shared.breaker).state(Instant::now()) == BreakerState::Closed;
+                if done.delivered < done.asked {
+                    if done.since.elapsed() >= self.shared.config.pull_expiry / 2 {
+                        // It expired with room left, so the band is empty: poll it again
+                        // straight away (a full poll may mean more is waiting: the main
+                        // loop fetches in priority order first).
+                        if closed {
+                            self.start_poll(band).await;
+                        }
+                    } else if done.delivered == 0 {
+                        self.refused = true;
+                    }
+                }
                 return;
             }
             Polled::Msg(band, m) => match *m {
-                Ok(m) => (band, m),
+                Ok(m) => {
+                    self.poll[band_index(band)].delivered += 1;
+                    (band, m)
+                }
                 Err(e) => {
                     debug!(error = %e, "pull notice");
                     return;
