@@ -34,8 +34,9 @@ pub struct BenchArgs {
     /// Admission batches the coordinator has in progress at once (1 = one after the other).
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=16))]
     pub admission_pipeline: u32,
-    /// Write each task's publish, start and completion times (ms since the run began) to this
-    /// CSV file, to see when slow tasks happened.
+    /// Write each task's publish, admission, start and completion times (ms since the run
+    /// began) to this CSV file, to see when and where slow tasks lost time. Turns on the
+    /// coordinator's `admitted` events (one more core NATS message per task).
     #[arg(long, value_name = "FILE")]
     pub csv: Option<std::path::PathBuf>,
     /// Skip the raw JetStream baselines.
@@ -203,7 +204,7 @@ async fn run_taskbus(
     let mut cfg = taskbus_coordinator::Config::new(nats_url, database_url);
     cfg.prefix = prefix.to_string();
     cfg.ensure_pools = vec!["bench".into()];
-    cfg.publish_admitted = false;
+    cfg.publish_admitted = args.csv.is_some();
     cfg.admission_pipeline = args.admission_pipeline as usize;
     let coord = taskbus_coordinator::start(cfg, shutdown.clone()).await?;
     tracker.spawn(coord.wait());
@@ -228,6 +229,15 @@ async fn run_taskbus(
     let sent: Arc<Vec<AtomicU64>> = Arc::new((0..n).map(|_| AtomicU64::new(0)).collect());
     let started: Arc<Vec<AtomicU64>> = Arc::new((0..n).map(|_| AtomicU64::new(0)).collect());
     let done: Arc<Vec<AtomicU64>> = Arc::new((0..n).map(|_| AtomicU64::new(0)).collect());
+    let admitted: Arc<Vec<AtomicU64>> = Arc::new((0..n).map(|_| AtomicU64::new(0)).collect());
+    let sub_admitted = match args.csv {
+        Some(_) => Some(
+            client
+                .subscribe(format!("{}.events.bench.*.admitted", subjects.prefix()))
+                .await?,
+        ),
+        None => None,
+    };
     let mut sub_started = client
         .subscribe(format!("{}.events.bench.*.started", subjects.prefix()))
         .await?;
@@ -238,10 +248,22 @@ async fn run_taskbus(
     let pb = bar(n, "taskbus");
     let rid = run_id.clone();
     let st = started.clone();
+    let ad = admitted.clone();
+    let rid_ad = run_id.clone();
     let started_rx = async move {
-        while let Some(m) = sub_started.next().await {
-            stamp(&m.subject, &rid, &st, t0);
-        }
+        let admitted_rx = async move {
+            if let Some(mut sub) = sub_admitted {
+                while let Some(m) = sub.next().await {
+                    stamp(&m.subject, &rid_ad, &ad, t0);
+                }
+            }
+        };
+        let started_rx = async move {
+            while let Some(m) = sub_started.next().await {
+                stamp(&m.subject, &rid, &st, t0);
+            }
+        };
+        tokio::join!(admitted_rx, started_rx);
     };
     let rid = run_id.clone();
     let dn = done.clone();
@@ -281,15 +303,16 @@ async fn run_taskbus(
     finished.context("not every task completed within 600 s")?;
 
     if let Some(path) = &args.csv {
-        let mut out = String::from("task,published_ms,started_ms,done_ms\n");
+        let mut out = String::from("task,published_ms,admitted_ms,started_ms,done_ms\n");
         for i in 0..n {
             let ms = |v: &AtomicU64| match v.load(Ordering::Relaxed) {
                 0 => String::new(),
                 ns => format!("{:.3}", ns as f64 / 1e6),
             };
             out.push_str(&format!(
-                "{i},{},{},{}\n",
+                "{i},{},{},{},{}\n",
                 ms(&sent[i]),
+                ms(&admitted[i]),
                 ms(&started[i]),
                 ms(&done[i])
             ));
