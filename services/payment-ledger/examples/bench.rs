@@ -317,6 +317,7 @@ async fn service_bench(
     for h in handles {
         h.await??;
     }
+    let produced = started.elapsed().as_secs_f64();
     let db = running.ledger().db().clone();
     let total = args.tasks as i64;
     loop {
@@ -337,7 +338,7 @@ async fn service_bench(
     let rate = total as f64 / secs;
     let problems = taskbus_ledger::audit::check(&db).await?;
     println!(
-        "service (NATS hold requests, held events, succeeded events consumed{}, settled events), {} shards: {total} tasks in {secs:.2} s = {rate:.0} settled tasks/s (audit: {})",
+        "service (NATS hold requests, held events, succeeded events consumed{}, settled events), {} shards: {total} tasks in {secs:.2} s = {rate:.0} settled tasks/s (all held and succeeded published after {produced:.2} s; audit: {})",
         if replay_held { ", held events read back" } else { "" },
         args.shards,
         if problems.is_empty() { "ok".to_string() } else { format!("{problems:?}") }
