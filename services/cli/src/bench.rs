@@ -508,3 +508,60 @@ async fn run_baseline(args: &BenchArgs, nats_url: &str, hops: usize) -> anyhow::
         p99_complete_ms: pct(&lat, 0.99),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct T {
+        #[command(flatten)]
+        a: BenchArgs,
+    }
+
+    fn parse(v: &[&str]) -> Result<BenchArgs, clap::Error> {
+        T::try_parse_from(std::iter::once("t").chain(v.iter().copied())).map(|t| t.a)
+    }
+
+    #[test]
+    fn malformed_flags_are_refused() {
+        assert!(parse(&[]).is_ok());
+        for bad in [
+            &["--tasks", "many"][..],
+            &["--tasks", "-5"],
+            &["--agents", "two"],
+            &["--rate", "fast"],
+            &["--admission-pipeline", "0"],
+            &["--admission-pipeline", "17"],
+            &["--csv"],
+        ] {
+            assert!(parse(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[tokio::test]
+    async fn out_of_range_values_fail_before_anything_starts() {
+        for (tasks, agents, concurrency, rate, flag) in [
+            (0, 2, 256, 0.0, "--tasks"),
+            (20_000_000, 2, 256, 0.0, "--tasks"),
+            (10, 0, 256, 0.0, "--agents"),
+            (10, 2, 0, 0.0, "--concurrency"),
+            (10, 2, 256, -1.0, "--rate"),
+            (10, 2, 256, f64::NAN, "--rate"),
+            (10, 2, 256, f64::INFINITY, "--rate"),
+        ] {
+            let mut a = parse(&[]).unwrap();
+            a.tasks = tasks;
+            a.agents = agents;
+            a.concurrency = concurrency;
+            a.rate = rate;
+            // A NATS URL nothing listens on: reaching it would be a bug of the check.
+            let e = run(a, Some("nats://127.0.0.1:1".into()), "taskbus")
+                .await
+                .expect_err("refused")
+                .to_string();
+            assert!(e.contains(flag), "{flag}: {e}");
+        }
+    }
+}
