@@ -14,6 +14,10 @@ log "cargo fmt --check"
 cargo fmt --all -- --check
 log "cargo clippy --all-targets -D warnings"
 cargo clippy --workspace --all-targets -- -D warnings
+# End-to-end tests run the service binaries as child processes (target/debug/<name>); cargo
+# only builds a package's binaries for its own integration tests, so build them all first.
+log "cargo build --workspace --bins"
+cargo build --workspace --bins
 if cargo nextest --version >/dev/null 2>&1; then
   log "cargo nextest run"
   cargo nextest run --workspace --no-fail-fast "$@"

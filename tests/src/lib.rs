@@ -148,7 +148,8 @@ mod tests {
 }
 
 /// Path of a workspace binary built beside the test executable (`target/<profile>/<name>`).
-/// `cargo test --workspace` / `cargo nextest run --workspace` build every binary first.
+/// scripts/test.sh builds them first (`cargo build --workspace --bins`): cargo builds a
+/// package's binaries only for that package's own integration tests.
 pub fn workspace_bin(name: &str) -> std::path::PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
     let dir = exe

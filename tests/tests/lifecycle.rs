@@ -783,3 +783,99 @@ async fn the_pre_priority_work_consumer_is_replaced_and_its_queue_served() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn terminal_events_a_crash_left_unannounced_are_re_sent() {
+    let s = Stack::new(30_000).await;
+    let (_c, _t) = s.coordinator().await;
+    let ids = [
+        "lost-dead",
+        "lost-cancelled",
+        "lost-expired",
+        "back-in-queue",
+        "api-cancel",
+    ];
+    for id in ids {
+        s.submit("default", json!({"kind": "x", "id": id})).await;
+    }
+    for id in ids {
+        s.wait_status(id, "queued", T).await;
+    }
+    let mut events = s
+        .client
+        .subscribe("taskbus.events.default.*.*")
+        .await
+        .unwrap();
+    // What a coordinator killed right after writing a terminal status leaves behind: the status
+    // and its outbox mark, no event.
+    for (id, set) in [
+        ("lost-dead", "status = 'dead', attempt = 2, error = 'boom'"),
+        ("lost-cancelled", "status = 'cancelled', error = 'stop'"),
+        (
+            "lost-expired",
+            "status = 'expired', deadline = now() - interval '1 minute'",
+        ),
+        // Marked, but no longer terminal (replayed since): nothing to announce.
+        ("back-in-queue", "status = 'queued'"),
+    ] {
+        sqlx::query(&format!(
+            "UPDATE coordinator.tasks SET {set}, finished_at = now(), event_due = true,
+                    updated_at = now() - interval '10 seconds' WHERE task_id = $1"
+        ))
+        .bind(id)
+        .execute(&s.pg)
+        .await
+        .unwrap();
+    }
+    // A cancel through the API clears its own mark once the event is stored.
+    let v = api(&s, "task.cancel", json!({"id": "api-cancel"})).await;
+    assert_eq!(v["ok"]["status"], "cancelled", "{v}");
+    let due: bool =
+        sqlx::query_scalar("SELECT event_due FROM coordinator.tasks WHERE task_id = 'api-cancel'")
+            .fetch_one(&s.pg)
+            .await
+            .unwrap();
+    assert!(!due, "the API's cancel left its outbox mark set");
+
+    let mut seen = std::collections::HashMap::new();
+    let t0 = Instant::now();
+    while seen.len() < 4 {
+        assert!(t0.elapsed() < T, "re-sent events so far: {seen:?}");
+        let v = next_json(&mut events).await;
+        let key = format!(
+            "{}:{}",
+            v["task_id"].as_str().unwrap(),
+            v["event"].as_str().unwrap()
+        );
+        seen.insert(key, v);
+    }
+    assert_eq!(seen["lost-dead:dead"]["attempts"], 2);
+    assert_eq!(seen["lost-dead:dead"]["last_error"], "boom");
+    assert_eq!(seen["lost-cancelled:cancelled"]["reason"], "stop");
+    assert!(seen.contains_key("lost-expired:expired"));
+    assert!(seen.contains_key("api-cancel:cancelled"));
+    eventually("every outbox mark cleared", T, || async {
+        let due: i64 = sqlx::query_scalar("SELECT count(*) FROM coordinator.tasks WHERE event_due")
+            .fetch_one(&s.pg)
+            .await
+            .ok()?;
+        (due == 0).then_some(())
+    })
+    .await;
+    // Nothing was announced for the task that is queued again.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    while let Ok(Some(m)) = tokio::time::timeout(Duration::from_millis(50), events.next()).await {
+        assert!(!m.subject.contains("back-in-queue"), "{}", m.subject);
+    }
+    // The events are durable: they are in the events stream.
+    let st = s.js.get_stream(s.subjects.events_stream()).await.unwrap();
+    for subject in [
+        "taskbus.events.default.lost-dead.dead",
+        "taskbus.events.default.lost-cancelled.cancelled",
+        "taskbus.events.default.lost-expired.expired",
+    ] {
+        st.get_last_raw_message_by_subject(subject)
+            .await
+            .unwrap_or_else(|e| panic!("{subject} not stored: {e}"));
+    }
+}

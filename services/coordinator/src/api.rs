@@ -25,7 +25,7 @@ use taskbus_runtime::CancellationToken;
 use tracing::warn;
 
 use crate::dispatch::{self, Dispatch};
-use crate::outcomes::publish_event;
+use crate::outcomes::{announce, confirm_terminal, publish_event};
 use crate::registry;
 use crate::store::{self, CancelOutcome};
 use crate::{CoordinatorError, Ctx};
@@ -183,12 +183,13 @@ async fn handle_cancel(ctx: &Ctx, payload: &[u8]) -> Bytes {
                     at: chrono::Utc::now(),
                     reason: Some(reason),
                 });
-                let mut pending = Vec::new();
-                publish_event(ctx, &pool, &req.id, &ev, &mut pending).await;
-                for f in pending {
-                    f.await.map_err(|e| {
-                        bad(500, format!("cancelled, but the event was not stored: {e}"))
-                    })?;
+                let mut terminal = Vec::new();
+                announce(ctx, &pool, &req.id, &ev, &mut terminal).await;
+                if !confirm_terminal(ctx, terminal).await.is_empty() {
+                    return Err(bad(
+                        500,
+                        "cancelled, but the event is not stored yet; the coordinator re-sends it",
+                    ));
                 }
                 store::get(&ctx.db, &req.id)
                     .await

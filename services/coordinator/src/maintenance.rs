@@ -1,6 +1,8 @@
 //! Once a second: fold outcomes into reputation, expire queued tasks past their deadline, time
 //! out running attempts that overran (when their agent did not report it), promote tasks held
-//! by fairness limits, and re-send attempts whose work message was never confirmed. Safe on every replica at once: each step is one guarded UPDATE.
+//! by fairness limits, re-send attempts whose work message was never confirmed and terminal events
+//! (`dead`, `cancelled`, `expired`) a crash left unannounced. Safe on every replica at once:
+//! each step is one guarded UPDATE.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,7 +13,7 @@ use taskbus_runtime::CancellationToken;
 use tracing::warn;
 
 use crate::dispatch::{self, Dispatch};
-use crate::outcomes::{follow_up_failures, publish_event};
+use crate::outcomes::{announce, confirm_terminal, follow_up_failures, publish_event};
 use crate::store::{self, Failure};
 use crate::Ctx;
 
@@ -20,6 +22,8 @@ use crate::Ctx;
 const TIMEOUT_SLACK_MS: i64 = 10_000;
 /// Age after which an unconfirmed dispatch is re-sent.
 const STALE_DISPATCH_MS: i64 = 5_000;
+/// Age after which a terminal event still marked due is re-sent.
+const DUE_EVENT_MS: i64 = 5_000;
 
 pub(crate) async fn run(ctx: Arc<Ctx>, shutdown: CancellationToken) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -40,6 +44,7 @@ pub(crate) async fn once(ctx: &Ctx) -> Result<(), sqlx::Error> {
     crate::registry::flush_reputation(ctx).await;
     let now = Utc::now();
     let mut pending = Vec::new();
+    let mut terminal = Vec::new();
     for (id, pool, deadline) in store::expire_overdue(&ctx.db).await? {
         let ev = Event::Expired(events::Expired {
             task_id: id.clone(),
@@ -47,8 +52,10 @@ pub(crate) async fn once(ctx: &Ctx) -> Result<(), sqlx::Error> {
             at: now,
             deadline,
         });
-        publish_event(ctx, &pool, &id, &ev, &mut pending).await;
+        announce(ctx, &pool, &id, &ev, &mut terminal).await;
     }
+    confirm_terminal(ctx, terminal).await;
+    resend_due_events(ctx).await?;
 
     let overdue = store::overdue_running(&ctx.db, TIMEOUT_SLACK_MS).await?;
     if !overdue.is_empty() {
@@ -94,5 +101,51 @@ pub(crate) async fn once(ctx: &Ctx) -> Result<(), sqlx::Error> {
             warn!(error = %e, "maintenance event not acknowledged");
         }
     }
+    Ok(())
+}
+
+/// Re-send the terminal events a crash left unannounced: the status was written (with its
+/// outbox mark) but the event never reached JetStream. Message ids are the usual ones, so an
+/// event that did arrive after all is dropped as a duplicate.
+async fn resend_due_events(ctx: &Ctx) -> Result<(), sqlx::Error> {
+    let due = store::events_due(&ctx.db, DUE_EVENT_MS).await?;
+    if due.is_empty() {
+        return Ok(());
+    }
+    let mut terminal = Vec::new();
+    let mut stale = Vec::new();
+    for d in due {
+        let at = d.finished_at.unwrap_or_else(Utc::now);
+        let ev = match d.status.as_str() {
+            "dead" => Event::Dead(events::Dead {
+                task_id: d.id.clone(),
+                pool: d.pool.clone(),
+                at,
+                attempts: d.attempt.max(0) as u32,
+                last_error: d.error.clone().unwrap_or_default(),
+            }),
+            "cancelled" => Event::Cancelled(events::Cancelled {
+                task_id: d.id.clone(),
+                pool: d.pool.clone(),
+                at,
+                reason: d.error.clone(),
+            }),
+            "expired" => Event::Expired(events::Expired {
+                task_id: d.id.clone(),
+                pool: d.pool.clone(),
+                at,
+                deadline: d.deadline.unwrap_or(at),
+            }),
+            // No longer terminal (replayed since): nothing to announce.
+            _ => {
+                stale.push(d.id);
+                continue;
+            }
+        };
+        warn!(task_id = %d.id, status = %d.status, "re-sending a terminal event a crash left unannounced");
+        announce(ctx, &d.pool, &d.id, &ev, &mut terminal).await;
+    }
+    store::clear_event_due(&ctx.db, &stale).await?;
+    confirm_terminal(ctx, terminal).await;
     Ok(())
 }

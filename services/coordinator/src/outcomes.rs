@@ -206,6 +206,7 @@ struct RetryOnly {
 pub(crate) async fn follow_up_failures(ctx: &Ctx, failed: Vec<store::FailureOutcome>) {
     let now = Utc::now();
     let mut pending = Vec::new();
+    let mut terminal = Vec::new();
     let mut dispatches = Vec::new();
     for f in failed {
         if f.status == "queued" {
@@ -255,15 +256,61 @@ pub(crate) async fn follow_up_failures(ctx: &Ctx, failed: Vec<store::FailureOutc
                 attempts: f.attempt as u32,
                 last_error: f.error.clone(),
             });
-            publish_event(ctx, &f.pool, &f.id, &ev, &mut pending).await;
+            announce(ctx, &f.pool, &f.id, &ev, &mut terminal).await;
         }
     }
     dispatch::dispatch_all(ctx, dispatches).await;
+    confirm_terminal(ctx, terminal).await;
     for r in futures::future::join_all(pending.into_iter().map(|f| async move { f.await })).await {
         if let Err(e) = r {
             warn!(error = %e, "follow-up event not acknowledged");
         }
     }
+}
+
+/// A terminal event on its way to JetStream, with the task it announces.
+pub(crate) type Announced = (String, async_nats::jetstream::context::PublishAckFuture);
+
+/// Publish a terminal event the coordinator announces itself (`dead`, `cancelled`, `expired`).
+/// The task's outbox mark (`event_due`, set with the status) is cleared by [`confirm_terminal`]
+/// once JetStream has stored the event; until then the maintenance pass re-sends it.
+pub(crate) async fn announce(
+    ctx: &Ctx,
+    pool: &str,
+    id: &str,
+    ev: &Event,
+    terminal: &mut Vec<Announced>,
+) {
+    let mut one = Vec::new();
+    publish_event(ctx, pool, id, ev, &mut one).await;
+    if let Some(f) = one.pop() {
+        terminal.push((id.to_string(), f));
+    }
+}
+
+/// Wait for announced terminal events; clear the outbox mark of each one stored. Returns the
+/// ids whose event was not stored (they stay due).
+pub(crate) async fn confirm_terminal(ctx: &Ctx, terminal: Vec<Announced>) -> Vec<String> {
+    let results = futures::future::join_all(
+        terminal
+            .into_iter()
+            .map(|(id, f)| async move { (id, f.await) }),
+    )
+    .await;
+    let (mut stored, mut missing) = (Vec::new(), Vec::new());
+    for (id, r) in results {
+        match r {
+            Ok(_) => stored.push(id),
+            Err(e) => {
+                warn!(task_id = %id, error = %e, "terminal event not acknowledged; the maintenance pass re-sends it");
+                missing.push(id);
+            }
+        }
+    }
+    if let Err(e) = store::clear_event_due(&ctx.db, &stored).await {
+        warn!(error = %e, "cannot clear the event outbox; the events will be re-sent (deduplicated)");
+    }
+    missing
 }
 
 pub(crate) async fn publish_event(

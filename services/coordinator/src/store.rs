@@ -310,6 +310,8 @@ pub async fn record_failed(db: &PgPool, rows: &[Failure]) -> DbResult<Vec<Failur
                                 WHEN u.retry AND t.attempt < t.max_attempts THEN now() ELSE NULL END,
              started_at = CASE WHEN t.attempt <> u.attempt OR t.status = 'dead' THEN t.started_at
                                WHEN u.retry AND t.attempt < t.max_attempts THEN NULL ELSE t.started_at END,
+             event_due = CASE WHEN t.attempt <> u.attempt OR t.status = 'dead' THEN t.event_due
+                              WHEN u.retry AND t.attempt < t.max_attempts THEN false ELSE true END,
              updated_at = now()
          FROM UNNEST($1::text[], $2::int4[], $3::text[], $4::text[], $5::bool[], $6::timestamptz[])
               AS u(id, attempt, agent, error, retry, at)
@@ -491,7 +493,8 @@ pub async fn stale_dispatches(db: &PgPool, older_than_ms: i64) -> DbResult<Vec<P
 /// Queued tasks whose deadline passed: `expired`. Returns `(id, pool, deadline)`.
 pub async fn expire_overdue(db: &PgPool) -> DbResult<Vec<(String, String, DateTime<Utc>)>> {
     let rows = sqlx::query(
-        "UPDATE coordinator.tasks SET status = 'expired', finished_at = now(), updated_at = now(), dispatch_at = NULL
+        "UPDATE coordinator.tasks SET status = 'expired', finished_at = now(), updated_at = now(), dispatch_at = NULL,
+                event_due = true
          WHERE task_id IN (SELECT task_id FROM coordinator.tasks
                            WHERE status IN ('queued', 'admitted') AND deadline IS NOT NULL AND deadline < now()
                            ORDER BY task_id LIMIT 1000 FOR UPDATE SKIP LOCKED)
@@ -566,7 +569,7 @@ pub async fn cancel(db: &PgPool, id: &str, reason: &str) -> DbResult<CancelOutco
     let row = sqlx::query(
         "WITH prev AS (SELECT task_id, status FROM coordinator.tasks WHERE task_id = $1 FOR UPDATE)
          UPDATE coordinator.tasks t SET status = 'cancelled', error = $2, finished_at = now(), updated_at = now(),
-                dispatch_at = NULL
+                dispatch_at = NULL, event_due = true
          FROM prev WHERE t.task_id = prev.task_id AND t.status IN ('admitted', 'queued', 'running')
          RETURNING t.pool, prev.status, t.agent_id",
     )
@@ -603,7 +606,7 @@ pub async fn replay_dead(
          SET status = 'queued', attempt = t.attempt + 1,
              max_attempts = t.attempt + GREATEST(1, COALESCE((t.envelope->>'max_attempts')::int, 1)),
              error = NULL, finished_at = NULL, started_at = NULL, not_before = NULL,
-             dispatch_at = now(), updated_at = now()
+             dispatch_at = now(), updated_at = now(), event_due = false
          WHERE t.task_id IN (SELECT task_id FROM coordinator.tasks
                              WHERE status = 'dead' AND payer IS NULL
                                AND ($1::text IS NULL OR pool = $1)
@@ -781,4 +784,54 @@ pub async fn pools_with_held(db: &PgPool) -> DbResult<Vec<String>> {
     sqlx::query_scalar("SELECT DISTINCT pool FROM coordinator.tasks WHERE status = 'admitted'")
         .fetch_all(db)
         .await
+}
+
+/// Mark the terminal events of `ids` as stored by JetStream.
+pub async fn clear_event_due(db: &PgPool, ids: &[String]) -> DbResult<()> {
+    if ids.is_empty() {
+        return Ok(());
+    }
+    sqlx::query(
+        "UPDATE coordinator.tasks SET event_due = false WHERE task_id = ANY($1) AND event_due",
+    )
+    .bind(ids)
+    .execute(db)
+    .await?;
+    Ok(())
+}
+
+/// A terminal event the coordinator recorded but may not have published.
+#[derive(Debug, Clone)]
+pub struct DueEvent {
+    pub id: String,
+    pub pool: String,
+    pub status: String,
+    pub attempt: i32,
+    pub error: Option<String>,
+    pub deadline: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
+/// Terminal events still due `older_than_ms` after their status was written (oldest first).
+pub async fn events_due(db: &PgPool, older_than_ms: i64) -> DbResult<Vec<DueEvent>> {
+    let rows = sqlx::query(
+        "SELECT task_id, pool, status, attempt, error, deadline, finished_at FROM coordinator.tasks
+         WHERE event_due AND updated_at < now() - make_interval(secs => $1 / 1000.0)
+         ORDER BY updated_at LIMIT 500",
+    )
+    .bind(older_than_ms as f64)
+    .fetch_all(db)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| DueEvent {
+            id: r.get(0),
+            pool: r.get(1),
+            status: r.get(2),
+            attempt: r.get(3),
+            error: r.get(4),
+            deadline: r.get(5),
+            finished_at: r.get(6),
+        })
+        .collect())
 }
