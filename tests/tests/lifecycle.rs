@@ -879,3 +879,44 @@ async fn terminal_events_a_crash_left_unannounced_are_re_sent() {
             .unwrap_or_else(|e| panic!("{subject} not stored: {e}"));
     }
 }
+
+#[tokio::test]
+async fn a_replayed_task_that_dies_again_is_announced_again() {
+    let s = Stack::new(30_000).await;
+    s.set_pool(
+        "default",
+        PoolSettings {
+            breaker_threshold: 0,
+            ..Default::default()
+        },
+    )
+    .await;
+    let (_c, _t) = s.coordinator().await;
+    let _a = agent(&s, "always-fails", |_t: TaskContext| async {
+        Err(TaskError::Fatal("broken".into()))
+    });
+    s.submit("default", json!({"kind": "x", "id": "twice-dead"}))
+        .await;
+    s.wait_status("twice-dead", "dead", T).await;
+    let v = api(&s, "dlq.replay", json!({"ids": ["twice-dead"]})).await;
+    assert_eq!(v["ok"]["replayed"], json!(["twice-dead"]), "{v}");
+    eventually("dead again", T, || async {
+        let t = s.task("twice-dead").await?;
+        (t.status == "dead" && t.attempt == 2).then_some(())
+    })
+    .await;
+    // Both deaths are in the events stream (the second is not taken for a duplicate).
+    let stream = s.js.get_stream(s.subjects.events_stream()).await.unwrap();
+    eventually("two dead events stored", T, || async {
+        let mut info = stream
+            .info_with_subjects("taskbus.events.default.twice-dead.dead")
+            .await
+            .ok()?;
+        let mut n = 0;
+        while let Some(Ok((_, count))) = info.next().await {
+            n += count;
+        }
+        (n == 2).then_some(())
+    })
+    .await;
+}

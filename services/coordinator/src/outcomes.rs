@@ -339,6 +339,8 @@ fn event_msg_id(id: &str, ev: &Event) -> String {
     match ev {
         Event::RetryScheduled(r) => format!("{id}:retry:{}", r.attempt),
         Event::TimedOut(t) => format!("{id}:{}:timed_out", t.attempt),
+        // A task replayed from the dead-letter queue can die again: each death is its own event.
+        Event::Dead(d) => format!("{id}:{}:dead", d.attempts),
         other => format!("{id}:{}", other.kind().as_str()),
     }
 }
