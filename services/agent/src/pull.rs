@@ -128,7 +128,7 @@ pub(crate) async fn pull_loop<H: Handler>(
             while let Some(polled) = p.polls.next().await {
                 if let Polled::Msg(_, m) = polled {
                     let Ok(m) = *m else { continue };
-                    hand_back(shared, m).await;
+                    hand_back(m).await;
                     shared.stats.handed_back.fetch_add(1, Ordering::Relaxed);
                 }
             }
@@ -237,7 +237,7 @@ impl<H: Handler> Puller<'_, H> {
                     }
                 };
                 if shutdown.is_cancelled() {
-                    hand_back(self.shared, msg).await;
+                    hand_back(msg).await;
                     self.shared
                         .stats
                         .handed_back
@@ -257,7 +257,7 @@ impl<H: Handler> Puller<'_, H> {
                         }
                     }
                     // Cannot happen (only this loop takes slots), but never run over the limit.
-                    None => hand_back(self.shared, msg).await,
+                    None => hand_back(msg).await,
                 }
             }
         }
@@ -359,7 +359,7 @@ impl<H: Handler> Puller<'_, H> {
                 };
                 self.since_low = after_take(self.since_low, low, other);
             }
-            _ => hand_back(self.shared, msg).await,
+            _ => hand_back(msg).await,
         }
     }
 
@@ -375,7 +375,7 @@ impl<H: Handler> Puller<'_, H> {
 }
 
 /// Give a task back to the server for immediate redelivery (to any agent).
-async fn hand_back<H>(_shared: &Shared<H>, msg: jetstream::Message) {
+async fn hand_back(msg: jetstream::Message) {
     if let Err(e) = msg.ack_with(AckKind::Nak(None)).await {
         debug!(error = %e, "hand-back failed; the task returns after ack_wait");
     }

@@ -82,6 +82,22 @@ pub enum LedgerCmd {
     },
 }
 
+/// A deposit or withdrawal request; without `--key` a fresh key, so the command's own retries
+/// move the money once.
+fn move_request(
+    account: String,
+    amount: String,
+    currency: Option<String>,
+    key: Option<String>,
+) -> MoveRequest {
+    MoveRequest {
+        account,
+        amount,
+        currency,
+        key: Some(key.unwrap_or_else(|| format!("cli-{}", ulid::Ulid::new()))),
+    }
+}
+
 /// Run one ledger command and print its output.
 pub async fn run(cmd: LedgerCmd, client: &async_nats::Client, prefix: &str) -> anyhow::Result<()> {
     let out = execute(cmd, client, prefix).await?;
@@ -103,12 +119,7 @@ pub async fn execute(
             key,
             json,
         } => {
-            let req = MoveRequest {
-                account,
-                amount,
-                currency,
-                key: Some(key.unwrap_or_else(|| format!("cli-{}", ulid::Ulid::new()))),
-            };
+            let req = move_request(account, amount, currency, key);
             let r: MoveReply = call(client, prefix, "deposit", &req, 3).await?;
             render(json, &r, move_text)
         }
@@ -119,12 +130,7 @@ pub async fn execute(
             key,
             json,
         } => {
-            let req = MoveRequest {
-                account,
-                amount,
-                currency,
-                key: Some(key.unwrap_or_else(|| format!("cli-{}", ulid::Ulid::new()))),
-            };
+            let req = move_request(account, amount, currency, key);
             let r: MoveReply = call(client, prefix, "withdraw", &req, 3).await?;
             render(json, &r, move_text)
         }

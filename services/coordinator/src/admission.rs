@@ -228,8 +228,7 @@ async fn handle_batch(ctx: &Ctx, mut items: Vec<Item>) -> Result<(), BatchError>
                 deadline: t.deadline,
                 not_before: t.not_before,
                 timeout_ms: t.timeout_ms as i64,
-                held: fair_key(t).is_some()
-                    && ctx.pools.get(&t.pool).is_some_and(|p| p.fairness_limit > 0),
+                held: held_by_fairness(ctx, t),
                 fair_key: fair_key(t),
             });
         }
@@ -242,11 +241,7 @@ async fn handle_batch(ctx: &Ctx, mut items: Vec<Item>) -> Result<(), BatchError>
         .filter(|t| !inserted.contains(&t.id))
         .map(|t| t.id.clone())
         .collect();
-    let existing: HashMap<String, (Option<i64>, String)> = store::existing(&ctx.db, &conflicts)
-        .await?
-        .into_iter()
-        .map(|(id, seq, status)| (id, (seq, status)))
-        .collect();
+    let existing = store::recorded(&ctx.db, &conflicts).await?;
 
     // 2. Record rejections; a rejection whose id is taken by another message is re-keyed.
     let mut rejections: HashMap<usize, NewRejection> = HashMap::new();
@@ -274,18 +269,13 @@ async fn handle_batch(ctx: &Ctx, mut items: Vec<Item>) -> Result<(), BatchError>
         .filter(|r| !rej_inserted.contains(&r.id))
         .map(|r| r.id.clone())
         .collect();
-    let rej_existing: HashMap<String, (Option<i64>, String)> =
-        store::existing(&ctx.db, &rej_conflicts)
-            .await?
-            .into_iter()
-            .map(|(id, seq, status)| (id, (seq, status)))
-            .collect();
+    let rej_existing = store::recorded(&ctx.db, &rej_conflicts).await?;
     let mut rekeyed = Vec::new();
     // Redeliveries of a message that was admitted earlier and is refused now only because the
     // task's hold has meanwhile resolved (the task ran): nothing to announce, just ack.
     let mut admitted_earlier = std::collections::HashSet::new();
     for (i, r) in rejections.iter_mut() {
-        if let Some((seq, status)) = rej_existing.get(&r.id) {
+        if let Some((seq, status, _, _)) = rej_existing.get(&r.id) {
             if *seq != Some(r.submit_seq) {
                 r.id = format!("seq-{}", r.submit_seq);
                 rekeyed.push(r.clone());
@@ -305,8 +295,7 @@ async fn handle_batch(ctx: &Ctx, mut items: Vec<Item>) -> Result<(), BatchError>
         match &it.verdict {
             Verdict::Admit(t) => {
                 let first_in_batch = envelopes.contains_key(&i);
-                let held = fair_key(t).is_some()
-                    && ctx.pools.get(&t.pool).is_some_and(|p| p.fairness_limit > 0);
+                let held = held_by_fairness(ctx, t);
                 let publish = if first_in_batch && inserted.contains(&t.id) {
                     ctx.metrics.admitted.inc();
                     if held {
@@ -316,7 +305,9 @@ async fn handle_batch(ctx: &Ctx, mut items: Vec<Item>) -> Result<(), BatchError>
                 } else {
                     match existing.get(&t.id) {
                         // Our own earlier delivery: finish it (the work publish is deduplicated).
-                        Some((Some(seq), status)) if first_in_batch && *seq == it.seq as i64 => {
+                        Some((Some(seq), status, _, _))
+                            if first_in_batch && *seq == it.seq as i64 =>
+                        {
                             status == "queued"
                         }
                         _ => {
@@ -575,6 +566,11 @@ async fn hold_prices(ctx: &Ctx, items: &mut [Item]) -> Result<(), sqlx::Error> {
         }
     }
     Ok(())
+}
+
+/// Whether the task waits as `admitted` for its fairness key's turn instead of being queued.
+fn held_by_fairness(ctx: &Ctx, t: &ValidTask) -> bool {
+    fair_key(t).is_some() && ctx.pools.get(&t.pool).is_some_and(|p| p.fairness_limit > 0)
 }
 
 /// What the pool's fairness limit counts by: the payer, else the `tenant` label.

@@ -25,7 +25,7 @@ use taskbus_runtime::CancellationToken;
 use tracing::warn;
 
 use crate::dispatch::{self, Dispatch};
-use crate::outcomes::{announce, confirm_terminal, publish_event};
+use crate::outcomes::{announce, confirm_terminal};
 use crate::registry;
 use crate::store::{self, CancelOutcome};
 use crate::{CoordinatorError, Ctx};
@@ -197,27 +197,9 @@ async fn handle_cancel(ctx: &Ctx, payload: &[u8]) -> Bytes {
                     .ok_or_else(|| bad(404, "task vanished"))
             }
             CancelOutcome::Terminal(status) => {
-                if status == "cancelled" {
-                    // A repeated cancel, e.g. the caller's retry after a replica died between
-                    // the cancellation and its event: publish the event again (JetStream drops
-                    // the duplicate by message id), so agents and the ledger (which voids the
-                    // task's hold on it) never miss it.
-                    if let Some(rec) = store::get(&ctx.db, &req.id).await.map_err(db)? {
-                        let ev = Event::Cancelled(events::Cancelled {
-                            task_id: req.id.clone(),
-                            pool: rec.pool.clone(),
-                            at: rec.finished_at.unwrap_or_else(chrono::Utc::now),
-                            reason: rec.error,
-                        });
-                        let mut pending = Vec::new();
-                        publish_event(ctx, &rec.pool, &req.id, &ev, &mut pending).await;
-                        for f in pending {
-                            f.await.map_err(|e| {
-                                bad(500, format!("cancelled, but the event was not stored: {e}"))
-                            })?;
-                        }
-                    }
-                }
+                // A repeated cancel (e.g. the caller's retry after a replica died between the
+                // cancellation and its event) needs nothing more: the event outbox re-sends a
+                // `cancelled` that never reached JetStream.
                 Err(bad(409, format!("task {} is already {status}", req.id)))
             }
             CancelOutcome::NotFound => Err(bad(404, format!("no task with id {:?}", req.id))),

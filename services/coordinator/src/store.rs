@@ -91,25 +91,9 @@ pub async fn insert_admitted(db: &PgPool, rows: &[NewTask]) -> DbResult<HashSet<
         .collect())
 }
 
-/// Submit sequence and status of existing tasks, to tell a redelivery from a duplicate.
-pub async fn existing(db: &PgPool, ids: &[String]) -> DbResult<Vec<(String, Option<i64>, String)>> {
-    if ids.is_empty() {
-        return Ok(Vec::new());
-    }
-    let rows = sqlx::query(
-        "SELECT task_id, submit_seq, status FROM coordinator.tasks WHERE task_id = ANY($1)",
-    )
-    .bind(ids)
-    .fetch_all(db)
-    .await?;
-    Ok(rows
-        .into_iter()
-        .map(|r| (r.get(0), r.get(1), r.get(2)))
-        .collect())
-}
-
 /// What is recorded of these tasks: `(submit_seq, status, reason, reason_message)` by id, to
-/// recognise a redelivered message before asking the ledger for its hold.
+/// tell a redelivered message from a duplicate (and recognise one before asking the ledger for
+/// its hold).
 pub async fn recorded(
     db: &PgPool,
     ids: &[String],
