@@ -30,10 +30,11 @@ pub enum EventKind {
     Expired,
     Held,
     Settled,
+    Closed,
 }
 
 impl EventKind {
-    pub const ALL: [EventKind; 14] = [
+    pub const ALL: [EventKind; 15] = [
         EventKind::Admitted,
         EventKind::Rejected,
         EventKind::Queued,
@@ -48,6 +49,7 @@ impl EventKind {
         EventKind::Expired,
         EventKind::Held,
         EventKind::Settled,
+        EventKind::Closed,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -66,6 +68,7 @@ impl EventKind {
             EventKind::Expired => "expired",
             EventKind::Held => "held",
             EventKind::Settled => "settled",
+            EventKind::Closed => "closed",
         }
     }
 
@@ -268,6 +271,60 @@ pub struct Settled {
     pub agent_id: Option<String>,
 }
 
+/// The terminal state a [`Closed`] event reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ClosedStatus {
+    Succeeded,
+    Dead,
+    Cancelled,
+    Expired,
+}
+
+impl ClosedStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ClosedStatus::Succeeded => "succeeded",
+            ClosedStatus::Dead => "dead",
+            ClosedStatus::Cancelled => "cancelled",
+            ClosedStatus::Expired => "expired",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<ClosedStatus> {
+        [
+            ClosedStatus::Succeeded,
+            ClosedStatus::Dead,
+            ClosedStatus::Cancelled,
+            ClosedStatus::Expired,
+        ]
+        .into_iter()
+        .find(|k| k.as_str() == s)
+    }
+}
+
+/// `closed`: the coordinator recorded the final state of a **priced** task (durable; published
+/// only for tasks with a `price`, once the coordinator's record is written). It is the only
+/// outcome the ledger settles on: agents' `succeeded`/`expired` are claims the coordinator may
+/// refuse (a late success of a timed-out attempt, a success that lost to a cancellation), so
+/// paying on them could disagree with the task's recorded state.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct Closed {
+    pub task_id: String,
+    pub pool: String,
+    pub at: DateTime<Utc>,
+    /// The recorded terminal state.
+    pub status: ClosedStatus,
+    /// The attempt the state belongs to.
+    pub attempt: u32,
+    /// The agent whose success was recorded (`succeeded` only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_id: Option<String>,
+    /// The reputation multiplier from the recorded `succeeded` event (decimal string).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reputation: Option<String>,
+}
+
 /// Any event, tagged by `event`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(tag = "event", rename_all = "snake_case")]
@@ -287,6 +344,7 @@ pub enum Event {
     Expired(Expired),
     Held(Held),
     Settled(Settled),
+    Closed(Closed),
 }
 
 impl Event {
@@ -306,6 +364,7 @@ impl Event {
             Event::Expired(_) => EventKind::Expired,
             Event::Held(_) => EventKind::Held,
             Event::Settled(_) => EventKind::Settled,
+            Event::Closed(_) => EventKind::Closed,
         }
     }
 
@@ -331,6 +390,7 @@ impl Event {
             Event::Expired(e) => pt!(e),
             Event::Held(e) => pt!(e),
             Event::Settled(e) => pt!(e),
+            Event::Closed(e) => pt!(e),
         };
         (p, t)
     }

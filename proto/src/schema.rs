@@ -55,6 +55,7 @@ pub fn all() -> Vec<(String, Value)> {
         (Expired, event::<events::Expired>(Expired)),
         (Held, event::<events::Held>(Held)),
         (Settled, event::<events::Settled>(Settled)),
+        (Closed, event::<events::Closed>(Closed)),
     ];
     for (k, s) in per_event {
         out.push((format!("events/{}.schema.json", k.as_str()), s));

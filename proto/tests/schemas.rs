@@ -193,6 +193,15 @@ fn every_event_validates_against_its_schema() {
             refund_amount: "0".into(),
             agent_id: Some("a".into()),
         }),
+        Event::Closed(Closed {
+            task_id: t.clone(),
+            pool: p.clone(),
+            at,
+            status: ClosedStatus::Succeeded,
+            attempt: 1,
+            agent_id: Some("a".into()),
+            reputation: Some("0.9".into()),
+        }),
     ];
     assert_eq!(events.len(), EventKind::ALL.len());
     for e in &events {

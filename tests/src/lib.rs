@@ -4,6 +4,8 @@
 //! Services run in-process through their `start(config, shutdown)` functions.
 
 use std::future::Future;
+
+use futures::StreamExt;
 use std::time::{Duration, Instant};
 
 pub use taskbus_runtime::devservers::{NatsCluster, NatsServer};
@@ -163,6 +165,72 @@ pub fn workspace_bin(name: &str) -> std::path::PathBuf {
         path.display()
     );
     path
+}
+
+/// NATS request/reply with a timeout; `None` when nobody answered in time.
+pub async fn ask(
+    client: &async_nats::Client,
+    subject: &str,
+    body: Vec<u8>,
+) -> Option<serde_json::Value> {
+    let m = tokio::time::timeout(
+        Duration::from_secs(2),
+        client.request(subject.to_string(), body.into()),
+    )
+    .await
+    .ok()?
+    .ok()?;
+    serde_json::from_slice(&m.payload).ok()
+}
+
+/// Deposit through the ledger's API, retried (with the same key) until it is accepted.
+pub async fn deposit(client: &async_nats::Client, account: &str, amount: &str, key: &str) {
+    let body = serde_json::to_vec(&serde_json::json!({
+        "account": account, "amount": amount, "currency": "USD", "key": key
+    }))
+    .unwrap();
+    eventually(
+        &format!("deposit to {account}"),
+        Duration::from_secs(60),
+        || {
+            let body = body.clone();
+            async move {
+                let v = ask(client, "taskbus.ledger.deposit", body).await?;
+                v.get("ok").map(|_| ())
+            }
+        },
+    )
+    .await;
+}
+
+/// Every durable event of one kind on the events stream, in stream order.
+pub async fn stream_events(
+    js: &async_nats::jetstream::Context,
+    kind: &str,
+) -> Vec<taskbus_proto::events::Event> {
+    let stream = js.get_stream("TASKBUS_EVENTS").await.unwrap();
+    let consumer = stream
+        .create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig {
+            filter_subject: format!("taskbus.events.*.*.{kind}"),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let total = consumer.cached_info().num_pending as usize;
+    let mut out = Vec::with_capacity(total);
+    if total == 0 {
+        return out;
+    }
+    let mut msgs = consumer.messages().await.unwrap();
+    while out.len() < total {
+        let m = tokio::time::timeout(Duration::from_secs(10), msgs.next())
+            .await
+            .expect("stream read")
+            .unwrap()
+            .unwrap();
+        out.push(serde_json::from_slice(&m.payload).expect("a taskbus event"));
+    }
+    out
 }
 
 /// A whole stack for tests: nats-server, a fresh database, the coordinator in-process.

@@ -794,6 +794,9 @@ async fn terminal_events_a_crash_left_unannounced_are_re_sent() {
         "lost-expired",
         "back-in-queue",
         "api-cancel",
+        "lost-paid-success",
+        "lost-paid-dead",
+        "plain-success",
     ];
     for id in ids {
         s.submit("default", json!({"kind": "x", "id": id})).await;
@@ -817,6 +820,21 @@ async fn terminal_events_a_crash_left_unannounced_are_re_sent() {
         ),
         // Marked, but no longer terminal (replayed since): nothing to announce.
         ("back-in-queue", "status = 'queued'"),
+        // Priced tasks also get their `closed` event (the ledger settles on it); for a success,
+        // that is the only event the coordinator sends.
+        (
+            "lost-paid-success",
+            "status = 'succeeded', payer = 'acme', agent_id = 'agent-z', reputation = '0.8'",
+        ),
+        (
+            "lost-paid-dead",
+            "status = 'dead', attempt = 2, error = 'x', payer = 'acme'",
+        ),
+        // An unpriced success has nothing for the coordinator to announce.
+        (
+            "plain-success",
+            "status = 'succeeded', agent_id = 'agent-z'",
+        ),
     ] {
         sqlx::query(&format!(
             "UPDATE coordinator.tasks SET {set}, finished_at = now(), event_due = true,
@@ -839,7 +857,7 @@ async fn terminal_events_a_crash_left_unannounced_are_re_sent() {
 
     let mut seen = std::collections::HashMap::new();
     let t0 = Instant::now();
-    while seen.len() < 4 {
+    while seen.len() < 7 {
         assert!(t0.elapsed() < T, "re-sent events so far: {seen:?}");
         let v = next_json(&mut events).await;
         let key = format!(
@@ -854,6 +872,25 @@ async fn terminal_events_a_crash_left_unannounced_are_re_sent() {
     assert_eq!(seen["lost-cancelled:cancelled"]["reason"], "stop");
     assert!(seen.contains_key("lost-expired:expired"));
     assert!(seen.contains_key("api-cancel:cancelled"));
+    let c = &seen["lost-paid-success:closed"];
+    assert_eq!(
+        (
+            &c["status"],
+            &c["agent_id"],
+            &c["reputation"],
+            &c["attempt"]
+        ),
+        (
+            &json!("succeeded"),
+            &json!("agent-z"),
+            &json!("0.8"),
+            &json!(1)
+        ),
+        "{c}"
+    );
+    assert!(seen.contains_key("lost-paid-dead:dead"));
+    assert_eq!(seen["lost-paid-dead:closed"]["status"], "dead");
+    assert_eq!(seen["lost-paid-dead:closed"]["attempt"], 2);
     eventually("every outbox mark cleared", T, || async {
         let due: i64 = sqlx::query_scalar("SELECT count(*) FROM coordinator.tasks WHERE event_due")
             .fetch_one(&s.pg)
@@ -862,10 +899,11 @@ async fn terminal_events_a_crash_left_unannounced_are_re_sent() {
         (due == 0).then_some(())
     })
     .await;
-    // Nothing was announced for the task that is queued again.
+    // Nothing was announced for the task that is queued again, nor for the unpriced success.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     while let Ok(Some(m)) = tokio::time::timeout(Duration::from_millis(50), events.next()).await {
         assert!(!m.subject.contains("back-in-queue"), "{}", m.subject);
+        assert!(!m.subject.contains("plain-success"), "{}", m.subject);
     }
     // The events are durable: they are in the events stream.
     let st = s.js.get_stream(s.subjects.events_stream()).await.unwrap();

@@ -6,19 +6,20 @@
 //!
 //! The handler succeeds most tasks, fails some once and then succeeds (a retry), fails some on
 //! every attempt (`max_attempts` 2: dead) and some fatally (dead at once). A few tasks go to a
-//! pool without agents and are cancelled while queued (through the coordinator's API, retried
-//! across its crashes), and a poorly funded payer gets some of its tasks rejected with
-//! `insufficient_funds` (it is topped up midway, so that a rejected task whose submit message
-//! comes back after a coordinator crash could now be afforded: it must stay rejected, with no
-//! hold). Afterwards:
+//! pool without agents and are cancelled while queued, and a few run briefly while a
+//! cancellation races them (all through the coordinator's API, retried across its crashes), and
+//! a poorly funded payer gets some of its tasks rejected with `insufficient_funds` (it is topped
+//! up midway, so that a rejected task whose submit message comes back after a coordinator crash
+//! could now be afforded: it must stay rejected, with no hold). Afterwards:
 //!
 //! - every task has reached exactly one terminal state in `coordinator.tasks`, the one its plan
 //!   allows, and no row was invented;
 //! - every admitted task has exactly one hold in the ledger, resolved as the coordinator's
 //!   terminal status says (`settled` for succeeded, `voided` by `dead`/`cancelled`); a
 //!   rejected task has no transfer at all;
-//! - a settled hold pays the agent the coordinator recorded, with the reputation multiplier of
-//!   the task's first `succeeded` event in the stream, by the ledger's formula;
+//! - each admitted task has one `closed` event with the coordinator's status; a settled hold
+//!   pays the agent the coordinator recorded, with the multiplier of that `closed` event (which
+//!   repeats one of the agents' `succeeded` events of the attempt), by the ledger's formula;
 //! - the events stream holds exactly one `settled` event per admitted task (and none for a
 //!   rejected one), agreeing with the hold, and no `rejected` event for an admitted task;
 //! - the ledger's audit invariants hold, escrow is empty, and the balances are what the
@@ -36,18 +37,16 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use async_nats::jetstream;
-use futures::StreamExt;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rust_decimal::Decimal;
 use serde_json::json;
 use sqlx::Row;
 use taskbus_agent::{Agent, AgentConfig, CancellationToken, TaskContext, TaskError};
-use taskbus_proto::events::Event;
+use taskbus_proto::events::{self, ClosedStatus, Event};
 use taskbus_proto::PoolSettings;
 use taskbus_tests::stack::Stack;
-use taskbus_tests::{eventually, workspace_bin};
+use taskbus_tests::{ask, deposit, eventually, stream_events, workspace_bin};
 use tokio::process::{Child, Command};
 use tokio_util::task::TaskTracker;
 
@@ -77,6 +76,10 @@ enum Mode {
     Fatal,
     /// Goes to the idle pool and is cancelled while queued.
     Cancel,
+    /// Runs a few milliseconds and succeeds, while a cancellation races it: it ends
+    /// `succeeded` or `cancelled`, whichever the coordinator recorded first, and the ledger
+    /// must follow the coordinator (a success that lost is not paid).
+    Race,
 }
 
 impl Mode {
@@ -87,6 +90,7 @@ impl Mode {
             Mode::Fail => "fail",
             Mode::Fatal => "fatal",
             Mode::Cancel => "cancel",
+            Mode::Race => "race",
         }
     }
 }
@@ -166,45 +170,10 @@ fn killer(
     })
 }
 
-/// NATS request/reply with a timeout; `None` when nobody answered in time.
-async fn ask(
-    client: &async_nats::Client,
-    subject: &str,
-    body: Vec<u8>,
-) -> Option<serde_json::Value> {
-    let m = tokio::time::timeout(
-        Duration::from_secs(2),
-        client.request(subject.to_string(), body.into()),
-    )
-    .await
-    .ok()?
-    .ok()?;
-    serde_json::from_slice(&m.payload).ok()
-}
-
-/// Deposit through the ledger's API, retried (with the same key) until it is accepted.
-async fn deposit(client: &async_nats::Client, account: &str, amount: &str, key: &str) {
-    let body = serde_json::to_vec(&json!({
-        "account": account, "amount": amount, "currency": "USD", "key": key
-    }))
-    .unwrap();
-    eventually(
-        &format!("deposit to {account}"),
-        Duration::from_secs(60),
-        || {
-            let body = body.clone();
-            async move {
-                let v = ask(client, "taskbus.ledger.deposit", body).await?;
-                v.get("ok").map(|_| ())
-            }
-        },
-    )
-    .await;
-}
-
-/// Cancel a queued task through the coordinator's API, across coordinator crashes: retried
-/// until the answer says the task is cancelled.
-async fn cancel(client: &async_nats::Client, id: &str) {
+/// Cancel a task through the coordinator's API, across coordinator crashes: retried until
+/// the answer says the task is cancelled, or (`racing`: the task may finish first) that it had
+/// already ended.
+async fn cancel(client: &async_nats::Client, id: &str, racing: bool) {
     let body = serde_json::to_vec(&json!({"id": id, "reason": "crash test"})).unwrap();
     eventually(&format!("cancel {id}"), Duration::from_secs(120), || {
         let body = body.clone();
@@ -213,40 +182,14 @@ async fn cancel(client: &async_nats::Client, id: &str) {
             if v["ok"]["status"] == "cancelled" {
                 return Some(());
             }
-            // A retry after a crash that followed the cancellation itself.
+            // A retry after a crash that followed the cancellation itself, or a racing task
+            // that ended before the cancellation.
             let e = &v["error"];
-            (e["code"] == 409 && e["error"].as_str().is_some_and(|m| m.contains("cancelled")))
-                .then_some(())
+            let msg = e["error"].as_str().unwrap_or_default();
+            (e["code"] == 409 && (racing || msg.contains("cancelled"))).then_some(())
         }
     })
     .await;
-}
-
-/// Every durable event of one kind on the events stream, in stream order.
-async fn stream_events(js: &jetstream::Context, kind: &str) -> Vec<Event> {
-    let stream = js.get_stream("TASKBUS_EVENTS").await.unwrap();
-    let consumer = stream
-        .create_consumer(jetstream::consumer::pull::OrderedConfig {
-            filter_subject: format!("taskbus.events.*.*.{kind}"),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    let total = consumer.cached_info().num_pending as usize;
-    let mut out = Vec::with_capacity(total);
-    if total == 0 {
-        return out;
-    }
-    let mut msgs = consumer.messages().await.unwrap();
-    while out.len() < total {
-        let m = tokio::time::timeout(Duration::from_secs(10), msgs.next())
-            .await
-            .expect("stream read")
-            .unwrap()
-            .unwrap();
-        out.push(serde_json::from_slice(&m.payload).expect("a taskbus event"));
-    }
-    out
 }
 
 fn tempdir() -> PathBuf {
@@ -313,6 +256,11 @@ async fn coordinator_and_ledger_killed_settle_every_task_exactly_once() {
                 Some("flaky") if t.attempt == 1 => Err(TaskError::Retryable("first try".into())),
                 Some("fail") => Err(TaskError::Retryable(format!("attempt {}", t.attempt))),
                 Some("fatal") => Err(TaskError::Fatal("fatal".into())),
+                Some("race") => {
+                    let ms = t.payload["ms"].as_u64().unwrap_or(0);
+                    tokio::time::sleep(Duration::from_millis(ms)).await;
+                    Ok(json!({"done": t.task_id}))
+                }
                 _ => Ok(json!({"done": t.task_id})),
             }
         });
@@ -356,6 +304,7 @@ async fn coordinator_and_ledger_killed_settle_every_task_exactly_once() {
         let roll: f64 = rng.random();
         let mode = match roll {
             r if r < 0.03 => Mode::Cancel,
+            r if r < 0.06 => Mode::Race,
             r if r < 0.11 => Mode::Fail,
             r if r < 0.15 => Mode::Fatal,
             r if r < 0.23 => Mode::Flaky,
@@ -373,7 +322,8 @@ async fn coordinator_and_ledger_killed_settle_every_task_exactly_once() {
             "default"
         };
         let body = json!({
-            "id": id, "kind": "paid", "payload": {"mode": mode.as_str()},
+            "id": id, "kind": "paid",
+            "payload": {"mode": mode.as_str(), "ms": rng.random_range(0..30)},
             "price": price.to_string(), "payer": payer, "currency": "USD",
             "max_attempts": if mode == Mode::Flaky { 3 } else { 2 },
             "retry": {"base_ms": 50, "max_ms": 100},
@@ -402,14 +352,20 @@ async fn coordinator_and_ledger_killed_settle_every_task_exactly_once() {
     };
     let cancels: Vec<String> = plan
         .iter()
-        .filter(|(_, p)| p.mode == Mode::Cancel)
+        .filter(|(_, p)| matches!(p.mode, Mode::Cancel | Mode::Race))
         .map(|(id, _)| id.clone())
         .collect();
     let canceller = {
         let (client, pg) = (s.client.clone(), s.pg.clone());
         let cancels = cancels.clone();
+        let racing: HashSet<String> = plan
+            .iter()
+            .filter(|(_, p)| p.mode == Mode::Race)
+            .map(|(id, _)| id.clone())
+            .collect();
         tracker.spawn(async move {
             for id in &cancels {
+                let racing = racing.contains(id);
                 // Only a task the coordinator has admitted can be cancelled.
                 eventually(
                     &format!("{id} queued"),
@@ -423,11 +379,11 @@ async fn coordinator_and_ledger_killed_settle_every_task_exactly_once() {
                         .await
                         .ok()
                         .flatten();
-                        st.filter(|s| s == "queued").map(|_| ())
+                        st.filter(|s| racing || s == "queued").map(|_| ())
                     },
                 )
                 .await;
-                cancel(&client, id).await;
+                cancel(&client, id, racing).await;
             }
         })
     };
@@ -497,6 +453,7 @@ async fn coordinator_and_ledger_killed_settle_every_task_exactly_once() {
             Mode::Ok | Mode::Flaky => &["succeeded"],
             Mode::Fail | Mode::Fatal => &["dead"],
             Mode::Cancel => &["cancelled"],
+            Mode::Race => &["succeeded", "cancelled"],
         };
         assert!(
             allowed.contains(&st.as_str()),
@@ -517,8 +474,12 @@ async fn coordinator_and_ledger_killed_settle_every_task_exactly_once() {
         status.insert(id, (st, r.get(3)));
     }
     let admitted = tasks - rejected;
+    let race_won = plan
+        .iter()
+        .filter(|(id, p)| p.mode == Mode::Race && status[*id].0 == "cancelled")
+        .count();
     eprintln!(
-        "paid crash test: {admitted} admitted, {rejected} rejected (insufficient funds), {} cancelled",
+        "paid crash test: {admitted} admitted, {rejected} rejected (insufficient funds), {} cancel requests, {race_won} racing tasks cancelled",
         cancels.len()
     );
 
@@ -539,16 +500,35 @@ async fn coordinator_and_ledger_killed_settle_every_task_exactly_once() {
     // Let any redelivery still in flight land, then check that nothing moves any more.
     tokio::time::sleep(Duration::from_secs(3)).await;
 
-    // 3. Exactly one hold per admitted task, resolved as the coordinator's status says, paid by
-    // the first `succeeded` event in the stream.
-    let mut first_success: HashMap<String, (String, Option<String>)> = HashMap::new();
+    // 3. Exactly one hold per admitted task, resolved as the coordinator's status says (which
+    // its one `closed` event repeats), paying the agent and multiplier of the recorded success,
+    // which is one of the agents' `succeeded` events of that attempt.
+    let mut successes: HashMap<String, Vec<(u32, String, Option<String>)>> = HashMap::new();
     for e in stream_events(&s.js, "succeeded").await {
         if let Event::Succeeded(e) = e {
-            first_success
+            successes
                 .entry(e.task_id)
-                .or_insert((e.agent_id, e.reputation));
+                .or_default()
+                .push((e.attempt, e.agent_id, e.reputation));
         }
     }
+    let mut closed: HashMap<String, events::Closed> = HashMap::new();
+    for e in stream_events(&s.js, "closed").await {
+        let Event::Closed(c) = e else {
+            panic!("not a closed event: {e:?}")
+        };
+        if let Some(first) = closed.get(&c.task_id) {
+            // A re-send after a crash (outside JetStream's duplicate window) repeats it.
+            assert_eq!(
+                (first.status, &first.agent_id, &first.reputation),
+                (c.status, &c.agent_id, &c.reputation),
+                "{}: two different closed events",
+                c.task_id
+            );
+        }
+        closed.entry(c.task_id.clone()).or_insert(c);
+    }
+    assert_eq!(closed.len(), admitted, "one closed event per admitted task");
     let holds = sqlx::query(
         "SELECT t.task_id, t.status, t.amount, t.posted_amount, t.agent_id, t.reputation, t.outcome, a.name
          FROM ledger.transfers t JOIN ledger.accounts a ON a.id = t.debit_account WHERE t.kind = 'hold'",
@@ -580,9 +560,20 @@ async fn coordinator_and_ledger_killed_settle_every_task_exactly_once() {
                     "{id}: succeeded, hold {hold_status}"
                 );
                 assert_eq!(outcome.as_deref(), Some("succeeded"), "{id}");
-                let (ev_agent, ev_rep) = first_success
+                let c = closed
                     .get(&id)
-                    .unwrap_or_else(|| panic!("{id}: no succeeded event in the stream"));
+                    .unwrap_or_else(|| panic!("{id}: no closed event"));
+                assert_eq!(c.status, ClosedStatus::Succeeded, "{id}: closed as");
+                let ev_agent = c.agent_id.as_ref().expect("a success names its agent");
+                let ev_rep = &c.reputation;
+                assert!(
+                    successes.get(&id).is_some_and(|v| v.contains(&(
+                        c.attempt,
+                        ev_agent.clone(),
+                        ev_rep.clone()
+                    ))),
+                    "{id}: the closed event repeats no agent's success: {c:?}"
+                );
                 assert_eq!(agent.as_ref(), Some(ev_agent), "{id}: paid agent");
                 assert_eq!(coord_agent.as_ref(), Some(ev_agent), "{id}: recorded agent");
                 let m: Decimal = ev_rep
@@ -598,6 +589,11 @@ async fn coordinator_and_ledger_killed_settle_every_task_exactly_once() {
             }
             "dead" | "cancelled" => {
                 assert_eq!(hold_status, "voided", "{id}: {st}, hold {hold_status}");
+                assert_eq!(
+                    closed.get(&id).map(|c| c.status.as_str()),
+                    Some(st.as_str()),
+                    "{id}: closed as"
+                );
                 assert_eq!(outcome.as_deref(), Some(st.as_str()), "{id}: voided by");
                 assert_eq!(
                     posted.unwrap_or_default(),

@@ -64,6 +64,7 @@ async fn apply(db: &sqlx::PgPool, id: &str, op: &Op) {
                     agent: "p".into(),
                     result: "1".into(),
                     at: now,
+                    reputation: None,
                 }],
             )
             .await

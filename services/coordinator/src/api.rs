@@ -25,7 +25,7 @@ use taskbus_runtime::CancellationToken;
 use tracing::warn;
 
 use crate::dispatch::{self, Dispatch};
-use crate::outcomes::{announce, confirm_terminal};
+use crate::outcomes::{announce, confirm_terminal, with_closed};
 use crate::registry;
 use crate::store::{self, CancelOutcome};
 use crate::{CoordinatorError, Ctx};
@@ -175,7 +175,12 @@ async fn handle_cancel(ctx: &Ctx, payload: &[u8]) -> Bytes {
         }
         let db = |e: sqlx::Error| bad(500, format!("database error: {e}"));
         match store::cancel(&ctx.db, &req.id, &reason).await.map_err(db)? {
-            CancelOutcome::Cancelled { pool, .. } => {
+            CancelOutcome::Cancelled {
+                pool,
+                attempt,
+                priced,
+                ..
+            } => {
                 // Durable event: agents running it cancel the handler; agents that pull it later skip it.
                 let ev = Event::Cancelled(events::Cancelled {
                     task_id: req.id.clone(),
@@ -184,7 +189,8 @@ async fn handle_cancel(ctx: &Ctx, payload: &[u8]) -> Bytes {
                     reason: Some(reason),
                 });
                 let mut terminal = Vec::new();
-                announce(ctx, &pool, &req.id, &ev, &mut terminal).await;
+                let evs = with_closed(ev, priced, attempt);
+                announce(ctx, &pool, &req.id, &evs, &mut terminal).await;
                 if !confirm_terminal(ctx, terminal).await.is_empty() {
                     return Err(bad(
                         500,

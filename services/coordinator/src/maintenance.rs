@@ -8,12 +8,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::Utc;
-use taskbus_proto::events::{self, Event};
+use taskbus_proto::events::{self, ClosedStatus, Event};
 use taskbus_runtime::CancellationToken;
 use tracing::warn;
 
 use crate::dispatch::{self, Dispatch};
-use crate::outcomes::{announce, confirm_terminal, follow_up_failures, publish_event};
+use crate::outcomes::{
+    announce, closed, confirm_terminal, follow_up_failures, publish_event, with_closed,
+};
 use crate::store::{self, Failure};
 use crate::Ctx;
 
@@ -45,14 +47,15 @@ pub(crate) async fn once(ctx: &Ctx) -> Result<(), sqlx::Error> {
     let now = Utc::now();
     let mut pending = Vec::new();
     let mut terminal = Vec::new();
-    for (id, pool, deadline) in store::expire_overdue(&ctx.db).await? {
+    for x in store::expire_overdue(&ctx.db).await? {
         let ev = Event::Expired(events::Expired {
-            task_id: id.clone(),
-            pool: pool.clone(),
+            task_id: x.id.clone(),
+            pool: x.pool.clone(),
             at: now,
-            deadline,
+            deadline: x.deadline,
         });
-        announce(ctx, &pool, &id, &ev, &mut terminal).await;
+        let evs = with_closed(ev, x.priced, x.attempt);
+        announce(ctx, &x.pool, &x.id, &evs, &mut terminal).await;
     }
     confirm_terminal(ctx, terminal).await;
     resend_due_events(ctx).await?;
@@ -136,6 +139,20 @@ async fn resend_due_events(ctx: &Ctx) -> Result<(), sqlx::Error> {
                 at,
                 deadline: d.deadline.unwrap_or(at),
             }),
+            // A priced success: only its `closed` event is the coordinator's to send.
+            "succeeded" if d.priced => {
+                let ev = closed(
+                    &d.pool,
+                    &d.id,
+                    ClosedStatus::Succeeded,
+                    d.attempt,
+                    d.agent.clone(),
+                    d.reputation.clone(),
+                );
+                warn!(task_id = %d.id, "re-sending a closed event a crash left unannounced");
+                announce(ctx, &d.pool, &d.id, &[ev], &mut terminal).await;
+                continue;
+            }
             // No longer terminal (replayed since): nothing to announce.
             _ => {
                 stale.push(d.id);
@@ -143,7 +160,8 @@ async fn resend_due_events(ctx: &Ctx) -> Result<(), sqlx::Error> {
             }
         };
         warn!(task_id = %d.id, status = %d.status, "re-sending a terminal event a crash left unannounced");
-        announce(ctx, &d.pool, &d.id, &ev, &mut terminal).await;
+        let evs = with_closed(ev, d.priced, d.attempt);
+        announce(ctx, &d.pool, &d.id, &evs, &mut terminal).await;
     }
     store::clear_event_due(&ctx.db, &stale).await?;
     confirm_terminal(ctx, terminal).await;

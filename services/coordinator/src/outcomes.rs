@@ -13,7 +13,7 @@ use chrono::Utc;
 use futures::StreamExt;
 use serde::Deserialize;
 use taskbus_proto::envelope::RetryPolicy;
-use taskbus_proto::events::{self, Event, EventKind};
+use taskbus_proto::events::{self, ClosedStatus, Event, EventKind};
 use taskbus_proto::{streams, Priority};
 use taskbus_runtime::CancellationToken;
 use tracing::{debug, warn};
@@ -101,6 +101,7 @@ async fn handle_batch(
                     agent: e.agent_id,
                     result: serde_json::to_string(&e.result).unwrap_or_else(|_| "null".into()),
                     at: e.at,
+                    reputation: e.reputation,
                 })
             }
             Ok(Event::Failed(e)) => failures.push((
@@ -137,12 +138,33 @@ async fn handle_batch(
     let done = store::record_succeeded(&ctx.db, &successes).await?;
     let failure_rows: Vec<Failure> = failures.iter().map(|(_, f)| f.clone()).collect();
     let failed = store::record_failed(&ctx.db, &failure_rows).await?;
-    store::record_expired(&ctx.db, &expired).await?;
+    let expired_priced = store::record_expired(&ctx.db, &expired).await?;
     count(ctx, "succeeded", done.len());
+
+    // Priced tasks whose final state was just recorded: the ledger settles on `closed`.
+    let mut terminal = Vec::new();
+    for s in successes.iter().filter(|s| done.get(&s.id) == Some(&true)) {
+        let Some((_, pool, _)) = durations.get(&s.id) else {
+            continue;
+        };
+        let ev = closed(
+            pool,
+            &s.id,
+            ClosedStatus::Succeeded,
+            s.attempt,
+            Some(s.agent.clone()),
+            s.reputation.clone(),
+        );
+        announce(ctx, pool, &s.id, &[ev], &mut terminal).await;
+    }
+    for (id, pool, attempt) in &expired_priced {
+        let ev = closed(pool, id, ClosedStatus::Expired, *attempt, None, None);
+        announce(ctx, pool, id, &[ev], &mut terminal).await;
+    }
 
     // Reputation: fold this batch's recorded outcomes into each agent's figures.
     let mut per_agent: HashMap<String, store::AgentBatch> = HashMap::new();
-    for id in &done {
+    for id in done.keys() {
         if let Some((agent, pool, ms)) = durations.get(id) {
             let b = per_agent.entry(agent.clone()).or_default();
             b.pool = pool.clone();
@@ -171,6 +193,8 @@ async fn handle_batch(
         .filter(|p| ctx.pools.get(p).is_some_and(|s| s.fairness_limit > 0))
         .collect();
     crate::fairness::promote(ctx, fair).await;
+    // A `closed` event not stored stays due in the outbox (re-sent by the maintenance pass).
+    confirm_terminal(ctx, terminal).await;
     futures::future::join_all(batch.iter().map(|m| m.ack())).await;
     Ok(())
 }
@@ -256,7 +280,8 @@ pub(crate) async fn follow_up_failures(ctx: &Ctx, failed: Vec<store::FailureOutc
                 attempts: f.attempt as u32,
                 last_error: f.error.clone(),
             });
-            announce(ctx, &f.pool, &f.id, &ev, &mut terminal).await;
+            let evs = with_closed(ev, f.priced, f.attempt);
+            announce(ctx, &f.pool, &f.id, &evs, &mut terminal).await;
         }
     }
     dispatch::dispatch_all(ctx, dispatches).await;
@@ -268,40 +293,90 @@ pub(crate) async fn follow_up_failures(ctx: &Ctx, failed: Vec<store::FailureOutc
     }
 }
 
-/// A terminal event on its way to JetStream, with the task it announces.
-pub(crate) type Announced = (String, async_nats::jetstream::context::PublishAckFuture);
+/// The terminal events of one task on their way to JetStream.
+pub(crate) type Announced = (
+    String,
+    Vec<async_nats::jetstream::context::PublishAckFuture>,
+);
 
-/// Publish a terminal event the coordinator announces itself (`dead`, `cancelled`, `expired`).
-/// The task's outbox mark (`event_due`, set with the status) is cleared by [`confirm_terminal`]
-/// once JetStream has stored the event; until then the maintenance pass re-sends it.
+/// The `closed` event of a priced task whose final state the coordinator recorded.
+pub(crate) fn closed(
+    pool: &str,
+    id: &str,
+    status: ClosedStatus,
+    attempt: i32,
+    agent_id: Option<String>,
+    reputation: Option<String>,
+) -> Event {
+    Event::Closed(events::Closed {
+        task_id: id.to_string(),
+        pool: pool.to_string(),
+        at: Utc::now(),
+        status,
+        attempt: attempt.max(0) as u32,
+        agent_id,
+        reputation,
+    })
+}
+
+/// A terminal event the coordinator decided (`dead`, `cancelled`, `expired`), followed by the
+/// task's `closed` event when it is priced.
+pub(crate) fn with_closed(ev: Event, priced: bool, attempt: i32) -> Vec<Event> {
+    let status = match ev.kind() {
+        EventKind::Dead => Some(ClosedStatus::Dead),
+        EventKind::Cancelled => Some(ClosedStatus::Cancelled),
+        EventKind::Expired => Some(ClosedStatus::Expired),
+        _ => None,
+    };
+    let close = match (priced, status) {
+        (true, Some(status)) => {
+            let (pool, id) = ev.task();
+            Some(closed(pool, id, status, attempt, None, None))
+        }
+        _ => None,
+    };
+    std::iter::once(ev).chain(close).collect()
+}
+
+/// Publish the terminal events of a task the coordinator announces itself (`dead`,
+/// `cancelled`, `expired`, `closed`). The task's outbox mark (`event_due`, set with the status)
+/// is cleared by [`confirm_terminal`] once JetStream has stored all of them; until then the
+/// maintenance pass re-sends them.
 pub(crate) async fn announce(
     ctx: &Ctx,
     pool: &str,
     id: &str,
-    ev: &Event,
+    evs: &[Event],
     terminal: &mut Vec<Announced>,
 ) {
-    let mut one = Vec::new();
-    publish_event(ctx, pool, id, ev, &mut one).await;
-    if let Some(f) = one.pop() {
-        terminal.push((id.to_string(), f));
+    let mut acks = Vec::new();
+    for ev in evs {
+        if !publish_event(ctx, pool, id, ev, &mut acks).await {
+            // Not sent: leave the task due (an empty list would clear the mark).
+            acks.clear();
+            terminal.push((id.to_string(), Vec::new()));
+            return;
+        }
     }
+    terminal.push((id.to_string(), acks));
 }
 
-/// Wait for announced terminal events; clear the outbox mark of each one stored. Returns the
-/// ids whose event was not stored (they stay due).
+/// Wait for announced terminal events; clear the outbox mark of each task whose events were
+/// all stored. Returns the ids whose events were not (they stay due).
 pub(crate) async fn confirm_terminal(ctx: &Ctx, terminal: Vec<Announced>) -> Vec<String> {
-    let results = futures::future::join_all(
-        terminal
-            .into_iter()
-            .map(|(id, f)| async move { (id, f.await) }),
-    )
+    let results = futures::future::join_all(terminal.into_iter().map(|(id, acks)| async move {
+        let sent = !acks.is_empty();
+        let results =
+            futures::future::join_all(acks.into_iter().map(|f| async move { f.await })).await;
+        (id, sent, results.into_iter().find_map(Result::err))
+    }))
     .await;
     let (mut stored, mut missing) = (Vec::new(), Vec::new());
-    for (id, r) in results {
-        match r {
-            Ok(_) => stored.push(id),
-            Err(e) => {
+    for (id, sent, err) in results {
+        match (sent, err) {
+            (true, None) => stored.push(id),
+            (_, e) => {
+                let e = e.map_or_else(|| "not sent".to_string(), |e| e.to_string());
                 warn!(task_id = %id, error = %e, "terminal event not acknowledged; the maintenance pass re-sends it");
                 missing.push(id);
             }
@@ -319,7 +394,7 @@ pub(crate) async fn publish_event(
     id: &str,
     ev: &Event,
     pending: &mut Vec<async_nats::jetstream::context::PublishAckFuture>,
-) {
+) -> bool {
     let kind = ev.kind();
     let p = Publish::build()
         .payload(ev.to_json().into())
@@ -329,8 +404,14 @@ pub(crate) async fn publish_event(
         .send_publish(ctx.subjects.event(pool, id, kind), p)
         .await
     {
-        Ok(f) => pending.push(f),
-        Err(e) => warn!(error = %e, "event publish failed"),
+        Ok(f) => {
+            pending.push(f);
+            true
+        }
+        Err(e) => {
+            warn!(error = %e, "event publish failed");
+            false
+        }
     }
 }
 

@@ -206,36 +206,47 @@ pub struct Success {
     pub agent: String,
     pub result: String,
     pub at: DateTime<Utc>,
+    /// The multiplier the agent stamped into its event (kept for the `closed` event).
+    pub reputation: Option<String>,
 }
 
-/// Record successes for the current attempt of non-terminal tasks; returns the ids recorded.
-pub async fn record_succeeded(db: &PgPool, rows: &[Success]) -> DbResult<HashSet<String>> {
+/// Record successes for the current attempt of non-terminal tasks; returns the ids recorded,
+/// each with whether the task is priced (its `closed` event is then due: the outbox mark is
+/// set in the same statement).
+pub async fn record_succeeded(db: &PgPool, rows: &[Success]) -> DbResult<HashMap<String, bool>> {
     if rows.is_empty() {
-        return Ok(HashSet::new());
+        return Ok(HashMap::new());
     }
     let ids: Vec<&str> = rows.iter().map(|r| r.id.as_str()).collect();
     let attempts: Vec<i32> = rows.iter().map(|r| r.attempt).collect();
     let agents: Vec<&str> = rows.iter().map(|r| r.agent.as_str()).collect();
     let results: Vec<&str> = rows.iter().map(|r| r.result.as_str()).collect();
     let ats: Vec<DateTime<Utc>> = rows.iter().map(|r| r.at).collect();
+    let reps: Vec<Option<&str>> = rows.iter().map(|r| r.reputation.as_deref()).collect();
     let done = sqlx::query(
         "WITH l AS (SELECT task_id FROM coordinator.tasks WHERE task_id = ANY($1) ORDER BY task_id FOR UPDATE)
          UPDATE coordinator.tasks t
          SET status = 'succeeded', result = u.result::jsonb, agent_id = u.agent, error = NULL, dispatch_at = NULL,
-             finished_at = u.at, started_at = COALESCE(t.started_at, u.at), updated_at = now()
-         FROM UNNEST($1::text[], $2::int4[], $3::text[], $4::text[], $5::timestamptz[]) AS u(id, attempt, agent, result, at)
+             finished_at = u.at, started_at = COALESCE(t.started_at, u.at), updated_at = now(),
+             reputation = u.rep, event_due = t.payer IS NOT NULL
+         FROM UNNEST($1::text[], $2::int4[], $3::text[], $4::text[], $5::timestamptz[], $6::text[])
+              AS u(id, attempt, agent, result, at, rep)
          WHERE t.task_id = u.id AND t.attempt = u.attempt AND t.status IN ('queued', 'running')
            AND t.task_id IN (SELECT task_id FROM l)
-         RETURNING t.task_id",
+         RETURNING t.task_id, t.payer IS NOT NULL",
     )
     .bind(&ids)
     .bind(&attempts)
     .bind(&agents)
     .bind(&results)
     .bind(&ats)
+    .bind(&reps)
     .fetch_all(db)
     .await?;
-    Ok(done.into_iter().map(|r| r.get::<String, _>(0)).collect())
+    Ok(done
+        .into_iter()
+        .map(|r| (r.get::<String, _>(0), r.get::<bool, _>(1)))
+        .collect())
 }
 
 /// A `failed` or `timed_out` attempt to record.
@@ -261,6 +272,8 @@ pub struct FailureOutcome {
     pub envelope: Option<String>,
     pub error: String,
     pub priority: Option<String>,
+    /// The task has a price (a `dead` one gets a `closed` event too).
+    pub priced: bool,
 }
 
 /// Record failures of the current attempt; requeue while attempts remain, else `dead`.
@@ -302,7 +315,8 @@ pub async fn record_failed(db: &PgPool, rows: &[Failure]) -> DbResult<Vec<Failur
          WHERE t.task_id = u.id AND t.task_id IN (SELECT task_id FROM l)
            AND ((t.attempt = u.attempt AND t.status IN ('queued', 'running', 'dead'))
              OR (t.attempt = u.attempt + 1 AND t.status = 'queued'))
-         RETURNING t.task_id, t.pool, t.status, t.attempt, t.envelope::text, t.error, t.priority",
+         RETURNING t.task_id, t.pool, t.status, t.attempt, t.envelope::text, t.error, t.priority,
+                   t.payer IS NOT NULL",
     )
     .bind(&ids)
     .bind(&attempts)
@@ -322,6 +336,7 @@ pub async fn record_failed(db: &PgPool, rows: &[Failure]) -> DbResult<Vec<Failur
             envelope: r.get(4),
             error: r.get::<Option<String>, _>(5).unwrap_or_default(),
             priority: r.get(6),
+            priced: r.get(7),
         })
         .collect())
 }
@@ -474,8 +489,18 @@ pub async fn stale_dispatches(db: &PgPool, older_than_ms: i64) -> DbResult<Vec<P
     .collect())
 }
 
-/// Queued tasks whose deadline passed: `expired`. Returns `(id, pool, deadline)`.
-pub async fn expire_overdue(db: &PgPool) -> DbResult<Vec<(String, String, DateTime<Utc>)>> {
+/// A task the coordinator expired itself.
+#[derive(Debug, Clone)]
+pub struct ExpiredTask {
+    pub id: String,
+    pub pool: String,
+    pub deadline: DateTime<Utc>,
+    pub attempt: i32,
+    pub priced: bool,
+}
+
+/// Queued tasks whose deadline passed: `expired`.
+pub async fn expire_overdue(db: &PgPool) -> DbResult<Vec<ExpiredTask>> {
     let rows = sqlx::query(
         "UPDATE coordinator.tasks SET status = 'expired', finished_at = now(), updated_at = now(), dispatch_at = NULL,
                 event_due = true
@@ -483,18 +508,29 @@ pub async fn expire_overdue(db: &PgPool) -> DbResult<Vec<(String, String, DateTi
                            WHERE status IN ('queued', 'admitted') AND deadline IS NOT NULL AND deadline < now()
                            ORDER BY task_id LIMIT 1000 FOR UPDATE SKIP LOCKED)
            AND status IN ('queued', 'admitted')
-         RETURNING task_id, pool, deadline",
+         RETURNING task_id, pool, deadline, attempt, payer IS NOT NULL",
     )
     .fetch_all(db)
     .await?;
     Ok(rows
         .into_iter()
-        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .map(|r| ExpiredTask {
+            id: r.get(0),
+            pool: r.get(1),
+            deadline: r.get(2),
+            attempt: r.get(3),
+            priced: r.get(4),
+        })
         .collect())
 }
 
 /// Record `expired` reported by agents (the deadline passed before the attempt started).
-pub async fn record_expired(db: &PgPool, rows: &[(String, i32)]) -> DbResult<Vec<String>> {
+/// Returns `(id, pool, attempt)` of the **priced** tasks recorded: their `closed` event is due
+/// (the agent's own `expired` event already announced the state).
+pub async fn record_expired(
+    db: &PgPool,
+    rows: &[(String, i32)],
+) -> DbResult<Vec<(String, String, i32)>> {
     if rows.is_empty() {
         return Ok(Vec::new());
     }
@@ -502,17 +538,22 @@ pub async fn record_expired(db: &PgPool, rows: &[(String, i32)]) -> DbResult<Vec
     let attempts: Vec<i32> = rows.iter().map(|r| r.1).collect();
     let out = sqlx::query(
         "WITH l AS (SELECT task_id FROM coordinator.tasks WHERE task_id = ANY($1) ORDER BY task_id FOR UPDATE)
-         UPDATE coordinator.tasks t SET status = 'expired', finished_at = now(), updated_at = now(), dispatch_at = NULL
+         UPDATE coordinator.tasks t SET status = 'expired', finished_at = now(), updated_at = now(), dispatch_at = NULL,
+                event_due = t.payer IS NOT NULL
          FROM UNNEST($1::text[], $2::int4[]) AS u(id, attempt)
          WHERE t.task_id = u.id AND t.attempt = u.attempt AND t.status IN ('queued', 'running')
            AND t.task_id IN (SELECT task_id FROM l)
-         RETURNING t.task_id",
+         RETURNING t.task_id, t.pool, t.attempt, t.payer IS NOT NULL",
     )
     .bind(&ids)
     .bind(&attempts)
     .fetch_all(db)
     .await?;
-    Ok(out.into_iter().map(|r| r.get(0)).collect())
+    Ok(out
+        .into_iter()
+        .filter(|r| r.get::<bool, _>(3))
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect())
 }
 
 /// Running attempts past `timeout_ms` plus `slack_ms`: `(id, attempt, agent)` to time out.
@@ -543,6 +584,9 @@ pub enum CancelOutcome {
         pool: String,
         was: String,
         agent: Option<String>,
+        attempt: i32,
+        /// Priced: its `closed` event is due too.
+        priced: bool,
     },
     /// Already terminal.
     Terminal(String),
@@ -555,7 +599,7 @@ pub async fn cancel(db: &PgPool, id: &str, reason: &str) -> DbResult<CancelOutco
          UPDATE coordinator.tasks t SET status = 'cancelled', error = $2, finished_at = now(), updated_at = now(),
                 dispatch_at = NULL, event_due = true
          FROM prev WHERE t.task_id = prev.task_id AND t.status IN ('admitted', 'queued', 'running')
-         RETURNING t.pool, prev.status, t.agent_id",
+         RETURNING t.pool, prev.status, t.agent_id, t.attempt, t.payer IS NOT NULL",
     )
     .bind(id)
     .bind(reason)
@@ -566,6 +610,8 @@ pub async fn cancel(db: &PgPool, id: &str, reason: &str) -> DbResult<CancelOutco
             pool: r.get(0),
             was: r.get(1),
             agent: r.get(2),
+            attempt: r.get(3),
+            priced: r.get(4),
         });
     }
     let status: Option<String> =
@@ -794,12 +840,18 @@ pub struct DueEvent {
     pub error: Option<String>,
     pub deadline: Option<DateTime<Utc>>,
     pub finished_at: Option<DateTime<Utc>>,
+    pub agent: Option<String>,
+    pub reputation: Option<String>,
+    /// Priced: a `closed` event is due too.
+    pub priced: bool,
 }
 
 /// Terminal events still due `older_than_ms` after their status was written (oldest first).
 pub async fn events_due(db: &PgPool, older_than_ms: i64) -> DbResult<Vec<DueEvent>> {
     let rows = sqlx::query(
-        "SELECT task_id, pool, status, attempt, error, deadline, finished_at FROM coordinator.tasks
+        "SELECT task_id, pool, status, attempt, error, deadline, finished_at, agent_id, reputation,
+                payer IS NOT NULL
+         FROM coordinator.tasks
          WHERE event_due AND updated_at < now() - make_interval(secs => $1 / 1000.0)
          ORDER BY updated_at LIMIT 500",
     )
@@ -816,6 +868,9 @@ pub async fn events_due(db: &PgPool, older_than_ms: i64) -> DbResult<Vec<DueEven
             error: r.get(4),
             deadline: r.get(5),
             finished_at: r.get(6),
+            agent: r.get(7),
+            reputation: r.get(8),
+            priced: r.get(9),
         })
         .collect())
 }

@@ -5,8 +5,8 @@
 //! - the **API** ([`service`]): a NATS services-framework service (`taskbus-ledger`) with the
 //!   coordinator's batch `hold` endpoint and the operator endpoints (deposit, withdraw, balance,
 //!   statement, transfers, accounts, audit), see [`api`];
-//! - **settlement** ([`settle`]): a durable consumer of `succeeded`, `dead`, `cancelled`,
-//!   `expired` and `rejected` events (and `held`, when rebuilding from the stream) on
+//! - **settlement** ([`settle`]): a durable consumer of the coordinator's `closed` and
+//!   `rejected` events (and `held`, when rebuilding from the stream) on
 //!   `TASKBUS_EVENTS` that posts or voids holds in batches (one transaction per batch) and
 //!   publishes `settled`.
 //!

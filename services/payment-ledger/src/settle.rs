@@ -22,7 +22,7 @@ use async_nats::jetstream::consumer::{self, PullConsumer};
 use async_nats::jetstream::message::PublishMessage;
 use async_nats::jetstream::AckKind;
 use futures::StreamExt;
-use taskbus_proto::events::{self, Event, EventKind};
+use taskbus_proto::events::{self, ClosedStatus, Event, EventKind};
 use taskbus_proto::ids::is_valid_agent_id;
 use taskbus_proto::Subjects;
 use taskbus_runtime::{CancellationToken, TaskTracker};
@@ -35,14 +35,19 @@ use crate::store::{
 };
 use crate::{Ctx, LedgerError};
 
-/// The event kinds settlement reads.
-pub const SETTLEMENT_EVENTS: [EventKind; 6] = [
-    EventKind::Held,
+/// The event kinds settlement reads. Outcomes come only from the coordinator's `closed`
+/// events (its record of a priced task's final state), never from agents' `succeeded`: an
+/// agent's success may lose to a cancellation or belong to an attempt already timed out.
+pub const SETTLEMENT_EVENTS: [EventKind; 3] =
+    [EventKind::Held, EventKind::Closed, EventKind::Rejected];
+
+/// Kinds the ledger settled on before `closed` existed: a durable consumer created then has
+/// them in its filter and is brought up to date on start.
+const RETIRED_EVENTS: [EventKind; 4] = [
     EventKind::Succeeded,
     EventKind::Dead,
     EventKind::Cancelled,
     EventKind::Expired,
-    EventKind::Rejected,
 ];
 
 /// The durable consumer spec (shared by every replica). Without `replay_held` the consumer
@@ -82,10 +87,33 @@ pub(crate) async fn consumer(
         .get_stream(ctx.subjects.events_stream())
         .await
         .map_err(LedgerError::js)?;
-    stream
-        .get_or_create_consumer(name, config)
+    let consumer: PullConsumer = stream
+        .get_or_create_consumer(name, config.clone())
         .await
-        .map_err(LedgerError::js)
+        .map_err(LedgerError::js)?;
+    // A consumer from before `closed` events: same settings, today's filter (keeping `held`
+    // if it had it). Its unread outcome events of the old kinds are no longer delivered.
+    let filter = &consumer.cached_info().config.filter_subjects;
+    let retired: Vec<String> = RETIRED_EVENTS
+        .iter()
+        .map(|k| ctx.subjects.event_kind_all(*k))
+        .collect();
+    if filter.iter().any(|f| retired.contains(f)) {
+        let held = ctx.subjects.event_kind_all(EventKind::Held);
+        let keep_held = filter.contains(&held);
+        let existing_wait = consumer.cached_info().config.ack_wait;
+        let mut updated = consumer_config(&ctx.subjects, name, existing_wait, keep_held);
+        updated.description = consumer.cached_info().config.description.clone();
+        tracing::info!(
+            consumer = name,
+            "settling on `closed` events from now on (consumer filter updated)"
+        );
+        return stream
+            .create_consumer(updated)
+            .await
+            .map_err(LedgerError::js);
+    }
+    Ok(consumer)
 }
 
 /// One event, read.
@@ -136,29 +164,26 @@ pub fn parse(subjects: &Subjects, subject: &str, payload: &[u8], seq: u64) -> Pa
             currency: Some(h.currency),
             at: Some(h.at),
         }),
-        Event::Succeeded(s) => {
-            if !is_valid_agent_id(&s.agent_id) || RESERVED_NAMES.contains(&s.agent_id.as_str()) {
+        Event::Closed(c) if c.status == ClosedStatus::Succeeded => {
+            let Some(agent_id) = c.agent_id else {
+                return Parsed::Bad("a closed event of a success names no agent_id".into());
+            };
+            if !is_valid_agent_id(&agent_id) || RESERVED_NAMES.contains(&agent_id.as_str()) {
                 return Parsed::Bad(format!(
                     "agent_id {:?} cannot name an account",
-                    crate::money::truncate(&s.agent_id, 40)
+                    crate::money::truncate(&agent_id, 40)
                 ));
             }
-            match parse_multiplier(s.reputation.as_deref()) {
+            match parse_multiplier(c.reputation.as_deref()) {
                 Ok(multiplier) => resolve(Resolution::Succeeded {
-                    agent_id: s.agent_id,
+                    agent_id,
                     multiplier,
                 }),
                 Err(e) => Parsed::Bad(e),
             }
         }
-        Event::Dead(_) => resolve(Resolution::Void {
-            outcome: "dead".into(),
-        }),
-        Event::Cancelled(_) => resolve(Resolution::Void {
-            outcome: "cancelled".into(),
-        }),
-        Event::Expired(_) => resolve(Resolution::Void {
-            outcome: "expired".into(),
+        Event::Closed(c) => resolve(Resolution::Void {
+            outcome: c.status.as_str().into(),
         }),
         Event::Rejected(r) => resolve(Resolution::Rejected { at: r.at }),
         _ => Parsed::Ignore,
@@ -520,15 +545,16 @@ mod tests {
     #[test]
     fn refuses_mismatched_and_malformed_events() {
         let s = subj();
-        let ok = br#"{"event":"dead","task_id":"t1","pool":"p","at":"2026-01-01T00:00:00Z","attempts":3,"last_error":"x"}"#;
+        let ok = br#"{"event":"closed","task_id":"t1","pool":"p","at":"2026-01-01T00:00:00Z","status":"dead","attempt":3}"#;
+        assert!(matches!(
+            parse(&s, "taskbus.events.p.t1.closed", ok, 7),
+            Parsed::Resolve(TaskResolution { seq: 7, resolution: Resolution::Void { outcome }, .. }) if outcome == "dead"
+        ));
         assert!(
-            matches!(parse(&s, "taskbus.events.p.t1.dead", ok, 7), Parsed::Resolve(r) if r.seq == 7)
-        );
-        assert!(
-            matches!(parse(&s, "taskbus.events.p.t2.dead", ok, 7), Parsed::Bad(m) if m.contains("t2"))
+            matches!(parse(&s, "taskbus.events.p.t2.closed", ok, 7), Parsed::Bad(m) if m.contains("t2"))
         );
         assert!(matches!(
-            parse(&s, "taskbus.events.p.t1.expired", ok, 7),
+            parse(&s, "taskbus.events.p.t1.dead", ok, 7),
             Parsed::Bad(_)
         ));
         assert!(matches!(
@@ -536,25 +562,35 @@ mod tests {
             Parsed::Bad(_)
         ));
         assert!(matches!(
-            parse(&s, "taskbus.events.p.t1.dead", b"not json", 7),
+            parse(&s, "taskbus.events.p.t1.closed", b"not json", 7),
             Parsed::Bad(_)
         ));
         assert!(matches!(
-            parse(&s, "taskbus.events.p.t1.dead", b"{}", 7),
+            parse(&s, "taskbus.events.p.t1.closed", b"{}", 7),
             Parsed::Bad(_)
         ));
-        let bad_rep = br#"{"event":"succeeded","task_id":"t1","pool":"p","at":"2026-01-01T00:00:00Z","attempt":1,"agent_id":"a","duration_ms":1,"reputation":"-1"}"#;
+        let unknown_status = br#"{"event":"closed","task_id":"t1","pool":"p","at":"2026-01-01T00:00:00Z","status":"paid","attempt":1}"#;
         assert!(matches!(
-            parse(&s, "taskbus.events.p.t1.succeeded", bad_rep, 1),
+            parse(&s, "taskbus.events.p.t1.closed", unknown_status, 1),
             Parsed::Bad(_)
         ));
-        let reserved = br#"{"event":"succeeded","task_id":"t1","pool":"p","at":"2026-01-01T00:00:00Z","attempt":1,"agent_id":"platform","duration_ms":1}"#;
+        let no_agent = br#"{"event":"closed","task_id":"t1","pool":"p","at":"2026-01-01T00:00:00Z","status":"succeeded","attempt":1}"#;
         assert!(matches!(
-            parse(&s, "taskbus.events.p.t1.succeeded", reserved, 1),
+            parse(&s, "taskbus.events.p.t1.closed", no_agent, 1),
+            Parsed::Bad(m) if m.contains("agent_id")
+        ));
+        let bad_rep = br#"{"event":"closed","task_id":"t1","pool":"p","at":"2026-01-01T00:00:00Z","status":"succeeded","attempt":1,"agent_id":"a","reputation":"-1"}"#;
+        assert!(matches!(
+            parse(&s, "taskbus.events.p.t1.closed", bad_rep, 1),
             Parsed::Bad(_)
         ));
-        let good = br#"{"event":"succeeded","task_id":"t1","pool":"p","at":"2026-01-01T00:00:00Z","attempt":1,"agent_id":"a-1","duration_ms":1,"reputation":"0.5","extra":1}"#;
-        match parse(&s, "taskbus.events.p.t1.succeeded", good, 1) {
+        let reserved = br#"{"event":"closed","task_id":"t1","pool":"p","at":"2026-01-01T00:00:00Z","status":"succeeded","attempt":1,"agent_id":"platform"}"#;
+        assert!(matches!(
+            parse(&s, "taskbus.events.p.t1.closed", reserved, 1),
+            Parsed::Bad(_)
+        ));
+        let good = br#"{"event":"closed","task_id":"t1","pool":"p","at":"2026-01-01T00:00:00Z","status":"succeeded","attempt":1,"agent_id":"a-1","reputation":"0.5","extra":1}"#;
+        match parse(&s, "taskbus.events.p.t1.closed", good, 1) {
             Parsed::Resolve(TaskResolution {
                 resolution:
                     Resolution::Succeeded {
@@ -568,9 +604,10 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        let started = br#"{"event":"started","task_id":"t1","pool":"p","at":"2026-01-01T00:00:00Z","attempt":1,"agent_id":"a"}"#;
+        // An agent's own `succeeded` is a claim: settlement does not use it.
+        let claim = br#"{"event":"succeeded","task_id":"t1","pool":"p","at":"2026-01-01T00:00:00Z","attempt":1,"agent_id":"a-1","duration_ms":1}"#;
         assert_eq!(
-            parse(&s, "taskbus.events.p.t1.started", started, 1),
+            parse(&s, "taskbus.events.p.t1.succeeded", claim, 1),
             Parsed::Ignore
         );
     }

@@ -268,6 +268,8 @@ async fn a_hold_is_idempotent_and_resolves_at_most_once() {
     assert_eq!(r.results[0].status, HoldStatus::InsufficientFunds);
     assert_eq!(env.snapshot().await, before);
 
+    // An agent's own `succeeded` is a claim, not the coordinator's record: it settles nothing.
+    env.publish(&agent_succeeded("x1", "agent-9")).await;
     // Two outcomes for x1 (a late success after a cancel): the first in the stream wins.
     env.publish(&cancelled("x1")).await;
     env.publish(&succeeded("x1", "agent-9", None)).await;
@@ -284,13 +286,13 @@ async fn a_hold_is_idempotent_and_resolves_at_most_once() {
     // Replaying the outcome events changes nothing either.
     let before = env.snapshot().await;
     env.publish_raw(
-        "taskbus.events.default.x1.succeeded",
+        "taskbus.events.default.x1.closed",
         succeeded("x1", "agent-9", None).to_json(),
         "other-id",
     )
     .await;
     env.publish_raw(
-        "taskbus.events.default.x2.expired",
+        "taskbus.events.default.x2.closed",
         expired("x2").to_json(),
         "other-id-2",
     )
@@ -479,21 +481,23 @@ async fn hostile_events_change_nothing() {
     let before = env.snapshot().await;
     let ok = String::from_utf8(succeeded("h1", "agent-x", None).to_json()).unwrap();
     let hostile: Vec<(&str, Vec<u8>)> = vec![
-        ("taskbus.events.default.h1.succeeded", b"{not json".to_vec()),
-        ("taskbus.events.default.h1.succeeded", vec![0xff; 10]),
-        ("taskbus.events.default.h1.succeeded", b"{}".to_vec()),
-        ("taskbus.events.default.h2.succeeded", ok.clone().into_bytes()),
-        ("taskbus.events.other.h1.succeeded", ok.clone().into_bytes()),
-        ("taskbus.events.default.h1.dead", ok.clone().into_bytes()),
-        ("taskbus.events.default.h1.succeeded", ok.replace("\"agent-x\"", "\"platform\"").into_bytes()),
-        ("taskbus.events.default.h1.succeeded", ok.replace("\"agent-x\"", "\"a.b\"").into_bytes()),
+        ("taskbus.events.default.h1.closed", b"{not json".to_vec()),
+        ("taskbus.events.default.h1.closed", vec![0xff; 10]),
+        ("taskbus.events.default.h1.closed", b"{}".to_vec()),
+        ("taskbus.events.default.h2.closed", ok.clone().into_bytes()),
+        ("taskbus.events.other.h1.closed", ok.clone().into_bytes()),
+        ("taskbus.events.default.h1.rejected", ok.clone().into_bytes()),
+        ("taskbus.events.default.h1.closed", ok.replace("\"agent-x\"", "\"platform\"").into_bytes()),
+        ("taskbus.events.default.h1.closed", ok.replace("\"agent-x\"", "\"a.b\"").into_bytes()),
+        ("taskbus.events.default.h1.closed", ok.replace(",\"agent_id\":\"agent-x\"", "").into_bytes()),
+        ("taskbus.events.default.h1.closed", ok.replace("\"succeeded\"", "\"paid\"").into_bytes()),
         (
-            "taskbus.events.default.h1.succeeded",
-            ok.replace("\"duration_ms\":1", "\"duration_ms\":1,\"reputation\":\"-2\"").into_bytes(),
+            "taskbus.events.default.h1.closed",
+            ok.replace("\"agent_id\":", "\"reputation\":\"-2\",\"agent_id\":").into_bytes(),
         ),
         (
-            "taskbus.events.default.h1.succeeded",
-            ok.replace("\"duration_ms\":1", "\"duration_ms\":1,\"reputation\":\"1e9\"").into_bytes(),
+            "taskbus.events.default.h1.closed",
+            ok.replace("\"agent_id\":", "\"reputation\":\"1e9\",\"agent_id\":").into_bytes(),
         ),
         (
             "taskbus.events.default.h9.held",
@@ -668,6 +672,70 @@ async fn accounts_are_permanent_and_the_audit_finds_dangling_transfers() {
         problems.iter().any(|p| p.contains("missing account")),
         "{problems:#?}"
     );
+    token.cancel();
+    running.wait().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_from_before_closed_events_is_brought_up_to_date() {
+    let env = Env::new().await;
+    // First start creates the streams; then the consumer is put back as an older ledger left
+    // it: settling on agents' outcome events, `held` included.
+    let (running, token) = env.start().await;
+    token.cancel();
+    running.wait().await;
+    let stream = env.js.get_stream("TASKBUS_EVENTS").await.unwrap();
+    stream.delete_consumer("ledger").await.unwrap();
+    let old: Vec<String> = [
+        "held",
+        "succeeded",
+        "dead",
+        "cancelled",
+        "expired",
+        "rejected",
+    ]
+    .iter()
+    .map(|k| format!("taskbus.events.*.*.{k}"))
+    .collect();
+    stream
+        .create_consumer(async_nats::jetstream::consumer::pull::Config {
+            durable_name: Some("ledger".into()),
+            ack_policy: async_nats::jetstream::consumer::AckPolicy::Explicit,
+            ack_wait: Duration::from_secs(3),
+            filter_subjects: old,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+
+    let (running, token) = env.start().await;
+    let mut c: async_nats::jetstream::consumer::PullConsumer =
+        stream.get_consumer("ledger").await.unwrap();
+    let cfg = c.info().await.unwrap().config.clone();
+    let mut filter = cfg.filter_subjects.clone();
+    filter.sort();
+    assert_eq!(
+        filter,
+        [
+            "taskbus.events.*.*.closed",
+            "taskbus.events.*.*.held",
+            "taskbus.events.*.*.rejected"
+        ],
+        "`held` kept (the old consumer had it), agents' outcomes replaced by `closed`"
+    );
+    assert_eq!(
+        cfg.ack_wait,
+        Duration::from_secs(3),
+        "its own settings kept"
+    );
+    // And it settles on `closed`, not on an agent's claim.
+    env.deposit("ivan", "10", "USD").await;
+    holds(&env, vec![hold("u1", "ivan", "2", None)]).await;
+    env.publish(&agent_succeeded("u1", "agent-u")).await;
+    env.publish(&succeeded("u1", "agent-v", None)).await;
+    env.wait_resolved(1).await;
+    env.audit().await;
+    assert_eq!(balance(&env, "agent-v", "USD").await.0, "1.80");
     token.cancel();
     running.wait().await;
 }

@@ -13,7 +13,7 @@ use serde::Serialize;
 use sqlx::{PgPool, Row};
 use taskbus_ledger::{Config, Running};
 use taskbus_proto::api::{ApiError, Reply};
-use taskbus_proto::events::{self, Event};
+use taskbus_proto::events::{self, ClosedStatus, Event};
 use taskbus_proto::Subjects;
 use taskbus_runtime::CancellationToken;
 pub use taskbus_tests::{eventually, NatsServer, TestDb};
@@ -113,12 +113,13 @@ impl Env {
     pub async fn publish(&self, ev: &Event) {
         let (pool, id) = ev.task();
         let subject = self.subjects.event(pool, id, ev.kind());
-        self.publish_raw(
-            &subject,
-            ev.to_json(),
-            &format!("{id}:{}", ev.kind().as_str()),
-        )
-        .await;
+        // Contradicting `closed` events of one task (which the coordinator never sends, but a
+        // test may) must not be dropped as duplicates of each other.
+        let msg_id = match ev {
+            Event::Closed(c) => format!("{id}:closed:{}", c.status.as_str()),
+            _ => format!("{id}:{}", ev.kind().as_str()),
+        };
+        self.publish_raw(&subject, ev.to_json(), &msg_id).await;
     }
 
     pub async fn publish_raw(&self, subject: &str, body: Vec<u8>, msg_id: &str) {
@@ -247,7 +248,45 @@ pub fn hold(
     }
 }
 
+/// The coordinator's `closed` event of a task it recorded as succeeded by `agent`.
 pub fn succeeded(task_id: &str, agent: &str, reputation: Option<&str>) -> Event {
+    closed(task_id, ClosedStatus::Succeeded, Some(agent), reputation)
+}
+
+/// The coordinator's `closed` event of a dead task.
+pub fn dead(task_id: &str) -> Event {
+    closed(task_id, ClosedStatus::Dead, None, None)
+}
+
+/// The coordinator's `closed` event of a cancelled task.
+pub fn cancelled(task_id: &str) -> Event {
+    closed(task_id, ClosedStatus::Cancelled, None, None)
+}
+
+/// The coordinator's `closed` event of an expired task.
+pub fn expired(task_id: &str) -> Event {
+    closed(task_id, ClosedStatus::Expired, None, None)
+}
+
+fn closed(
+    task_id: &str,
+    status: ClosedStatus,
+    agent: Option<&str>,
+    reputation: Option<&str>,
+) -> Event {
+    Event::Closed(events::Closed {
+        task_id: task_id.into(),
+        pool: "default".into(),
+        at: Utc::now(),
+        status,
+        attempt: 1,
+        agent_id: agent.map(Into::into),
+        reputation: reputation.map(Into::into),
+    })
+}
+
+/// An agent's own `succeeded` event (a claim the ledger does not settle on).
+pub fn agent_succeeded(task_id: &str, agent: &str) -> Event {
     Event::Succeeded(events::Succeeded {
         task_id: task_id.into(),
         pool: "default".into(),
@@ -256,34 +295,6 @@ pub fn succeeded(task_id: &str, agent: &str, reputation: Option<&str>) -> Event 
         agent_id: agent.into(),
         result: serde_json::Value::Null,
         duration_ms: 1,
-        reputation: reputation.map(Into::into),
-    })
-}
-
-pub fn dead(task_id: &str) -> Event {
-    Event::Dead(events::Dead {
-        task_id: task_id.into(),
-        pool: "default".into(),
-        at: Utc::now(),
-        attempts: 3,
-        last_error: "boom".into(),
-    })
-}
-
-pub fn cancelled(task_id: &str) -> Event {
-    Event::Cancelled(events::Cancelled {
-        task_id: task_id.into(),
-        pool: "default".into(),
-        at: Utc::now(),
-        reason: None,
-    })
-}
-
-pub fn expired(task_id: &str) -> Event {
-    Event::Expired(events::Expired {
-        task_id: task_id.into(),
-        pool: "default".into(),
-        at: Utc::now(),
-        deadline: Utc::now(),
+        reputation: None,
     })
 }
