@@ -12,8 +12,9 @@
 //!    them (success with a reputation multiplier, payout split agent/platform, refund), each
 //!    batch one transaction, with 1 and with `--shards` escrow/platform shards;
 //! 2. **service**: the whole path through NATS: batch hold requests to `taskbus.ledger.hold`,
-//!    the `held` events, `succeeded` events published to JetStream, settlement consuming them,
-//!    `settled` events published; timed until every hold is settled.
+//!    the `held` events, `closed` events (as the coordinator sends them) published to
+//!    JetStream, settlement consuming them, `settled` events published; timed until every hold
+//!    is settled.
 //!
 //! `--compare` adds, in the same run, the store on the schema before migration
 //! 20261122000101 (foreign keys, fillfactor 85) and the service reading its own `held` events
@@ -282,26 +283,22 @@ async fn service_bench(
                     if r.status != HoldStatus::Held {
                         continue;
                     }
-                    let ev = Event::Succeeded(events::Succeeded {
+                    // What the coordinator publishes once it has recorded the success.
+                    let ev = Event::Closed(events::Closed {
                         task_id: r.task_id.clone(),
                         pool: "default".into(),
                         at: chrono::Utc::now(),
+                        status: events::ClosedStatus::Succeeded,
                         attempt: 1,
-                        agent_id: format!("agent-{}", i % agents),
-                        result: serde_json::Value::Null,
-                        duration_ms: 1,
+                        agent_id: Some(format!("agent-{}", i % agents)),
                         reputation: Some(rep(i).to_string()),
                     });
                     let p = async_nats::jetstream::message::PublishMessage::build()
                         .payload(ev.to_json().into())
-                        .message_id(format!("{}:succeeded", r.task_id));
+                        .message_id(format!("{}:closed", r.task_id));
                     acks.push(
                         js.send_publish(
-                            subjects.event(
-                                "default",
-                                &r.task_id,
-                                taskbus_proto::EventKind::Succeeded,
-                            ),
+                            subjects.event("default", &r.task_id, taskbus_proto::EventKind::Closed),
                             p,
                         )
                         .await?,
@@ -338,7 +335,7 @@ async fn service_bench(
     let rate = total as f64 / secs;
     let problems = taskbus_ledger::audit::check(&db).await?;
     println!(
-        "service (NATS hold requests, held events, succeeded events consumed{}, settled events), {} shards: {total} tasks in {secs:.2} s = {rate:.0} settled tasks/s (all held and succeeded published after {produced:.2} s; audit: {})",
+        "service (NATS hold requests, held events, closed events consumed{}, settled events), {} shards: {total} tasks in {secs:.2} s = {rate:.0} settled tasks/s (all held and closed published after {produced:.2} s; audit: {})",
         if replay_held { ", held events read back" } else { "" },
         args.shards,
         if problems.is_empty() { "ok".to_string() } else { format!("{problems:?}") }
