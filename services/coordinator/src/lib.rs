@@ -117,6 +117,8 @@ pub(crate) struct Ctx {
     pub batch_size: usize,
     pub admission_pipeline: usize,
     pub publish_admitted: bool,
+    /// How far the outcome consumer has got (the `started` writer waits for it).
+    pub(crate) outcome_progress: outcomes::Progress,
 }
 
 /// A started coordinator; [`Running::wait`] returns once every loop has stopped.
@@ -173,6 +175,7 @@ pub async fn start(
         batch_size: config.batch_size.max(1),
         admission_pipeline: config.admission_pipeline.max(1),
         publish_admitted: config.publish_admitted,
+        outcome_progress: outcomes::Progress::default(),
     });
 
     let submit = admission::consumer(&ctx).await?;

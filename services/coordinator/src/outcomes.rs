@@ -3,6 +3,8 @@
 //! repeated outcome changes nothing.
 
 use std::collections::HashMap;
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -66,6 +68,9 @@ pub(crate) async fn run(ctx: Arc<Ctx>, consumer: PullConsumer, shutdown: Cancell
             if batch.is_empty() {
                 continue;
             }
+            let last = batch.last().and_then(|m| m.info().ok()).map(|i| {
+                (i.published.timestamp_millis(), i.pending == 0)
+            });
             if let Err(e) = handle_batch(&ctx, &batch).await {
                 warn!(error = %e, "outcome batch failed; redelivering");
                 ctx.metrics.error("outcomes");
@@ -75,8 +80,32 @@ pub(crate) async fn run(ctx: Arc<Ctx>, consumer: PullConsumer, shutdown: Cancell
                         .await;
                 }
                 crate::pause(&shutdown, Duration::from_millis(500)).await;
+            } else if let Some((published_ms, caught_up)) = last {
+                ctx.outcome_progress.handled(published_ms, caught_up);
             }
         }
+    }
+}
+
+/// How far the outcome consumer has got: the publish time of the last outcome it recorded,
+/// and whether nothing was waiting behind it. The `started` writer uses it to skip attempts
+/// whose outcome is already in the stream (see [`run_started`]).
+#[derive(Debug, Default)]
+pub(crate) struct Progress {
+    through_ms: AtomicI64,
+    caught_up: AtomicBool,
+}
+
+impl Progress {
+    fn handled(&self, published_ms: i64, caught_up: bool) {
+        self.through_ms.fetch_max(published_ms, Ordering::Relaxed);
+        self.caught_up.store(caught_up, Ordering::Relaxed);
+    }
+
+    /// Every outcome published up to `t` has been recorded (as far as this replica can tell).
+    fn covers(&self, t: chrono::DateTime<Utc>) -> bool {
+        self.caught_up.load(Ordering::Relaxed)
+            || self.through_ms.load(Ordering::Relaxed) >= t.timestamp_millis()
     }
 }
 
@@ -442,43 +471,63 @@ pub(crate) async fn started_subscription(
 /// the window cost one index lookup instead of a row update (their status is no longer
 /// `queued`), which matters at high rates where most tasks are short.
 const STARTED_WINDOW: Duration = Duration::from_millis(250);
+/// A closed window is written once the outcome consumer has recorded every outcome published
+/// before the window ended: when outcomes lag (a backlog after a burst or a restart), writing
+/// `running` for attempts whose `succeeded` is already waiting in the stream would only add a
+/// second row update per task to the work that is behind. It waits at most this long.
+const STARTED_MAX_WAIT: Duration = Duration::from_secs(5);
 
 pub(crate) async fn run_started(
     ctx: Arc<Ctx>,
     mut sub: async_nats::Subscriber,
     shutdown: CancellationToken,
 ) {
+    // Closed windows waiting for the outcomes to catch up: (closed at, rows).
+    let mut closed: VecDeque<(chrono::DateTime<Utc>, tokio::time::Instant, Vec<StartedRow>)> =
+        VecDeque::new();
+    let mut open: Vec<StartedRow> = Vec::new();
+    let window = tokio::time::sleep(STARTED_WINDOW);
+    tokio::pin!(window);
+    let mut check = tokio::time::interval(Duration::from_millis(20));
+    check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        // Wait for the first event, then collect for the window.
-        let first = tokio::select! {
+        tokio::select! {
             _ = shutdown.cancelled() => return,
-            m = sub.next() => m,
-        };
-        let Some(first) = first else { return };
-        let mut msgs = vec![first];
-        let window = tokio::time::sleep(STARTED_WINDOW);
-        tokio::pin!(window);
-        while msgs.len() < 20 * ctx.batch_size {
-            tokio::select! {
-                _ = &mut window => break,
-                m = sub.next() => match m {
-                    Some(m) => msgs.push(m),
-                    None => break,
-                },
+            m = sub.next() => {
+                let Some(m) = m else { return };
+                if let Ok(Event::Started(s)) = serde_json::from_slice::<Event>(&m.payload) {
+                    if open.is_empty() {
+                        window.as_mut().reset(tokio::time::Instant::now() + STARTED_WINDOW);
+                    }
+                    open.push((s.task_id, s.attempt as i32, s.agent_id, s.at));
+                    if open.len() >= 20 * ctx.batch_size {
+                        closed.push_back((Utc::now(), tokio::time::Instant::now(), std::mem::take(&mut open)));
+                    }
+                }
+            }
+            _ = &mut window, if !open.is_empty() => {
+                closed.push_back((Utc::now(), tokio::time::Instant::now(), std::mem::take(&mut open)));
+            }
+            _ = check.tick(), if !closed.is_empty() => {
+                while let Some((at, since, _)) = closed.front() {
+                    if !ctx.outcome_progress.covers(*at) && since.elapsed() < STARTED_MAX_WAIT {
+                        break;
+                    }
+                    let (_, _, rows) = closed.pop_front().expect("front exists");
+                    write_started(&ctx, &rows).await;
+                }
             }
         }
-        let rows: Vec<_> = msgs
-            .iter()
-            .filter_map(|m| match serde_json::from_slice::<Event>(&m.payload) {
-                Ok(Event::Started(s)) => Some((s.task_id, s.attempt as i32, s.agent_id, s.at)),
-                _ => None,
-            })
-            .collect();
-        for chunk in rows.chunks(ctx.batch_size.max(1)) {
-            if let Err(e) = store::record_started(&ctx.db, chunk).await {
-                // Informational only: the outcome still lands.
-                debug!(error = %e, "could not record started");
-            }
+    }
+}
+
+type StartedRow = (String, i32, String, chrono::DateTime<Utc>);
+
+async fn write_started(ctx: &Ctx, rows: &[StartedRow]) {
+    for chunk in rows.chunks(ctx.batch_size.max(1)) {
+        if let Err(e) = store::record_started(&ctx.db, chunk).await {
+            // Informational only: the outcome still lands.
+            debug!(error = %e, "could not record started");
         }
     }
 }

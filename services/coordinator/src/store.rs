@@ -165,16 +165,17 @@ pub async fn record_started(
     let (ids, attempts, agents, ats) = unzip4(rows);
     let r = sqlx::query(
         "WITH l AS (
-             SELECT t.task_id FROM coordinator.tasks t
-             JOIN UNNEST($1::text[], $2::int4[]) AS k(id, attempt) ON t.task_id = k.id AND t.attempt = k.attempt
+             SELECT t.task_id, u.attempt, u.agent, u.at FROM coordinator.tasks t
+             JOIN UNNEST($1::text[], $2::int4[], $3::text[], $4::timestamptz[]) AS u(id, attempt, agent, at)
+               ON t.task_id = u.id AND t.attempt = u.attempt
              WHERE t.status = 'queued'
+             ORDER BY t.task_id
              FOR UPDATE OF t SKIP LOCKED
          )
          UPDATE coordinator.tasks t
-         SET status = 'running', agent_id = u.agent, started_at = u.at, updated_at = now()
-         FROM UNNEST($1::text[], $2::int4[], $3::text[], $4::timestamptz[]) AS u(id, attempt, agent, at)
-         WHERE t.task_id = u.id AND t.attempt = u.attempt AND t.status = 'queued'
-           AND t.task_id IN (SELECT task_id FROM l)",
+         SET status = 'running', agent_id = l.agent, started_at = l.at, updated_at = now()
+         FROM l
+         WHERE t.task_id = l.task_id AND t.attempt = l.attempt AND t.status = 'queued'",
     )
     .bind(&ids)
     .bind(&attempts)
@@ -224,15 +225,21 @@ pub async fn record_succeeded(db: &PgPool, rows: &[Success]) -> DbResult<HashMap
     let ats: Vec<DateTime<Utc>> = rows.iter().map(|r| r.at).collect();
     let reps: Vec<Option<&str>> = rows.iter().map(|r| r.reputation.as_deref()).collect();
     let done = sqlx::query(
-        "WITH l AS (SELECT task_id FROM coordinator.tasks WHERE task_id = ANY($1) ORDER BY task_id FOR UPDATE)
+        "WITH l AS (
+             SELECT t.task_id, u.attempt, u.agent, u.result, u.at, u.rep FROM coordinator.tasks t
+             JOIN UNNEST($1::text[], $2::int4[], $3::text[], $4::text[], $5::timestamptz[], $6::text[])
+                  AS u(id, attempt, agent, result, at, rep)
+               ON t.task_id = u.id AND t.attempt = u.attempt
+             WHERE t.status IN ('queued', 'running')
+             ORDER BY t.task_id
+             FOR UPDATE OF t
+         )
          UPDATE coordinator.tasks t
-         SET status = 'succeeded', result = u.result::jsonb, agent_id = u.agent, error = NULL, dispatch_at = NULL,
-             finished_at = u.at, started_at = COALESCE(t.started_at, u.at), updated_at = now(),
-             reputation = u.rep, event_due = t.payer IS NOT NULL
-         FROM UNNEST($1::text[], $2::int4[], $3::text[], $4::text[], $5::timestamptz[], $6::text[])
-              AS u(id, attempt, agent, result, at, rep)
-         WHERE t.task_id = u.id AND t.attempt = u.attempt AND t.status IN ('queued', 'running')
-           AND t.task_id IN (SELECT task_id FROM l)
+         SET status = 'succeeded', result = l.result::jsonb, agent_id = l.agent, error = NULL, dispatch_at = NULL,
+             finished_at = l.at, started_at = COALESCE(t.started_at, l.at), updated_at = now(),
+             reputation = l.rep, event_due = t.payer IS NOT NULL
+         FROM l
+         WHERE t.task_id = l.task_id AND t.attempt = l.attempt AND t.status IN ('queued', 'running')
          RETURNING t.task_id, t.payer IS NOT NULL",
     )
     .bind(&ids)
@@ -292,7 +299,16 @@ pub async fn record_failed(db: &PgPool, rows: &[Failure]) -> DbResult<Vec<Failur
     // repeated under the same message ids, so a crash between this write and those publishes
     // never strands a task.
     let out = sqlx::query(
-        "WITH l AS (SELECT task_id FROM coordinator.tasks WHERE task_id = ANY($1) ORDER BY task_id FOR UPDATE)
+        "WITH l AS (
+             SELECT t.task_id, u.attempt, u.agent, u.error, u.retry, u.at FROM coordinator.tasks t
+             JOIN UNNEST($1::text[], $2::int4[], $3::text[], $4::text[], $5::bool[], $6::timestamptz[])
+                  AS u(id, attempt, agent, error, retry, at)
+               ON t.task_id = u.id
+             WHERE (t.attempt = u.attempt AND t.status IN ('queued', 'running', 'dead'))
+                OR (t.attempt = u.attempt + 1 AND t.status = 'queued')
+             ORDER BY t.task_id
+             FOR UPDATE OF t
+         )
          UPDATE coordinator.tasks t
          SET status = CASE WHEN t.attempt <> u.attempt OR t.status = 'dead' THEN t.status
                            WHEN u.retry AND t.attempt < t.max_attempts THEN 'queued' ELSE 'dead' END,
@@ -310,9 +326,8 @@ pub async fn record_failed(db: &PgPool, rows: &[Failure]) -> DbResult<Vec<Failur
              event_due = CASE WHEN t.attempt <> u.attempt OR t.status = 'dead' THEN t.event_due
                               WHEN u.retry AND t.attempt < t.max_attempts THEN false ELSE true END,
              updated_at = now()
-         FROM UNNEST($1::text[], $2::int4[], $3::text[], $4::text[], $5::bool[], $6::timestamptz[])
-              AS u(id, attempt, agent, error, retry, at)
-         WHERE t.task_id = u.id AND t.task_id IN (SELECT task_id FROM l)
+         FROM l AS u
+         WHERE t.task_id = u.task_id
            AND ((t.attempt = u.attempt AND t.status IN ('queued', 'running', 'dead'))
              OR (t.attempt = u.attempt + 1 AND t.status = 'queued'))
          RETURNING t.task_id, t.pool, t.status, t.attempt, t.envelope::text, t.error, t.priority,
@@ -458,11 +473,17 @@ pub async fn mark_dispatched(
     let attempts: Vec<i32> = rows.iter().map(|r| r.1).collect();
     let nbs: Vec<Option<DateTime<Utc>>> = rows.iter().map(|r| r.2).collect();
     sqlx::query(
-        "WITH l AS (SELECT task_id FROM coordinator.tasks WHERE task_id = ANY($1) ORDER BY task_id FOR UPDATE)
-         UPDATE coordinator.tasks t SET dispatch_at = NULL, not_before = u.nb
-         FROM UNNEST($1::text[], $2::int4[], $3::timestamptz[]) AS u(id, attempt, nb)
-         WHERE t.task_id = u.id AND t.attempt = u.attempt AND t.dispatch_at IS NOT NULL
-           AND t.task_id IN (SELECT task_id FROM l)",
+        "WITH l AS (
+             SELECT t.task_id, u.attempt, u.nb FROM coordinator.tasks t
+             JOIN UNNEST($1::text[], $2::int4[], $3::timestamptz[]) AS u(id, attempt, nb)
+               ON t.task_id = u.id AND t.attempt = u.attempt
+             WHERE t.dispatch_at IS NOT NULL
+             ORDER BY t.task_id
+             FOR UPDATE OF t
+         )
+         UPDATE coordinator.tasks t SET dispatch_at = NULL, not_before = l.nb
+         FROM l
+         WHERE t.task_id = l.task_id AND t.attempt = l.attempt AND t.dispatch_at IS NOT NULL",
     )
     .bind(&ids)
     .bind(&attempts)
@@ -537,12 +558,17 @@ pub async fn record_expired(
     let ids: Vec<&str> = rows.iter().map(|r| r.0.as_str()).collect();
     let attempts: Vec<i32> = rows.iter().map(|r| r.1).collect();
     let out = sqlx::query(
-        "WITH l AS (SELECT task_id FROM coordinator.tasks WHERE task_id = ANY($1) ORDER BY task_id FOR UPDATE)
+        "WITH l AS (
+             SELECT t.task_id, u.attempt FROM coordinator.tasks t
+             JOIN UNNEST($1::text[], $2::int4[]) AS u(id, attempt) ON t.task_id = u.id AND t.attempt = u.attempt
+             WHERE t.status IN ('queued', 'running')
+             ORDER BY t.task_id
+             FOR UPDATE OF t
+         )
          UPDATE coordinator.tasks t SET status = 'expired', finished_at = now(), updated_at = now(), dispatch_at = NULL,
                 event_due = t.payer IS NOT NULL
-         FROM UNNEST($1::text[], $2::int4[]) AS u(id, attempt)
-         WHERE t.task_id = u.id AND t.attempt = u.attempt AND t.status IN ('queued', 'running')
-           AND t.task_id IN (SELECT task_id FROM l)
+         FROM l
+         WHERE t.task_id = l.task_id AND t.attempt = l.attempt AND t.status IN ('queued', 'running')
          RETURNING t.task_id, t.pool, t.attempt, t.payer IS NOT NULL",
     )
     .bind(&ids)
