@@ -2,8 +2,7 @@
 //! core NATS (best effort). Writes are batched and guarded by attempt and status, so a late or
 //! repeated outcome changes nothing.
 
-use std::collections::HashMap;
-use std::collections::VecDeque;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -58,34 +57,81 @@ pub(crate) async fn run(ctx: Arc<Ctx>, consumer: PullConsumer, shutdown: Cancell
             }
         };
         let mut chunks = messages.ready_chunks(ctx.batch_size);
+        // Up to OUTCOME_PIPELINE batches are written at once (each its own statement and
+        // commit), so a batch does not wait for the commit of the one before it. Batches that
+        // share a task with one in progress wait for it, so a task's outcomes are still
+        // recorded in the order they were delivered.
+        let mut in_progress = futures::stream::FuturesUnordered::new();
+        let mut in_progress_ids: HashMap<u64, HashSet<String>> = HashMap::new();
+        let mut next_batch = 0u64;
         loop {
             let chunk = tokio::select! {
-                _ = shutdown.cancelled() => return,
-                c = chunks.next() => c,
+                _ = shutdown.cancelled() => {
+                    while in_progress.next().await.is_some() {}
+                    return;
+                }
+                Some((n, failed)) = in_progress.next(), if !in_progress.is_empty() => {
+                    in_progress_ids.remove(&n);
+                    if failed {
+                        crate::pause(&shutdown, Duration::from_millis(500)).await;
+                    }
+                    continue;
+                }
+                c = chunks.next(), if in_progress.len() < OUTCOME_PIPELINE => c,
             };
             let Some(chunk) = chunk else { break };
             let batch: Vec<_> = chunk.into_iter().filter_map(Result::ok).collect();
             if batch.is_empty() {
                 continue;
             }
-            let last = batch.last().and_then(|m| m.info().ok()).map(|i| {
-                (i.published.timestamp_millis(), i.pending == 0)
-            });
-            if let Err(e) = handle_batch(&ctx, &batch).await {
-                warn!(error = %e, "outcome batch failed; redelivering");
-                ctx.metrics.error("outcomes");
-                for m in &batch {
-                    let _ = m
-                        .ack_with(AckKind::Nak(Some(Duration::from_millis(500))))
-                        .await;
+            let ids: HashSet<String> = batch
+                .iter()
+                .filter_map(|m| ctx.subjects.parse_event(&m.subject))
+                .map(|(_, id, _)| id.to_string())
+                .collect();
+            if in_progress_ids
+                .values()
+                .any(|other| !other.is_disjoint(&ids))
+            {
+                while let Some((n, _)) = in_progress.next().await {
+                    in_progress_ids.remove(&n);
                 }
-                crate::pause(&shutdown, Duration::from_millis(500)).await;
-            } else if let Some((published_ms, caught_up)) = last {
-                ctx.outcome_progress.handled(published_ms, caught_up);
             }
+            let n = next_batch;
+            next_batch += 1;
+            in_progress_ids.insert(n, ids);
+            let ctx = &ctx;
+            in_progress.push(async move {
+                let last = batch
+                    .last()
+                    .and_then(|m| m.info().ok())
+                    .map(|i| (i.published.timestamp_millis(), i.pending == 0));
+                match handle_batch(ctx, &batch).await {
+                    Ok(()) => {
+                        if let Some((published_ms, caught_up)) = last {
+                            ctx.outcome_progress.handled(published_ms, caught_up);
+                        }
+                        (n, false)
+                    }
+                    Err(e) => {
+                        warn!(error = %e, "outcome batch failed; redelivering");
+                        ctx.metrics.error("outcomes");
+                        for m in &batch {
+                            let _ = m
+                                .ack_with(AckKind::Nak(Some(Duration::from_millis(500))))
+                                .await;
+                        }
+                        (n, true)
+                    }
+                }
+            });
         }
+        while in_progress.next().await.is_some() {}
     }
 }
+
+/// Outcome batches written at once.
+const OUTCOME_PIPELINE: usize = 3;
 
 /// How far the outcome consumer has got: the publish time of the last outcome it recorded,
 /// and whether nothing was waiting behind it. The `started` writer uses it to skip attempts
@@ -529,5 +575,31 @@ async fn write_started(ctx: &Ctx, rows: &[StartedRow]) {
             // Informational only: the outcome still lands.
             debug!(error = %e, "could not record started");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn started_windows_wait_for_the_outcomes_published_before_them() {
+        let p = Progress::default();
+        let t = Utc::now();
+        // Nothing recorded yet and not known to be caught up: wait.
+        assert!(!p.covers(t));
+        // Outcomes recorded up to a second before the window closed: still behind.
+        p.handled(t.timestamp_millis() - 1000, false);
+        assert!(!p.covers(t));
+        // Recorded through the window's end: write.
+        p.handled(t.timestamp_millis(), false);
+        assert!(p.covers(t));
+        // A later window is not covered until the consumer catches up or gets there.
+        let later = t + chrono::Duration::seconds(2);
+        assert!(!p.covers(later));
+        p.handled(t.timestamp_millis() - 5000, true);
+        assert!(p.covers(later), "caught up: nothing is waiting behind");
+        // An older batch finishing late never moves the mark back.
+        assert_eq!(p.through_ms.load(Ordering::Relaxed), t.timestamp_millis());
     }
 }
