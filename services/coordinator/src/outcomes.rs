@@ -58,12 +58,14 @@ pub(crate) async fn run(ctx: Arc<Ctx>, consumer: PullConsumer, shutdown: Cancell
         };
         let mut chunks = messages.ready_chunks(ctx.batch_size);
         // Up to OUTCOME_PIPELINE batches are written at once (each its own statement and
-        // commit), so a batch does not wait for the commit of the one before it. Batches that
+        // commit) while outcomes queue up, so a batch does not wait for the commit of the one
+        // before it. Batches that
         // share a task with one in progress wait for it, so a task's outcomes are still
         // recorded in the order they were delivered.
         let mut in_progress = futures::stream::FuturesUnordered::new();
         let mut in_progress_ids: HashMap<u64, HashSet<String>> = HashMap::new();
         let mut next_batch = 0u64;
+        let mut depth = 1;
         loop {
             let chunk = tokio::select! {
                 _ = shutdown.cancelled() => {
@@ -77,13 +79,21 @@ pub(crate) async fn run(ctx: Arc<Ctx>, consumer: PullConsumer, shutdown: Cancell
                     }
                     continue;
                 }
-                c = chunks.next(), if in_progress.len() < OUTCOME_PIPELINE => c,
+                c = chunks.next(), if in_progress.len() < depth => c,
             };
             let Some(chunk) = chunk else { break };
             let batch: Vec<_> = chunk.into_iter().filter_map(Result::ok).collect();
             if batch.is_empty() {
                 continue;
             }
+            // Overlap batches only when outcomes queue up (a big batch was ready): at a modest
+            // rate, waiting for the previous commit gathers the next outcomes into one batch,
+            // which costs the database (and the other processes on the machine) less.
+            depth = if batch.len() >= PIPELINE_FROM {
+                OUTCOME_PIPELINE
+            } else {
+                1
+            };
             let ids: HashSet<String> = batch
                 .iter()
                 .filter_map(|m| ctx.subjects.parse_event(&m.subject))
@@ -130,8 +140,10 @@ pub(crate) async fn run(ctx: Arc<Ctx>, consumer: PullConsumer, shutdown: Cancell
     }
 }
 
-/// Outcome batches written at once.
+/// Outcome batches written at once when outcomes queue up.
 const OUTCOME_PIPELINE: usize = 3;
+/// A batch at least this big means outcomes are queueing: overlap the next ones.
+const PIPELINE_FROM: usize = 100;
 
 /// How far the outcome consumer has got: the publish time of the last outcome it recorded,
 /// and whether nothing was waiting behind it. The `started` writer uses it to skip attempts
