@@ -124,3 +124,67 @@ fn every_interleaving_ends_in_exactly_one_terminal_state() {
         })?;
     });
 }
+
+/// A batch can hold two successes of one task: a late one of an attempt already retried and
+/// the current one. Only the current one is recorded, and what `record_succeeded` returns (the
+/// ledger's `closed` event is built from it) names that attempt's agent, whatever the order.
+#[tokio::test]
+async fn the_recorded_success_is_the_current_attempts() {
+    let t = TestDb::new().await;
+    let db = taskbus_runtime::db::connect_and_migrate(&t.url, 2)
+        .await
+        .unwrap();
+    store::insert_admitted(
+        &db,
+        &[NewTask {
+            id: "two".into(),
+            pool: "default".into(),
+            kind: "k".into(),
+            priority: "normal".into(),
+            max_attempts: 3,
+            envelope: "{}".into(),
+            submit_seq: 1,
+            payer: Some("acme".into()),
+            deadline: None,
+            not_before: None,
+            timeout_ms: 1000,
+            held: false,
+            fair_key: None,
+        }],
+    )
+    .await
+    .unwrap();
+    let failure = Failure {
+        id: "two".into(),
+        attempt: 1,
+        agent: Some("agent-a".into()),
+        error: "timed out".into(),
+        retryable: true,
+        at: Utc::now(),
+    };
+    store::record_failed(&db, &[failure]).await.unwrap();
+    let success = |attempt: i32, agent: &str, rep: &str| Success {
+        id: "two".into(),
+        attempt,
+        agent: agent.into(),
+        result: "1".into(),
+        at: Utc::now(),
+        reputation: Some(rep.into()),
+    };
+    let done = store::record_succeeded(
+        &db,
+        &[success(1, "agent-a", "0.5"), success(2, "agent-b", "0.9")],
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        done.get("two"),
+        Some(&store::RecordedSuccess {
+            priced: true,
+            attempt: 2,
+            agent: Some("agent-b".into()),
+            reputation: Some("0.9".into()),
+        })
+    );
+    assert_eq!(status(&db, "two").await, ("succeeded".into(), 2));
+}

@@ -230,19 +230,21 @@ async fn handle_batch(
 
     // Priced tasks whose final state was just recorded: the ledger settles on `closed`.
     let mut terminal = Vec::new();
-    for s in successes.iter().filter(|s| done.get(&s.id) == Some(&true)) {
-        let Some((_, pool, _)) = durations.get(&s.id) else {
+    // Built from the row as written: a batch may hold two successes of one task (a late one of
+    // an attempt already retried), and only the recorded one may be paid.
+    for (id, r) in done.iter().filter(|(_, r)| r.priced) {
+        let Some((_, pool, _)) = durations.get(id) else {
             continue;
         };
         let ev = closed(
             pool,
-            &s.id,
+            id,
             ClosedStatus::Succeeded,
-            s.attempt,
-            Some(s.agent.clone()),
-            s.reputation.clone(),
+            r.attempt,
+            r.agent.clone(),
+            r.reputation.clone(),
         );
-        announce(ctx, pool, &s.id, &[ev], &mut terminal).await;
+        announce(ctx, pool, id, &[ev], &mut terminal).await;
     }
     for (id, pool, attempt) in &expired_priced {
         let ev = closed(pool, id, ClosedStatus::Expired, *attempt, None, None);

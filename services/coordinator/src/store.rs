@@ -211,10 +211,22 @@ pub struct Success {
     pub reputation: Option<String>,
 }
 
-/// Record successes for the current attempt of non-terminal tasks; returns the ids recorded,
-/// each with whether the task is priced (its `closed` event is then due: the outbox mark is
-/// set in the same statement).
-pub async fn record_succeeded(db: &PgPool, rows: &[Success]) -> DbResult<HashMap<String, bool>> {
+/// A success as recorded (one per task, whatever the batch held).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RecordedSuccess {
+    /// Priced: its `closed` event is due (the outbox mark is set in the same statement).
+    pub priced: bool,
+    pub attempt: i32,
+    pub agent: Option<String>,
+    pub reputation: Option<String>,
+}
+
+/// Record successes for the current attempt of non-terminal tasks; returns what was recorded,
+/// by task id.
+pub async fn record_succeeded(
+    db: &PgPool,
+    rows: &[Success],
+) -> DbResult<HashMap<String, RecordedSuccess>> {
     if rows.is_empty() {
         return Ok(HashMap::new());
     }
@@ -240,7 +252,7 @@ pub async fn record_succeeded(db: &PgPool, rows: &[Success]) -> DbResult<HashMap
              reputation = l.rep, event_due = t.payer IS NOT NULL
          FROM l
          WHERE t.task_id = l.task_id AND t.attempt = l.attempt AND t.status IN ('queued', 'running')
-         RETURNING t.task_id, t.payer IS NOT NULL",
+         RETURNING t.task_id, t.payer IS NOT NULL, t.attempt, t.agent_id, t.reputation",
     )
     .bind(&ids)
     .bind(&attempts)
@@ -252,7 +264,17 @@ pub async fn record_succeeded(db: &PgPool, rows: &[Success]) -> DbResult<HashMap
     .await?;
     Ok(done
         .into_iter()
-        .map(|r| (r.get::<String, _>(0), r.get::<bool, _>(1)))
+        .map(|r| {
+            (
+                r.get::<String, _>(0),
+                RecordedSuccess {
+                    priced: r.get(1),
+                    attempt: r.get(2),
+                    agent: r.get(3),
+                    reputation: r.get(4),
+                },
+            )
+        })
         .collect())
 }
 
