@@ -13,22 +13,44 @@ use futures::StreamExt;
 use serde_json::json;
 use sqlx::Row;
 use taskbus_proto::events::{self, Event};
-use taskbus_proto::{PoolSettings, WorkItem};
+use taskbus_proto::WorkItem;
 use taskbus_runtime::CancellationToken;
 use taskbus_tests::stack::Stack;
 use taskbus_tests::{ask, deposit, eventually, stream_events};
 
 const WAIT: Duration = Duration::from_secs(20);
 
-async fn start_ledger(s: &Stack) -> (taskbus_ledger::Running, CancellationToken) {
-    let mut c = taskbus_ledger::Config::new(s.nats.url(), s.db.url.clone());
-    c.ack_wait = Duration::from_secs(2);
-    c.db_max_connections = 4;
-    let token = CancellationToken::new();
-    let running = taskbus_ledger::start(c, token.clone())
-        .await
-        .expect("ledger starts");
-    (running, token)
+/// The ledger and the coordinator in-process, with payer `acme` funded with 10.00 USD.
+struct Services {
+    ledger: (taskbus_ledger::Running, CancellationToken),
+    coordinator: (taskbus_coordinator::Running, CancellationToken),
+}
+
+impl Services {
+    async fn start(s: &Stack) -> Self {
+        let mut c = taskbus_ledger::Config::new(s.nats.url(), s.db.url.clone());
+        c.ack_wait = Duration::from_secs(2);
+        c.db_max_connections = 4;
+        let token = CancellationToken::new();
+        let ledger = taskbus_ledger::start(c, token.clone())
+            .await
+            .expect("ledger starts");
+        deposit(&s.client, "acme", "10.00", "fund-acme").await;
+        Self {
+            ledger: (ledger, token),
+            coordinator: s.coordinator().await,
+        }
+    }
+
+    /// Check the ledger's invariants, then stop both.
+    async fn audit_and_stop(self, s: &Stack) {
+        let problems = taskbus_ledger::audit::check(&s.pg).await.unwrap();
+        assert!(problems.is_empty(), "{problems:?}");
+        self.coordinator.1.cancel();
+        self.coordinator.0.wait().await;
+        self.ledger.1.cancel();
+        self.ledger.0.wait().await;
+    }
 }
 
 /// Take the next work message of pool `default` (normal band) as an agent would.
@@ -116,9 +138,7 @@ async fn lock_waiters(s: &Stack, what: &str) -> i64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_success_that_lost_to_a_cancellation_is_not_paid() {
     let s = Stack::new(30_000).await;
-    let (ledger, ledger_stop) = start_ledger(&s).await;
-    deposit(&s.client, "acme", "10.00", "fund-acme").await;
-    let (coordinator, coordinator_stop) = s.coordinator().await;
+    let services = Services::start(&s).await;
     s.submit(
         "default",
         json!({"id": "race-1", "kind": "k", "price": "2.00", "payer": "acme", "currency": "USD"}),
@@ -185,29 +205,13 @@ async fn a_success_that_lost_to_a_cancellation_is_not_paid() {
         matches!(&closed[..], [Event::Closed(c)] if c.status == events::ClosedStatus::Cancelled),
         "{closed:?}"
     );
-    let problems = taskbus_ledger::audit::check(&s.pg).await.unwrap();
-    assert!(problems.is_empty(), "{problems:?}");
-
-    coordinator_stop.cancel();
-    coordinator.wait().await;
-    ledger_stop.cancel();
-    ledger.wait().await;
+    services.audit_and_stop(&s).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_late_success_of_a_timed_out_attempt_is_not_paid() {
     let s = Stack::new(30_000).await;
-    s.set_pool(
-        "default",
-        PoolSettings {
-            ack_wait_ms: 30_000,
-            ..Default::default()
-        },
-    )
-    .await;
-    let (ledger, ledger_stop) = start_ledger(&s).await;
-    deposit(&s.client, "acme", "10.00", "fund-acme").await;
-    let (coordinator, coordinator_stop) = s.coordinator().await;
+    let services = Services::start(&s).await;
     s.submit(
         "default",
         json!({"id": "late-1", "kind": "k", "price": "2.00", "payer": "acme", "currency": "USD",
@@ -263,11 +267,5 @@ async fn a_late_success_of_a_timed_out_attempt_is_not_paid() {
     assert_eq!(balance(&s, "agent-a").await, json!([]));
     let b = balance(&s, "agent-b").await;
     assert_eq!(b[0]["posted"], "1.80", "{b}");
-    let problems = taskbus_ledger::audit::check(&s.pg).await.unwrap();
-    assert!(problems.is_empty(), "{problems:?}");
-
-    coordinator_stop.cancel();
-    coordinator.wait().await;
-    ledger_stop.cancel();
-    ledger.wait().await;
+    services.audit_and_stop(&s).await;
 }

@@ -180,6 +180,7 @@ async fn the_recorded_success_is_the_current_attempts() {
     assert_eq!(
         done.get("two"),
         Some(&store::RecordedSuccess {
+            pool: "default".into(),
             priced: true,
             attempt: 2,
             agent: Some("agent-b".into()),

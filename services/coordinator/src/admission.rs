@@ -22,6 +22,7 @@ use taskbus_runtime::CancellationToken;
 use tracing::{debug, warn};
 
 use crate::dispatch::{self, Dispatch};
+use crate::pipeline::Pipeline;
 use crate::store::{self, NewRejection, NewTask};
 use crate::{CoordinatorError, Ctx};
 
@@ -60,23 +61,20 @@ pub(crate) async fn run(ctx: Arc<Ctx>, consumer: PullConsumer, shutdown: Cancell
         // wait for the whole batch ahead of it. A batch that shares a task id with one in
         // progress waits for those to finish first, so of two messages with the same id the
         // earlier one still wins.
-        let mut in_progress = futures::stream::FuturesUnordered::new();
-        let mut in_progress_ids: HashMap<u64, HashSet<String>> = HashMap::new();
-        let mut next_batch = 0u64;
+        let mut pipeline = Pipeline::new();
         loop {
             let chunk = tokio::select! {
                 _ = shutdown.cancelled() => {
-                    while in_progress.next().await.is_some() {}
+                    pipeline.drain().await;
                     return;
                 }
-                Some((n, failed)) = in_progress.next(), if !in_progress.is_empty() => {
-                    in_progress_ids.remove(&n);
-                    if failed {
+                Some(ok) = pipeline.finished(), if !pipeline.is_empty() => {
+                    if !ok {
                         crate::pause(&shutdown, Duration::from_millis(500)).await;
                     }
                     continue;
                 }
-                c = chunks.next(), if in_progress.len() < ctx.admission_pipeline => c,
+                c = chunks.next(), if pipeline.len() < ctx.admission_pipeline => c,
             };
             let Some(chunk) = chunk else { break };
             let mut batch = Vec::with_capacity(chunk.len());
@@ -92,30 +90,21 @@ pub(crate) async fn run(ctx: Arc<Ctx>, consumer: PullConsumer, shutdown: Cancell
             ctx.metrics.batch_size.observe(batch.len() as f64);
             let items = classify(&ctx, batch);
             let ids = batch_ids(&items);
-            if in_progress_ids
-                .values()
-                .any(|other| !other.is_disjoint(&ids))
-            {
-                while let Some((n, _)) = in_progress.next().await {
-                    in_progress_ids.remove(&n);
-                }
-            }
-            let n = next_batch;
-            next_batch += 1;
-            in_progress_ids.insert(n, ids);
             let ctx = &ctx;
-            in_progress.push(async move {
-                match handle_batch(ctx, items).await {
-                    Ok(()) => (n, false),
-                    Err(e) => {
-                        warn!(error = %e, "admission batch failed; its messages will be redelivered");
-                        ctx.metrics.error("admission");
-                        (n, true)
+            pipeline
+                .start(ids, async move {
+                    match handle_batch(ctx, items).await {
+                        Ok(()) => true,
+                        Err(e) => {
+                            warn!(error = %e, "admission batch failed; its messages will be redelivered");
+                            ctx.metrics.error("admission");
+                            false
+                        }
                     }
-                }
-            });
+                })
+                .await;
         }
-        while in_progress.next().await.is_some() {}
+        pipeline.drain().await;
     }
 }
 

@@ -25,6 +25,7 @@ mod fairness;
 mod maintenance;
 pub mod metrics;
 pub mod outcomes;
+mod pipeline;
 pub mod pools;
 mod registry;
 pub mod store;

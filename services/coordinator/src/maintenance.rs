@@ -119,48 +119,46 @@ async fn resend_due_events(ctx: &Ctx) -> Result<(), sqlx::Error> {
     let mut stale = Vec::new();
     for d in due {
         let at = d.finished_at.unwrap_or_else(Utc::now);
-        let ev = match d.status.as_str() {
-            "dead" => Event::Dead(events::Dead {
+        let terminal_event = match d.status.as_str() {
+            "dead" => Some(Event::Dead(events::Dead {
                 task_id: d.id.clone(),
                 pool: d.pool.clone(),
                 at,
                 attempts: d.attempt.max(0) as u32,
                 last_error: d.error.clone().unwrap_or_default(),
-            }),
-            "cancelled" => Event::Cancelled(events::Cancelled {
+            })),
+            "cancelled" => Some(Event::Cancelled(events::Cancelled {
                 task_id: d.id.clone(),
                 pool: d.pool.clone(),
                 at,
                 reason: d.error.clone(),
-            }),
-            "expired" => Event::Expired(events::Expired {
+            })),
+            "expired" => Some(Event::Expired(events::Expired {
                 task_id: d.id.clone(),
                 pool: d.pool.clone(),
                 at,
                 deadline: d.deadline.unwrap_or(at),
-            }),
+            })),
             // A priced success: only its `closed` event is the coordinator's to send.
-            "succeeded" if d.priced => {
-                let ev = closed(
-                    &d.pool,
-                    &d.id,
-                    ClosedStatus::Succeeded,
-                    d.attempt,
-                    d.agent.clone(),
-                    d.reputation.clone(),
-                );
-                warn!(task_id = %d.id, "re-sending a closed event a crash left unannounced");
-                announce(ctx, &d.pool, &d.id, &[ev], &mut terminal).await;
-                continue;
-            }
+            "succeeded" if d.priced => None,
             // No longer terminal (replayed since): nothing to announce.
             _ => {
                 stale.push(d.id);
                 continue;
             }
         };
-        warn!(task_id = %d.id, status = %d.status, "re-sending a terminal event a crash left unannounced");
-        let evs = with_closed(ev, d.priced, d.attempt);
+        let evs = match terminal_event {
+            Some(ev) => with_closed(ev, d.priced, d.attempt),
+            None => vec![closed(
+                &d.pool,
+                &d.id,
+                ClosedStatus::Succeeded,
+                d.attempt,
+                d.agent.clone(),
+                d.reputation.clone(),
+            )],
+        };
+        warn!(task_id = %d.id, status = %d.status, "re-sending terminal events a crash left unannounced");
         announce(ctx, &d.pool, &d.id, &evs, &mut terminal).await;
     }
     store::clear_event_due(&ctx.db, &stale).await?;

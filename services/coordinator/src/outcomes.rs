@@ -21,6 +21,7 @@ use tracing::{debug, warn};
 
 use crate::dispatch::{self, Dispatch};
 use crate::metrics::OutcomeLabel;
+use crate::pipeline::Pipeline;
 use crate::store::{self, Failure, Success};
 use crate::{CoordinatorError, Ctx};
 
@@ -59,27 +60,22 @@ pub(crate) async fn run(ctx: Arc<Ctx>, consumer: PullConsumer, shutdown: Cancell
         let mut chunks = messages.ready_chunks(ctx.batch_size);
         // Up to OUTCOME_PIPELINE batches are written at once (each its own statement and
         // commit) while outcomes queue up, so a batch does not wait for the commit of the one
-        // before it. Batches that
-        // share a task with one in progress wait for it, so a task's outcomes are still
-        // recorded in the order they were delivered.
-        let mut in_progress = futures::stream::FuturesUnordered::new();
-        let mut in_progress_ids: HashMap<u64, HashSet<String>> = HashMap::new();
-        let mut next_batch = 0u64;
+        // before it; batches sharing a task wait (see `pipeline`).
+        let mut pipeline = Pipeline::new();
         let mut depth = 1;
         loop {
             let chunk = tokio::select! {
                 _ = shutdown.cancelled() => {
-                    while in_progress.next().await.is_some() {}
+                    pipeline.drain().await;
                     return;
                 }
-                Some((n, failed)) = in_progress.next(), if !in_progress.is_empty() => {
-                    in_progress_ids.remove(&n);
-                    if failed {
+                Some(ok) = pipeline.finished(), if !pipeline.is_empty() => {
+                    if !ok {
                         crate::pause(&shutdown, Duration::from_millis(500)).await;
                     }
                     continue;
                 }
-                c = chunks.next(), if in_progress.len() < depth => c,
+                c = chunks.next(), if pipeline.len() < depth => c,
             };
             let Some(chunk) = chunk else { break };
             let batch: Vec<_> = chunk.into_iter().filter_map(Result::ok).collect();
@@ -99,44 +95,35 @@ pub(crate) async fn run(ctx: Arc<Ctx>, consumer: PullConsumer, shutdown: Cancell
                 .filter_map(|m| ctx.subjects.parse_event(&m.subject))
                 .map(|(_, id, _)| id.to_string())
                 .collect();
-            if in_progress_ids
-                .values()
-                .any(|other| !other.is_disjoint(&ids))
-            {
-                while let Some((n, _)) = in_progress.next().await {
-                    in_progress_ids.remove(&n);
-                }
-            }
-            let n = next_batch;
-            next_batch += 1;
-            in_progress_ids.insert(n, ids);
             let ctx = &ctx;
-            in_progress.push(async move {
-                let last = batch
-                    .last()
-                    .and_then(|m| m.info().ok())
-                    .map(|i| (i.published.timestamp_millis(), i.pending == 0));
-                match handle_batch(ctx, &batch).await {
-                    Ok(()) => {
-                        if let Some((published_ms, caught_up)) = last {
-                            ctx.outcome_progress.handled(published_ms, caught_up);
+            pipeline
+                .start(ids, async move {
+                    let last = batch
+                        .last()
+                        .and_then(|m| m.info().ok())
+                        .map(|i| (i.published.timestamp_millis(), i.pending == 0));
+                    match handle_batch(ctx, &batch).await {
+                        Ok(()) => {
+                            if let Some((published_ms, caught_up)) = last {
+                                ctx.outcome_progress.handled(published_ms, caught_up);
+                            }
+                            true
                         }
-                        (n, false)
-                    }
-                    Err(e) => {
-                        warn!(error = %e, "outcome batch failed; redelivering");
-                        ctx.metrics.error("outcomes");
-                        for m in &batch {
-                            let _ = m
-                                .ack_with(AckKind::Nak(Some(Duration::from_millis(500))))
-                                .await;
+                        Err(e) => {
+                            warn!(error = %e, "outcome batch failed; redelivering");
+                            ctx.metrics.error("outcomes");
+                            for m in &batch {
+                                let _ = m
+                                    .ack_with(AckKind::Nak(Some(Duration::from_millis(500))))
+                                    .await;
+                            }
+                            false
                         }
-                        (n, true)
                     }
-                }
-            });
+                })
+                .await;
         }
-        while in_progress.next().await.is_some() {}
+        pipeline.drain().await;
     }
 }
 
@@ -233,18 +220,15 @@ async fn handle_batch(
     // Built from the row as written: a batch may hold two successes of one task (a late one of
     // an attempt already retried), and only the recorded one may be paid.
     for (id, r) in done.iter().filter(|(_, r)| r.priced) {
-        let Some((_, pool, _)) = durations.get(id) else {
-            continue;
-        };
         let ev = closed(
-            pool,
+            &r.pool,
             id,
             ClosedStatus::Succeeded,
             r.attempt,
             r.agent.clone(),
             r.reputation.clone(),
         );
-        announce(ctx, pool, id, &[ev], &mut terminal).await;
+        announce(ctx, &r.pool, id, &[ev], &mut terminal).await;
     }
     for (id, pool, attempt) in &expired_priced {
         let ev = closed(pool, id, ClosedStatus::Expired, *attempt, None, None);
@@ -543,8 +527,7 @@ pub(crate) async fn run_started(
     shutdown: CancellationToken,
 ) {
     // Closed windows waiting for the outcomes to catch up: (closed at, rows).
-    let mut closed: VecDeque<(chrono::DateTime<Utc>, tokio::time::Instant, Vec<StartedRow>)> =
-        VecDeque::new();
+    let mut closed: VecDeque<(chrono::DateTime<Utc>, Vec<StartedRow>)> = VecDeque::new();
     let mut open: Vec<StartedRow> = Vec::new();
     let window = tokio::time::sleep(STARTED_WINDOW);
     tokio::pin!(window);
@@ -561,19 +544,20 @@ pub(crate) async fn run_started(
                     }
                     open.push((s.task_id, s.attempt as i32, s.agent_id, s.at));
                     if open.len() >= 20 * ctx.batch_size {
-                        closed.push_back((Utc::now(), tokio::time::Instant::now(), std::mem::take(&mut open)));
+                        closed.push_back((Utc::now(), std::mem::take(&mut open)));
                     }
                 }
             }
             _ = &mut window, if !open.is_empty() => {
-                closed.push_back((Utc::now(), tokio::time::Instant::now(), std::mem::take(&mut open)));
+                closed.push_back((Utc::now(), std::mem::take(&mut open)));
             }
             _ = check.tick(), if !closed.is_empty() => {
-                while let Some((at, since, _)) = closed.front() {
-                    if !ctx.outcome_progress.covers(*at) && since.elapsed() < STARTED_MAX_WAIT {
+                while let Some((at, _)) = closed.front() {
+                    let waited = (Utc::now() - *at).to_std().unwrap_or_default();
+                    if !ctx.outcome_progress.covers(*at) && waited < STARTED_MAX_WAIT {
                         break;
                     }
-                    let (_, _, rows) = closed.pop_front().expect("front exists");
+                    let (_, rows) = closed.pop_front().expect("front exists");
                     write_started(&ctx, &rows).await;
                 }
             }

@@ -214,6 +214,7 @@ pub struct Success {
 /// A success as recorded (one per task, whatever the batch held).
 #[derive(Debug, Clone, PartialEq)]
 pub struct RecordedSuccess {
+    pub pool: String,
     /// Priced: its `closed` event is due (the outbox mark is set in the same statement).
     pub priced: bool,
     pub attempt: i32,
@@ -252,7 +253,7 @@ pub async fn record_succeeded(
              reputation = l.rep, event_due = t.payer IS NOT NULL
          FROM l
          WHERE t.task_id = l.task_id AND t.attempt = l.attempt AND t.status IN ('queued', 'running')
-         RETURNING t.task_id, t.payer IS NOT NULL, t.attempt, t.agent_id, t.reputation",
+         RETURNING t.task_id, t.payer IS NOT NULL, t.attempt, t.agent_id, t.reputation, t.pool",
     )
     .bind(&ids)
     .bind(&attempts)
@@ -272,6 +273,7 @@ pub async fn record_succeeded(
                     attempt: r.get(2),
                     agent: r.get(3),
                     reputation: r.get(4),
+                    pool: r.get(5),
                 },
             )
         })
