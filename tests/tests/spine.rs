@@ -499,6 +499,66 @@ async fn coordinator_killed_mid_load_loses_nothing() {
     coord.kill().await.ok();
 }
 
+/// The coordinator does not ping a pooled connection before each statement: one PostgreSQL
+/// closed (a restart, a failover, an idle-connection reaper) fails the statement that finds
+/// it, and that batch must come back through redelivery, not be lost.
+#[tokio::test]
+async fn database_connections_dropped_mid_load_lose_nothing() {
+    let s = Stack::new(30_000).await;
+    let (_c, _ct) = s.coordinator().await;
+    let (_a, _at, runs) = echo_agent(&s, "db-drop-agent", 64);
+    const N: usize = 2000;
+    let js = s.js.clone();
+    let producer = tokio::spawn(async move {
+        let mut acks = Vec::new();
+        for i in 0..N {
+            let body =
+                serde_json::to_vec(&json!({"kind": "echo", "id": format!("D{i}"), "payload": i}))
+                    .unwrap();
+            acks.push(
+                js.publish("taskbus.submit.default", body.into())
+                    .await
+                    .unwrap(),
+            );
+            if i % 200 == 0 {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        for a in acks {
+            a.await.unwrap();
+        }
+    });
+    let mut dropped = 0i64;
+    for at_least in [200, 800] {
+        eventually("some progress", T, || async {
+            (s.count("succeeded").await > at_least).then_some(())
+        })
+        .await;
+        // Every connection the services hold on this database, closed server-side.
+        let n: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+             WHERE datname = current_database() AND application_name = 'taskbus') t",
+        )
+        .fetch_one(&s.pg)
+        .await
+        .unwrap();
+        dropped += n;
+    }
+    assert!(dropped > 0, "the coordinator held connections to close");
+    producer.await.unwrap();
+    eventually("all tasks succeeded", Duration::from_secs(90), || async {
+        (s.count("succeeded").await == N as i64).then_some(())
+    })
+    .await;
+    let total: i64 = sqlx::query_scalar("SELECT count(*) FROM coordinator.tasks")
+        .fetch_one(&s.pg)
+        .await
+        .unwrap();
+    assert_eq!(total, N as i64, "no task lost, none invented");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(runs.load(Ordering::Relaxed), N as u64, "each task ran once");
+}
+
 #[tokio::test]
 async fn two_coordinator_replicas_share_the_work() {
     let s = Stack::new(30_000).await;

@@ -78,9 +78,26 @@ pub(crate) async fn run(ctx: Arc<Ctx>, consumer: PullConsumer, shutdown: Cancell
                 c = chunks.next(), if pipeline.len() < depth => c,
             };
             let Some(chunk) = chunk else { break };
-            let batch: Vec<_> = chunk.into_iter().filter_map(Result::ok).collect();
+            let mut batch: Vec<_> = chunk.into_iter().filter_map(Result::ok).collect();
             if batch.is_empty() {
                 continue;
+            }
+            // Nothing is being written and the batch is small: gather outcomes a little longer.
+            // Each write is a statement and a commit whatever its size; at a modest rate,
+            // writing every few outcomes on their own cost PostgreSQL more CPU than the rest of
+            // the task's path. Recording is not on the path of any task's start.
+            if pipeline.is_empty() && batch.len() < ctx.batch_size {
+                let until = tokio::time::Instant::now() + OUTCOME_LINGER;
+                while batch.len() < ctx.batch_size {
+                    tokio::select! {
+                        _ = tokio::time::sleep_until(until) => break,
+                        _ = shutdown.cancelled() => break,
+                        c = chunks.next() => match c {
+                            Some(c) => batch.extend(c.into_iter().filter_map(Result::ok)),
+                            None => break,
+                        },
+                    }
+                }
             }
             // Overlap batches only when outcomes queue up (a big batch was ready): at a modest
             // rate, waiting for the previous commit gathers the next outcomes into one batch,
@@ -127,6 +144,8 @@ pub(crate) async fn run(ctx: Arc<Ctx>, consumer: PullConsumer, shutdown: Cancell
     }
 }
 
+/// How long a small outcome batch waits for more outcomes before it is written.
+const OUTCOME_LINGER: Duration = Duration::from_millis(20);
 /// Outcome batches written at once when outcomes queue up.
 const OUTCOME_PIPELINE: usize = 3;
 /// A batch at least this big means outcomes are queueing: overlap the next ones.

@@ -1,6 +1,14 @@
 //! PostgreSQL access for `coordinator.tasks`. Every write takes a whole batch in one statement
 //! (`UNNEST` of arrays), and every state change is guarded by the attempt number and the
 //! current status, so replaying an event or racing replicas changes nothing.
+//!
+//! Writes that look tasks up by id compare the status as `(t.status || '')`, an expression no
+//! index covers, so PostgreSQL finds the rows by primary key. Compared plainly, the status
+//! lets the planner use the partial index of open tasks instead: it counts few live open rows
+//! there, but under load that index also holds an entry for every task that finished since the
+//! last vacuum, all of which a bitmap scan visits. Measured at 2,000 tasks/s: the success write
+//! took 1.7 ms per batch of ~6 that way (5,806 index entries, 346 heap pages for 5 rows),
+//! 0.1 ms by key.
 
 use std::collections::{HashMap, HashSet};
 
@@ -168,14 +176,14 @@ pub async fn record_started(
              SELECT t.task_id, u.attempt, u.agent, u.at FROM coordinator.tasks t
              JOIN UNNEST($1::text[], $2::int4[], $3::text[], $4::timestamptz[]) AS u(id, attempt, agent, at)
                ON t.task_id = u.id AND t.attempt = u.attempt
-             WHERE t.status = 'queued'
+             WHERE (t.status || '') = 'queued'
              ORDER BY t.task_id
              FOR UPDATE OF t SKIP LOCKED
          )
          UPDATE coordinator.tasks t
          SET status = 'running', agent_id = l.agent, started_at = l.at, updated_at = now()
          FROM l
-         WHERE t.task_id = l.task_id AND t.attempt = l.attempt AND t.status = 'queued'",
+         WHERE t.task_id = l.task_id AND t.attempt = l.attempt AND (t.status || '') = 'queued'",
     )
     .bind(&ids)
     .bind(&attempts)
@@ -243,7 +251,7 @@ pub async fn record_succeeded(
              JOIN UNNEST($1::text[], $2::int4[], $3::text[], $4::text[], $5::timestamptz[], $6::text[])
                   AS u(id, attempt, agent, result, at, rep)
                ON t.task_id = u.id AND t.attempt = u.attempt
-             WHERE t.status IN ('queued', 'running')
+             WHERE (t.status || '') IN ('queued', 'running')
              ORDER BY t.task_id
              FOR UPDATE OF t
          )
@@ -252,7 +260,7 @@ pub async fn record_succeeded(
              finished_at = l.at, started_at = COALESCE(t.started_at, l.at), updated_at = now(),
              reputation = l.rep, event_due = t.payer IS NOT NULL
          FROM l
-         WHERE t.task_id = l.task_id AND t.attempt = l.attempt AND t.status IN ('queued', 'running')
+         WHERE t.task_id = l.task_id AND t.attempt = l.attempt AND (t.status || '') IN ('queued', 'running')
          RETURNING t.task_id, t.payer IS NOT NULL, t.attempt, t.agent_id, t.reputation, t.pool",
     )
     .bind(&ids)
@@ -328,8 +336,8 @@ pub async fn record_failed(db: &PgPool, rows: &[Failure]) -> DbResult<Vec<Failur
              JOIN UNNEST($1::text[], $2::int4[], $3::text[], $4::text[], $5::bool[], $6::timestamptz[])
                   AS u(id, attempt, agent, error, retry, at)
                ON t.task_id = u.id
-             WHERE (t.attempt = u.attempt AND t.status IN ('queued', 'running', 'dead'))
-                OR (t.attempt = u.attempt + 1 AND t.status = 'queued')
+             WHERE (t.attempt = u.attempt AND (t.status || '') IN ('queued', 'running', 'dead'))
+                OR (t.attempt = u.attempt + 1 AND (t.status || '') = 'queued')
              ORDER BY t.task_id
              FOR UPDATE OF t
          )
@@ -352,8 +360,8 @@ pub async fn record_failed(db: &PgPool, rows: &[Failure]) -> DbResult<Vec<Failur
              updated_at = now()
          FROM l AS u
          WHERE t.task_id = u.task_id
-           AND ((t.attempt = u.attempt AND t.status IN ('queued', 'running', 'dead'))
-             OR (t.attempt = u.attempt + 1 AND t.status = 'queued'))
+           AND ((t.attempt = u.attempt AND (t.status || '') IN ('queued', 'running', 'dead'))
+             OR (t.attempt = u.attempt + 1 AND (t.status || '') = 'queued'))
          RETURNING t.task_id, t.pool, t.status, t.attempt, t.envelope::text, t.error, t.priority,
                    t.payer IS NOT NULL",
     )
@@ -585,14 +593,14 @@ pub async fn record_expired(
         "WITH l AS (
              SELECT t.task_id, u.attempt FROM coordinator.tasks t
              JOIN UNNEST($1::text[], $2::int4[]) AS u(id, attempt) ON t.task_id = u.id AND t.attempt = u.attempt
-             WHERE t.status IN ('queued', 'running')
+             WHERE (t.status || '') IN ('queued', 'running')
              ORDER BY t.task_id
              FOR UPDATE OF t
          )
          UPDATE coordinator.tasks t SET status = 'expired', finished_at = now(), updated_at = now(), dispatch_at = NULL,
                 event_due = t.payer IS NOT NULL
          FROM l
-         WHERE t.task_id = l.task_id AND t.attempt = l.attempt AND t.status IN ('queued', 'running')
+         WHERE t.task_id = l.task_id AND t.attempt = l.attempt AND (t.status || '') IN ('queued', 'running')
          RETURNING t.task_id, t.pool, t.attempt, t.payer IS NOT NULL",
     )
     .bind(&ids)

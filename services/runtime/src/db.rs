@@ -25,7 +25,17 @@ pub async fn connect(url: &str, max: u32) -> Result<PgPool, DbError> {
     PgPoolOptions::new()
         .max_connections(max)
         .acquire_timeout(Duration::from_secs(10))
-        .connect_with(opts.application_name("taskbus"))
+        // No ping before every statement: a connection that broke shows up as that
+        // statement's error, and every caller already retries a failed batch.
+        .test_before_acquire(false)
+        .connect_with(
+            opts.application_name("taskbus")
+                // Plan each statement for its own arguments. A plan PostgreSQL caches for a
+                // prepared statement is kept as the table grows; one cached while
+                // `coordinator.tasks` was small (a fresh install, the first seconds of load)
+                // scanned the whole table for every batch of outcomes.
+                .options([("plan_cache_mode", "force_custom_plan")]),
+        )
         .await
         .map_err(DbError::Connect)
 }
