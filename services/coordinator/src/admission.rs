@@ -224,7 +224,7 @@ async fn handle_batch(ctx: &Ctx, mut items: Vec<Item>) -> Result<(), BatchError>
     }
     // The same order in every batch, so concurrent batches with a common id cannot deadlock.
     new_tasks.sort_by(|a, b| a.id.cmp(&b.id));
-    let inserted = store::insert_admitted(&ctx.db, &new_tasks).await?;
+    let inserted = store::insert_admitted(&ctx.db_admit, &new_tasks).await?;
     let conflicts: Vec<String> = new_tasks
         .iter()
         .filter(|t| !inserted.contains(&t.id))
@@ -252,7 +252,7 @@ async fn handle_batch(ctx: &Ctx, mut items: Vec<Item>) -> Result<(), BatchError>
         }
     }
     let rows: Vec<NewRejection> = rejections.values().cloned().collect();
-    let rej_inserted = store::insert_rejected(&ctx.db, &rows).await?;
+    let rej_inserted = store::insert_rejected(&ctx.db_admit, &rows).await?;
     let rej_conflicts: Vec<String> = rows
         .iter()
         .filter(|r| !rej_inserted.contains(&r.id))
@@ -273,7 +273,7 @@ async fn handle_batch(ctx: &Ctx, mut items: Vec<Item>) -> Result<(), BatchError>
             }
         }
     }
-    store::insert_rejected(&ctx.db, &rekeyed).await?;
+    store::insert_rejected(&ctx.db_admit, &rekeyed).await?;
 
     // 3. Publish work and rejected events, all in flight at once.
     let now = Utc::now();

@@ -53,7 +53,8 @@ pub struct Config {
     /// Most messages handled in one batch (one SQL statement, one ack round).
     pub batch_size: usize,
     /// Admission batches in progress at once (each holds one database connection while it
-    /// writes); 1 handles one batch after the other.
+    /// writes; admission has this many connections of its own, besides `db_max_connections`);
+    /// 1 handles one batch after the other.
     pub admission_pipeline: usize,
     pub db_max_connections: u32,
     /// `/healthz`, `/readyz`, `/metrics`; `None` serves nothing.
@@ -111,6 +112,9 @@ pub(crate) struct Ctx {
     pub js: jetstream::Context,
     pub client: async_nats::Client,
     pub db: sqlx::PgPool,
+    /// Admission's inserts: their own connections (never queued behind other statements),
+    /// with cached plans (see [`taskbus_runtime::db::Plans::Cached`]).
+    pub db_admit: sqlx::PgPool,
     pub pools: pools::Pools,
     pub limits: Limits,
     pub metrics: metrics::Metrics,
@@ -120,6 +124,8 @@ pub(crate) struct Ctx {
     pub publish_admitted: bool,
     /// How far the outcome consumer has got (the `started` writer waits for it).
     pub(crate) outcome_progress: outcomes::Progress,
+    /// `started` events waiting to be written.
+    pub(crate) pending_starts: outcomes::PendingStarts,
 }
 
 /// A started coordinator; [`Running::wait`] returns once every loop has stopped.
@@ -152,6 +158,12 @@ pub async fn start(
     let db =
         taskbus_runtime::db::connect_and_migrate(&config.database_url, config.db_max_connections)
             .await?;
+    let db_admit = taskbus_runtime::db::connect_with(
+        &config.database_url,
+        config.admission_pipeline.max(1) as u32,
+        taskbus_runtime::db::Plans::Cached,
+    )
+    .await?;
 
     let metrics = metrics::Metrics::default();
     let mut registry = prometheus_client::registry::Registry::with_prefix("taskbus_coordinator");
@@ -169,6 +181,7 @@ pub async fn start(
         js,
         client,
         db,
+        db_admit,
         pools: pools.clone(),
         limits: config.limits.clone(),
         metrics,
@@ -177,6 +190,7 @@ pub async fn start(
         admission_pipeline: config.admission_pipeline.max(1),
         publish_admitted: config.publish_admitted,
         outcome_progress: outcomes::Progress::default(),
+        pending_starts: outcomes::PendingStarts::default(),
     });
 
     let submit = admission::consumer(&ctx).await?;

@@ -233,6 +233,13 @@ async fn handle_batch(
     let failed = store::record_failed(&ctx.db, &failure_rows).await?;
     let expired_priced = store::record_expired(&ctx.db, &expired).await?;
     count(ctx, "succeeded", done.len());
+    ctx.pending_starts.finished(
+        successes
+            .iter()
+            .map(|s| (s.id.as_str(), s.attempt))
+            .chain(failures.iter().map(|(_, f)| (f.id.as_str(), f.attempt)))
+            .chain(expired.iter().map(|(id, a)| (id.as_str(), *a))),
+    );
 
     // Priced tasks whose final state was just recorded: the ledger settles on `closed`.
     let mut terminal = Vec::new();
@@ -545,38 +552,29 @@ pub(crate) async fn run_started(
     mut sub: async_nats::Subscriber,
     shutdown: CancellationToken,
 ) {
-    // Closed windows waiting for the outcomes to catch up: (closed at, rows).
-    let mut closed: VecDeque<(chrono::DateTime<Utc>, Vec<StartedRow>)> = VecDeque::new();
-    let mut open: Vec<StartedRow> = Vec::new();
     let window = tokio::time::sleep(STARTED_WINDOW);
     tokio::pin!(window);
     let mut check = tokio::time::interval(Duration::from_millis(20));
     check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let pending = &ctx.pending_starts;
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
             m = sub.next() => {
                 let Some(m) = m else { return };
                 if let Ok(Event::Started(s)) = serde_json::from_slice::<Event>(&m.payload) {
-                    if open.is_empty() {
+                    let open = pending.add(s.task_id, s.attempt as i32, s.agent_id, s.at);
+                    if open == 1 {
                         window.as_mut().reset(tokio::time::Instant::now() + STARTED_WINDOW);
                     }
-                    open.push((s.task_id, s.attempt as i32, s.agent_id, s.at));
-                    if open.len() >= 20 * ctx.batch_size {
-                        closed.push_back((Utc::now(), std::mem::take(&mut open)));
+                    if open >= 20 * ctx.batch_size {
+                        pending.close();
                     }
                 }
             }
-            _ = &mut window, if !open.is_empty() => {
-                closed.push_back((Utc::now(), std::mem::take(&mut open)));
-            }
-            _ = check.tick(), if !closed.is_empty() => {
-                while let Some((at, _)) = closed.front() {
-                    let waited = (Utc::now() - *at).to_std().unwrap_or_default();
-                    if !ctx.outcome_progress.covers(*at) && waited < STARTED_MAX_WAIT {
-                        break;
-                    }
-                    let (_, rows) = closed.pop_front().expect("front exists");
+            _ = &mut window, if pending.open_len() > 0 => pending.close(),
+            _ = check.tick(), if pending.has_closed() => {
+                while let Some(rows) = pending.pop_due(&ctx.outcome_progress) {
                     write_started(&ctx, &rows).await;
                 }
             }
@@ -585,6 +583,83 @@ pub(crate) async fn run_started(
 }
 
 type StartedRow = (String, i32, String, chrono::DateTime<Utc>);
+type Window = HashMap<(String, i32), (String, chrono::DateTime<Utc>)>;
+/// The open window, and the closed ones with the time each closed.
+type Windows = (Window, VecDeque<(chrono::DateTime<Utc>, Window)>);
+
+/// `started` events not yet written, by task and attempt: the window being filled and the
+/// closed ones (with the time each closed) waiting for the outcomes to catch up. The outcome
+/// path takes out every attempt whose outcome it recorded, so the writer does not look up
+/// tasks that already finished (most of them, at high rates: they cost an index lookup each).
+#[derive(Debug, Default)]
+pub(crate) struct PendingStarts {
+    windows: std::sync::Mutex<Windows>,
+}
+
+impl PendingStarts {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Windows> {
+        self.windows.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Add a start to the open window; returns how many the open window holds now.
+    fn add(&self, id: String, attempt: i32, agent: String, at: chrono::DateTime<Utc>) -> usize {
+        let mut w = self.lock();
+        w.0.insert((id, attempt), (agent, at));
+        w.0.len()
+    }
+
+    fn open_len(&self) -> usize {
+        self.lock().0.len()
+    }
+
+    fn has_closed(&self) -> bool {
+        !self.lock().1.is_empty()
+    }
+
+    /// Close the open window.
+    fn close(&self) {
+        let mut w = self.lock();
+        let open = std::mem::take(&mut w.0);
+        if !open.is_empty() {
+            w.1.push_back((Utc::now(), open));
+        }
+    }
+
+    /// The oldest closed window, once every outcome published before it closed is recorded
+    /// or it has waited [`STARTED_MAX_WAIT`].
+    fn pop_due(&self, progress: &Progress) -> Option<Vec<StartedRow>> {
+        let mut w = self.lock();
+        let (at, _) = w.1.front()?;
+        let waited = (Utc::now() - *at).to_std().unwrap_or_default();
+        if !progress.covers(*at) && waited < STARTED_MAX_WAIT {
+            return None;
+        }
+        let (_, rows) = w.1.pop_front()?;
+        Some(
+            rows.into_iter()
+                .map(|((id, attempt), (agent, at))| (id, attempt, agent, at))
+                .collect(),
+        )
+    }
+
+    /// Outcomes recorded for these attempts: their starts need no write.
+    pub(crate) fn finished<'a>(&self, attempts: impl IntoIterator<Item = (&'a str, i32)>) {
+        let mut w = self.lock();
+        if w.0.is_empty() && w.1.is_empty() {
+            return;
+        }
+        for (id, attempt) in attempts {
+            let key = (id.to_string(), attempt);
+            if w.0.remove(&key).is_none() {
+                for (_, closed) in w.1.iter_mut() {
+                    if closed.remove(&key).is_some() {
+                        break;
+                    }
+                }
+            }
+        }
+    }
+}
 
 async fn write_started(ctx: &Ctx, rows: &[StartedRow]) {
     for chunk in rows.chunks(ctx.batch_size.max(1)) {
@@ -618,5 +693,32 @@ mod tests {
         assert!(p.covers(later), "caught up: nothing is waiting behind");
         // An older batch finishing late never moves the mark back.
         assert_eq!(p.through_ms.load(Ordering::Relaxed), t.timestamp_millis());
+    }
+
+    #[test]
+    fn recorded_outcomes_take_their_starts_out_of_the_pending_windows() {
+        let p = PendingStarts::default();
+        let now = Utc::now();
+        assert_eq!(p.add("a".into(), 1, "ag".into(), now), 1);
+        assert_eq!(p.add("b".into(), 1, "ag".into(), now), 2);
+        p.close();
+        assert_eq!(p.add("a".into(), 2, "ag".into(), now), 1);
+        assert_eq!(p.add("c".into(), 1, "ag".into(), now), 2);
+        // Attempt 1 of `a` finished (closed window), `c` finished (open window); attempt 2 of
+        // `a` and an unknown start are untouched.
+        p.finished([("a", 1), ("c", 1), ("zz", 1)]);
+        assert_eq!(p.open_len(), 1);
+        let progress = Progress::default();
+        // The closed window waits until the outcomes published before it are recorded.
+        assert!(p.pop_due(&progress).is_none());
+        progress.handled(Utc::now().timestamp_millis(), false);
+        let rows = p.pop_due(&progress).expect("due");
+        assert_eq!(rows.len(), 1);
+        assert_eq!((rows[0].0.as_str(), rows[0].1), ("b", 1));
+        assert!(!p.has_closed());
+        p.close();
+        progress.handled(0, true);
+        let rows = p.pop_due(&progress).expect("due once caught up");
+        assert_eq!((rows[0].0.as_str(), rows[0].1), ("a", 2));
     }
 }
