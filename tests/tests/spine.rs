@@ -40,6 +40,51 @@ fn echo_agent(
     (handle, token, runs)
 }
 
+/// Publish `n` echo tasks `<prefix><i>` to pool `default`, pausing `pause` after every
+/// `every` of them, then wait for every publish ack.
+fn produce(
+    stack: &Stack,
+    prefix: &'static str,
+    n: usize,
+    every: usize,
+    pause: Duration,
+) -> JoinHandle<()> {
+    let js = stack.js.clone();
+    tokio::spawn(async move {
+        let mut acks = Vec::new();
+        for i in 0..n {
+            let body = serde_json::to_vec(
+                &json!({"kind": "echo", "id": format!("{prefix}{i}"), "payload": i}),
+            )
+            .unwrap();
+            acks.push(
+                js.publish("taskbus.submit.default", body.into())
+                    .await
+                    .unwrap(),
+            );
+            if i % every == 0 {
+                tokio::time::sleep(pause).await;
+            }
+        }
+        for a in acks {
+            a.await.unwrap();
+        }
+    })
+}
+
+/// Wait until all `n` tasks succeeded, and check that the table holds exactly `n` tasks.
+async fn all_succeeded_none_invented(s: &Stack, n: usize) {
+    eventually("all tasks succeeded", Duration::from_secs(90), || async {
+        (s.count("succeeded").await == n as i64).then_some(())
+    })
+    .await;
+    let total: i64 = sqlx::query_scalar("SELECT count(*) FROM coordinator.tasks")
+        .fetch_one(&s.pg)
+        .await
+        .unwrap();
+    assert_eq!(total, n as i64, "no task lost, none invented");
+}
+
 #[tokio::test]
 async fn happy_path_with_events() {
     let s = Stack::new(30_000).await;
@@ -458,26 +503,7 @@ async fn coordinator_killed_mid_load_loses_nothing() {
     let mut coord = spawn_coord();
     let (_a, _at, runs) = echo_agent(&s, "load-agent", 64);
     const N: usize = 3000;
-    let js = s.js.clone();
-    let producer = tokio::spawn(async move {
-        let mut acks = Vec::new();
-        for i in 0..N {
-            let body =
-                serde_json::to_vec(&json!({"kind": "echo", "id": format!("L{i}"), "payload": i}))
-                    .unwrap();
-            acks.push(
-                js.publish("taskbus.submit.default", body.into())
-                    .await
-                    .unwrap(),
-            );
-            if i % 500 == 0 {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
-        for a in acks {
-            a.await.unwrap();
-        }
-    });
+    let producer = produce(&s, "L", N, 500, Duration::from_millis(100));
     eventually("some progress", T, || async {
         (s.count("succeeded").await > 200).then_some(())
     })
@@ -486,15 +512,7 @@ async fn coordinator_killed_mid_load_loses_nothing() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     let mut coord = spawn_coord();
     producer.await.unwrap();
-    eventually("all tasks succeeded", Duration::from_secs(90), || async {
-        (s.count("succeeded").await == N as i64).then_some(())
-    })
-    .await;
-    let total: i64 = sqlx::query_scalar("SELECT count(*) FROM coordinator.tasks")
-        .fetch_one(&s.pg)
-        .await
-        .unwrap();
-    assert_eq!(total, N as i64, "no task lost, none invented");
+    all_succeeded_none_invented(&s, N).await;
     assert!(runs.load(Ordering::Relaxed) >= N as u64);
     coord.kill().await.ok();
 }
@@ -508,26 +526,7 @@ async fn database_connections_dropped_mid_load_lose_nothing() {
     let (_c, _ct) = s.coordinator().await;
     let (_a, _at, runs) = echo_agent(&s, "db-drop-agent", 64);
     const N: usize = 2000;
-    let js = s.js.clone();
-    let producer = tokio::spawn(async move {
-        let mut acks = Vec::new();
-        for i in 0..N {
-            let body =
-                serde_json::to_vec(&json!({"kind": "echo", "id": format!("D{i}"), "payload": i}))
-                    .unwrap();
-            acks.push(
-                js.publish("taskbus.submit.default", body.into())
-                    .await
-                    .unwrap(),
-            );
-            if i % 200 == 0 {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-        for a in acks {
-            a.await.unwrap();
-        }
-    });
+    let producer = produce(&s, "D", N, 200, Duration::from_millis(50));
     let mut dropped = 0i64;
     for at_least in [200, 800] {
         eventually("some progress", T, || async {
@@ -546,15 +545,7 @@ async fn database_connections_dropped_mid_load_lose_nothing() {
     }
     assert!(dropped > 0, "the coordinator held connections to close");
     producer.await.unwrap();
-    eventually("all tasks succeeded", Duration::from_secs(90), || async {
-        (s.count("succeeded").await == N as i64).then_some(())
-    })
-    .await;
-    let total: i64 = sqlx::query_scalar("SELECT count(*) FROM coordinator.tasks")
-        .fetch_one(&s.pg)
-        .await
-        .unwrap();
-    assert_eq!(total, N as i64, "no task lost, none invented");
+    all_succeeded_none_invented(&s, N).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(runs.load(Ordering::Relaxed), N as u64, "each task ran once");
 }
