@@ -22,7 +22,7 @@ use taskbus_runtime::CancellationToken;
 use tracing::{debug, warn};
 
 use crate::dispatch::{self, Dispatch};
-use crate::pipeline::Pipeline;
+use crate::pipeline::{Next, Pipeline};
 use crate::store::{self, NewRejection, NewTask};
 use crate::{CoordinatorError, Ctx};
 
@@ -63,20 +63,14 @@ pub(crate) async fn run(ctx: Arc<Ctx>, consumer: PullConsumer, shutdown: Cancell
         // earlier one still wins.
         let mut pipeline = Pipeline::new();
         loop {
-            let chunk = tokio::select! {
-                _ = shutdown.cancelled() => {
-                    pipeline.drain().await;
-                    return;
-                }
-                Some(ok) = pipeline.finished(), if !pipeline.is_empty() => {
-                    if !ok {
-                        crate::pause(&shutdown, Duration::from_millis(500)).await;
-                    }
-                    continue;
-                }
-                c = chunks.next(), if pipeline.len() < ctx.admission_pipeline => c,
+            let chunk = match pipeline
+                .next_chunk(&mut chunks, ctx.admission_pipeline, &shutdown)
+                .await
+            {
+                Next::Chunk(c) => c,
+                Next::Ended => break,
+                Next::Shutdown => return,
             };
-            let Some(chunk) = chunk else { break };
             let mut batch = Vec::with_capacity(chunk.len());
             for m in chunk {
                 match m {

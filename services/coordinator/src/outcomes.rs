@@ -21,7 +21,7 @@ use tracing::{debug, warn};
 
 use crate::dispatch::{self, Dispatch};
 use crate::metrics::OutcomeLabel;
-use crate::pipeline::Pipeline;
+use crate::pipeline::{Next, Pipeline};
 use crate::store::{self, Failure, Success};
 use crate::{CoordinatorError, Ctx};
 
@@ -64,20 +64,11 @@ pub(crate) async fn run(ctx: Arc<Ctx>, consumer: PullConsumer, shutdown: Cancell
         let mut pipeline = Pipeline::new();
         let mut depth = 1;
         loop {
-            let chunk = tokio::select! {
-                _ = shutdown.cancelled() => {
-                    pipeline.drain().await;
-                    return;
-                }
-                Some(ok) = pipeline.finished(), if !pipeline.is_empty() => {
-                    if !ok {
-                        crate::pause(&shutdown, Duration::from_millis(500)).await;
-                    }
-                    continue;
-                }
-                c = chunks.next(), if pipeline.len() < depth => c,
+            let chunk = match pipeline.next_chunk(&mut chunks, depth, &shutdown).await {
+                Next::Chunk(c) => c,
+                Next::Ended => break,
+                Next::Shutdown => return,
             };
-            let Some(chunk) = chunk else { break };
             let mut batch: Vec<_> = chunk.into_iter().filter_map(Result::ok).collect();
             if batch.is_empty() {
                 continue;

@@ -6,8 +6,21 @@
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
 
+use std::time::Duration;
+
 use futures::future::BoxFuture;
-use futures::stream::{FuturesUnordered, StreamExt};
+use futures::stream::{FuturesUnordered, Stream, StreamExt};
+use taskbus_runtime::CancellationToken;
+
+/// What [`Pipeline::next_chunk`] got.
+pub(crate) enum Next<T> {
+    /// A chunk to start as a batch.
+    Chunk(T),
+    /// The message stream ended (pull again).
+    Ended,
+    /// Shutdown: every batch in progress has finished.
+    Shutdown,
+}
 
 pub(crate) struct Pipeline<'a> {
     running: FuturesUnordered<BoxFuture<'a, (u64, bool)>>,
@@ -53,6 +66,33 @@ impl<'a> Pipeline<'a> {
         self.next += 1;
         self.ids.insert(n, ids);
         self.running.push(Box::pin(async move { (n, batch.await) }));
+    }
+
+    /// Wait for the next chunk of `chunks` while fewer than `depth` batches are in progress,
+    /// finishing batches meanwhile (and pausing 500 ms after one that failed, whose messages
+    /// come back by redelivery). On shutdown, the batches in progress are finished first.
+    pub(crate) async fn next_chunk<S: Stream + Unpin>(
+        &mut self,
+        chunks: &mut S,
+        depth: usize,
+        shutdown: &CancellationToken,
+    ) -> Next<S::Item> {
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => {
+                    self.drain().await;
+                    return Next::Shutdown;
+                }
+                Some(ok) = self.finished(), if !self.is_empty() => {
+                    if !ok {
+                        crate::pause(shutdown, Duration::from_millis(500)).await;
+                    }
+                }
+                c = chunks.next(), if self.len() < depth => {
+                    return c.map_or(Next::Ended, Next::Chunk);
+                }
+            }
+        }
     }
 
     /// Wait for every batch in progress.
