@@ -1,7 +1,5 @@
 //! The committed JSON Schemas agree with the Rust types, and real messages validate against them.
 
-use std::path::Path;
-
 use chrono::Utc;
 use serde_json::{json, Value};
 use taskbus_proto::events::*;
@@ -9,9 +7,7 @@ use taskbus_proto::validate::RejectReason;
 use taskbus_proto::{schema, Priority, TaskEnvelope, WorkItem};
 
 fn committed(name: &str) -> Value {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("schema")
-        .join(name);
+    let path = manifest_dir().join("schema").join(name);
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| {
         panic!(
             "{} is missing ({e}); run `cargo run -p taskbus-proto --example gen-schemas`",
@@ -220,4 +216,12 @@ fn every_event_validates_against_its_schema() {
         });
         assert_invalid(&format!("events/{}.schema.json", e.kind().as_str()), &wrong);
     }
+}
+
+/// The package's directory, read when the test runs (cargo and nextest set it): a compile-time
+/// `env!` would keep pointing at wherever the shared target directory was last built from.
+fn manifest_dir() -> std::path::PathBuf {
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .expect("run the tests through cargo or cargo-nextest, which set CARGO_MANIFEST_DIR")
+        .into()
 }

@@ -1,5 +1,7 @@
 //! The `taskbus-scaler` binary: flags, environment variables, hostile values, `simulate`.
 
+mod common;
+
 use std::process::{Command, Output};
 
 fn scaler(args: &[&str]) -> Output {
@@ -23,7 +25,7 @@ fn text(o: &Output) -> String {
 }
 
 fn trace(name: &str) -> String {
-    format!("{}/traces/{name}", env!("CARGO_MANIFEST_DIR"))
+    format!("{}/traces/{name}", common::manifest_dir().display())
 }
 
 #[test]
@@ -156,7 +158,7 @@ fn simulate_prints_both_models_for_the_shipped_traces() {
 fn recorded_simulator_output_is_current() {
     let doc = std::fs::read_to_string(format!(
         "{}/../../docs/SCALING.md",
-        env!("CARGO_MANIFEST_DIR")
+        common::manifest_dir().display()
     ))
     .unwrap();
     for name in ["steady.csv", "bursty.csv"] {

@@ -3,6 +3,8 @@
 //! metric names served by the external metrics API, ports matching between Deployment, Service,
 //! APIService and KEDA's scalerAddress).
 
+mod common;
+
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
@@ -11,7 +13,7 @@ use serde_yaml::Value;
 use taskbus_scaler::extapi;
 
 fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../deploy")
+    common::manifest_dir().join("../../deploy")
 }
 
 /// Every document of every YAML file in `dir`, with its file name.

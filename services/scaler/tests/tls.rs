@@ -18,7 +18,7 @@ use taskbus_scaler::ScalerError;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/tls")
+    common::manifest_dir().join("tests/tls")
 }
 
 fn files() -> TlsFiles {

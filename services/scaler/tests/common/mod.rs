@@ -179,3 +179,11 @@ pub async fn http_json(addr: SocketAddr, path: &str) -> (u16, serde_json::Value)
     let v = serde_json::from_str(&body).unwrap_or_else(|e| panic!("{path}: {e}: {body}"));
     (code, v)
 }
+
+/// The package's directory, read when the test runs (cargo and nextest set it): a compile-time
+/// `env!` would keep pointing at wherever the shared target directory was last built from.
+pub fn manifest_dir() -> std::path::PathBuf {
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .expect("run the tests through cargo or cargo-nextest, which set CARGO_MANIFEST_DIR")
+        .into()
+}
