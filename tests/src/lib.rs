@@ -8,7 +8,7 @@ use std::future::Future;
 use futures::StreamExt;
 use std::time::{Duration, Instant};
 
-pub use taskbus_runtime::devservers::{NatsCluster, NatsServer};
+pub use taskbus_runtime::devservers::{NatsCluster, NatsServer, PgServer};
 
 /// Log to the test output when `TASKBUS_TEST_LOG` is set (e.g. `TASKBUS_TEST_LOG=debug`).
 pub fn init_logging() {
@@ -39,8 +39,14 @@ pub struct TestDb {
 }
 
 impl TestDb {
+    /// A fresh database on the test server (`TASKBUS_TEST_DATABASE_URL`).
     pub async fn new() -> Self {
-        let admin = admin_database_url();
+        Self::new_on(&admin_database_url()).await
+    }
+
+    /// A fresh database on the server of `admin` (a URL where databases may be created).
+    pub async fn new_on(admin: &str) -> Self {
+        let admin = admin.to_string();
         let name = format!(
             "taskbus_test_{}",
             ulid::Ulid::new().to_string().to_lowercase()
@@ -256,9 +262,13 @@ pub mod stack {
     impl Stack {
         /// nats-server + database, with pool `default` configured with `ack_wait_ms`.
         pub async fn new(ack_wait_ms: u64) -> Self {
+            Self::on_database(ack_wait_ms, TestDb::new().await).await
+        }
+
+        /// The same on a given database (e.g. one on a private server a test crashes).
+        pub async fn on_database(ack_wait_ms: u64, db: TestDb) -> Self {
             super::init_logging();
             let nats = NatsServer::start().await.expect("start nats-server");
-            let db = TestDb::new().await;
             let client = async_nats::connect(nats.url()).await.expect("connect");
             let js = jetstream::new(client.clone());
             let subjects = Subjects::default();
@@ -340,6 +350,35 @@ pub mod stack {
                 self.task(id).await.filter(|t| t.status == status)
             })
             .await
+        }
+
+        /// Publish an agent's `succeeded` outcome the way the agent SDK does (JetStream,
+        /// awaited), on pool `default`.
+        pub async fn publish_succeeded(&self, id: &str, attempt: u32, agent: &str) {
+            use taskbus_proto::events::{self, Event};
+            let ev = Event::Succeeded(events::Succeeded {
+                task_id: id.into(),
+                pool: "default".into(),
+                at: chrono::Utc::now(),
+                attempt,
+                agent_id: agent.into(),
+                result: serde_json::json!({"by": agent}),
+                duration_ms: 1,
+                reputation: Some("1".into()),
+            });
+            let p = jetstream::message::PublishMessage::build()
+                .payload(ev.to_json().into())
+                .message_id(format!("{id}:{attempt}:outcome"));
+            self.js
+                .send_publish(
+                    self.subjects
+                        .event("default", id, events::EventKind::Succeeded),
+                    p,
+                )
+                .await
+                .expect("publish")
+                .await
+                .expect("outcome stored");
         }
 
         pub async fn count(&self, status: &str) -> i64 {

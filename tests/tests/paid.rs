@@ -7,7 +7,6 @@
 
 use std::time::Duration;
 
-use async_nats::jetstream::message::PublishMessage;
 use chrono::Utc;
 use futures::StreamExt;
 use serde_json::json;
@@ -71,32 +70,6 @@ async fn take_work(s: &Stack) -> WorkItem {
         Some(serde_json::from_slice::<WorkItem>(&m.payload).expect("a work item"))
     })
     .await
-}
-
-/// Publish an agent's outcome the way the agent SDK does (JetStream, awaited).
-async fn agent_succeeded(s: &Stack, id: &str, attempt: u32, agent: &str) {
-    let ev = Event::Succeeded(events::Succeeded {
-        task_id: id.into(),
-        pool: "default".into(),
-        at: Utc::now(),
-        attempt,
-        agent_id: agent.into(),
-        result: json!({"by": agent}),
-        duration_ms: 1,
-        reputation: Some("1".into()),
-    });
-    let p = PublishMessage::build()
-        .payload(ev.to_json().into())
-        .message_id(format!("{id}:{attempt}:outcome"));
-    s.js.send_publish(
-        s.subjects
-            .event("default", id, events::EventKind::Succeeded),
-        p,
-    )
-    .await
-    .expect("publish")
-    .await
-    .expect("outcome stored");
 }
 
 /// `(status, agent_id)` of the task's hold in the ledger, once it is resolved.
@@ -171,7 +144,8 @@ async fn a_success_that_lost_to_a_cancellation_is_not_paid() {
     .await;
     // ... then the agent's success reaches the events stream (before any `cancelled` event)
     // and the outcome writer queues behind the cancellation.
-    agent_succeeded(&s, "race-1", work.attempt, "agent-late").await;
+    s.publish_succeeded("race-1", work.attempt, "agent-late")
+        .await;
     eventually("the outcome waits for the row", WAIT, || async {
         (lock_waiters(&s, "'succeeded'").await >= 1).then_some(())
     })
@@ -251,11 +225,11 @@ async fn a_late_success_of_a_timed_out_attempt_is_not_paid() {
     )
     .await;
     // Agent A's success arrives late: the first success in the stream, for a dead attempt.
-    agent_succeeded(&s, "late-1", 1, "agent-a").await;
+    s.publish_succeeded("late-1", 1, "agent-a").await;
     // Agent B runs attempt 2 and succeeds.
     let second = take_work(&s).await;
     assert_eq!((second.task_id(), second.attempt), ("late-1", 2));
-    agent_succeeded(&s, "late-1", 2, "agent-b").await;
+    s.publish_succeeded("late-1", 2, "agent-b").await;
     let row = s.wait_status("late-1", "succeeded", WAIT).await;
     assert_eq!(row.agent_id.as_deref(), Some("agent-b"));
 

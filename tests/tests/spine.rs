@@ -8,7 +8,7 @@ use futures::StreamExt;
 use serde_json::json;
 use taskbus_agent::{Agent, AgentConfig, CancellationToken, TaskContext, TaskError};
 use taskbus_tests::stack::Stack;
-use taskbus_tests::{eventually, workspace_bin};
+use taskbus_tests::{eventually, workspace_bin, PgServer, TestDb};
 use tokio::task::JoinHandle;
 
 const T: Duration = Duration::from_secs(30);
@@ -548,6 +548,50 @@ async fn database_connections_dropped_mid_load_lose_nothing() {
     all_succeeded_none_invented(&s, N).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(runs.load(Ordering::Relaxed), N as u64, "each task ran once");
+}
+
+/// Admission commits its rows without waiting for the disk, publishes the work at once and
+/// acks the submit messages after a shared WAL flush (services/coordinator/src/flush.rs). The
+/// server here is crashed twice under load (an immediate shutdown: WAL still in its shared
+/// memory is lost; what it had written survives in the page cache) and restarted on the same
+/// data: batches fail, their messages come back, nothing is lost or run twice.
+#[tokio::test]
+async fn postgres_crash_mid_load_loses_nothing_and_runs_each_task_once() {
+    let mut pg = PgServer::start().await.expect("start a private PostgreSQL");
+    let s = Stack::on_database(30_000, TestDb::new_on(&pg.url()).await).await;
+    let (_c, _ct) = s.coordinator().await;
+    let (_a, _at, runs) = echo_agent(&s, "pg-crash-agent", 64);
+    const N: usize = 2000;
+    let producer = produce(&s, "P", N, 200, Duration::from_millis(50));
+    for at_least in [200, 800] {
+        eventually("some progress", T, || async {
+            (s.count("succeeded").await > at_least).then_some(())
+        })
+        .await;
+        pg.crash_and_restart().await.expect("restart PostgreSQL");
+    }
+    producer.await.unwrap();
+    all_succeeded_none_invented(&s, N).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(runs.load(Ordering::Relaxed), N as u64, "each task ran once");
+}
+
+/// What a crash that loses an admitted row leaves behind: the task's outcome is in the stream
+/// but its row is gone until the submit message is admitted again. The outcome must wait for
+/// the row rather than be dropped.
+#[tokio::test]
+async fn an_outcome_that_arrives_before_its_row_waits_for_it() {
+    let s = Stack::new(30_000).await;
+    let (_c, _ct) = s.coordinator().await;
+    // No agent: the outcome below is the only one.
+    s.publish_succeeded("early-1", 1, "agent-early").await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(s.task("early-1").await.is_none());
+    s.submit("default", json!({"kind": "echo", "id": "early-1"}))
+        .await;
+    let row = s.wait_status("early-1", "succeeded", T).await;
+    assert_eq!(row.agent_id.as_deref(), Some("agent-early"));
+    assert_eq!(row.result, Some(json!({"by": "agent-early"})));
 }
 
 #[tokio::test]

@@ -4,6 +4,8 @@
 //! the admitted tasks, one for the rejections, all publishes in flight together, then all acks.
 //! Nothing is acked before its effects are durable, so a crash at any point only causes a
 //! redelivery, which is recognised by the stored submit sequence and finished, never doubled.
+//! The rows are committed without waiting for the disk and the work published at once; the
+//! acks wait for a shared WAL flush (see `crate::flush` for what a PostgreSQL crash does).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -22,7 +24,7 @@ use taskbus_runtime::CancellationToken;
 use tracing::{debug, warn};
 
 use crate::dispatch::{self, Dispatch};
-use crate::pipeline::{Next, Pipeline};
+use crate::pipeline::{Next, Pipeline, Slot};
 use crate::store::{self, NewRejection, NewTask};
 use crate::{CoordinatorError, Ctx};
 
@@ -86,8 +88,8 @@ pub(crate) async fn run(ctx: Arc<Ctx>, consumer: PullConsumer, shutdown: Cancell
             let ids = batch_ids(&items);
             let ctx = &ctx;
             pipeline
-                .start(ids, async move {
-                    match handle_batch(ctx, items).await {
+                .start(ids, |slot| async move {
+                    match handle_batch(ctx, items, slot).await {
                         Ok(()) => true,
                         Err(e) => {
                             warn!(error = %e, "admission batch failed; its messages will be redelivered");
@@ -120,6 +122,8 @@ struct Item {
 enum BatchError {
     #[error("database: {0}")]
     Db(#[from] sqlx::Error),
+    #[error("rows not confirmed on disk: {0}")]
+    Flush(#[from] store::FlushError),
 }
 
 fn fallback_id(msg: &Message, seq: u64) -> String {
@@ -184,11 +188,13 @@ fn batch_ids(items: &[Item]) -> HashSet<String> {
         .collect()
 }
 
-async fn handle_batch(ctx: &Ctx, mut items: Vec<Item>) -> Result<(), BatchError> {
+async fn handle_batch(ctx: &Ctx, mut items: Vec<Item>, slot: Slot) -> Result<(), BatchError> {
     // 0. Priced tasks need their hold (payer → escrow) before anything else.
     hold_prices(ctx, &mut items).await?;
 
-    // 1. Record admitted tasks.
+    // 1. Record admitted tasks. `incarnations`: which server incarnation the rows were
+    // written and read in (checked against the flush before acking, see `crate::flush`).
+    let mut incarnations = store::Incarnations::default();
     let mut new_tasks = Vec::new();
     let mut envelopes: HashMap<usize, String> = HashMap::new();
     let mut seen = std::collections::HashSet::new();
@@ -218,13 +224,13 @@ async fn handle_batch(ctx: &Ctx, mut items: Vec<Item>) -> Result<(), BatchError>
     }
     // The same order in every batch, so concurrent batches with a common id cannot deadlock.
     new_tasks.sort_by(|a, b| a.id.cmp(&b.id));
-    let inserted = store::insert_admitted(&ctx.db_admit, &new_tasks).await?;
+    let inserted = store::insert_admitted(&ctx.db_admit, &new_tasks, &mut incarnations).await?;
     let conflicts: Vec<String> = new_tasks
         .iter()
         .filter(|t| !inserted.contains(&t.id))
         .map(|t| t.id.clone())
         .collect();
-    let existing = store::recorded(&ctx.db, &conflicts).await?;
+    let existing = store::recorded(&ctx.db, &conflicts, &mut incarnations).await?;
 
     // 2. Record rejections; a rejection whose id is taken by another message is re-keyed.
     let mut rejections: HashMap<usize, NewRejection> = HashMap::new();
@@ -246,13 +252,13 @@ async fn handle_batch(ctx: &Ctx, mut items: Vec<Item>) -> Result<(), BatchError>
         }
     }
     let rows: Vec<NewRejection> = rejections.values().cloned().collect();
-    let rej_inserted = store::insert_rejected(&ctx.db_admit, &rows).await?;
+    let rej_inserted = store::insert_rejected(&ctx.db_admit, &rows, &mut incarnations).await?;
     let rej_conflicts: Vec<String> = rows
         .iter()
         .filter(|r| !rej_inserted.contains(&r.id))
         .map(|r| r.id.clone())
         .collect();
-    let rej_existing = store::recorded(&ctx.db, &rej_conflicts).await?;
+    let rej_existing = store::recorded(&ctx.db, &rej_conflicts, &mut incarnations).await?;
     let mut rekeyed = Vec::new();
     // Redeliveries of a message that was admitted earlier and is refused now only because the
     // task's hold has meanwhile resolved (the task ran): nothing to announce, just ack.
@@ -267,7 +273,7 @@ async fn handle_batch(ctx: &Ctx, mut items: Vec<Item>) -> Result<(), BatchError>
             }
         }
     }
-    store::insert_rejected(&ctx.db_admit, &rekeyed).await?;
+    store::insert_rejected(&ctx.db_admit, &rekeyed, &mut incarnations).await?;
 
     // 3. Publish work and rejected events, all in flight at once.
     let now = Utc::now();
@@ -374,22 +380,42 @@ async fn handle_batch(ctx: &Ctx, mut items: Vec<Item>) -> Result<(), BatchError>
             }
         }
     }
-    let results = futures::future::join_all(
-        pending
-            .into_iter()
-            .map(|(i, f)| async move { (i, f.await) }),
-    )
-    .await;
+    // The rows were committed without waiting for the disk (see `crate::flush`) and the work
+    // is on its way: the next batch may start. The messages are acked only once the rows are
+    // flushed and the publishes acknowledged.
+    slot.release();
+    let (results, flushed) = tokio::join!(
+        futures::future::join_all(
+            pending
+                .into_iter()
+                .map(|(i, f)| async move { (i, f.await) }),
+        ),
+        ctx.wal_flush.wait(&ctx.db, &incarnations),
+    );
     for (i, r) in results {
         if let Err(e) = r {
             warn!(error = %e, "publish not acknowledged; the submit message will be redelivered");
             ackable[i] = false;
         }
     }
+    if let Err(e) = flushed {
+        // Whether the rows survive is unknown: hand every message back. A redelivery finds its
+        // row (and finishes the job) or writes it again; the work message keeps its id.
+        ackable.iter_mut().for_each(|a| *a = false);
+        ack_or_hand_back(&items, &ackable).await;
+        return Err(e.into());
+    }
 
     // 4. Ack what is done; hand back the rest quickly.
+    ack_or_hand_back(&items, &ackable).await;
+    crate::fairness::promote(ctx, fair_pools).await;
+    Ok(())
+}
+
+/// Ack the messages marked ackable, hand the others back for redelivery in half a second.
+async fn ack_or_hand_back(items: &[Item], ackable: &[bool]) {
     let acks = items.iter().zip(ackable).map(|(it, ok)| async move {
-        let kind = if ok {
+        let kind = if *ok {
             AckKind::Ack
         } else {
             AckKind::Nak(Some(Duration::from_millis(500)))
@@ -399,8 +425,6 @@ async fn handle_batch(ctx: &Ctx, mut items: Vec<Item>) -> Result<(), BatchError>
         }
     });
     futures::future::join_all(acks).await;
-    crate::fairness::promote(ctx, fair_pools).await;
-    Ok(())
 }
 
 fn traceparent(msg: &Message) -> Option<String> {
@@ -444,7 +468,7 @@ async fn hold_prices(ctx: &Ctx, items: &mut [Item]) -> Result<(), sqlx::Error> {
     // rejected (a hold made now, after the payer's funds arrived, would belong to a task that
     // never runs, and nothing would ever release it). The admission path finishes their job.
     let ids: Vec<String> = holds.iter().map(|(_, h)| h.task_id.clone()).collect();
-    let recorded = store::recorded(&ctx.db, &ids).await?;
+    let recorded = store::recorded(&ctx.db, &ids, &mut Default::default()).await?;
     let mut ask = Vec::with_capacity(holds.len());
     for (i, hold) in holds {
         match recorded.get(&hold.task_id) {

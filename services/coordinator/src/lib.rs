@@ -22,6 +22,7 @@ pub mod admission;
 pub mod api;
 mod dispatch;
 mod fairness;
+mod flush;
 mod maintenance;
 pub mod metrics;
 pub mod outcomes;
@@ -98,6 +99,8 @@ pub enum CoordinatorError {
     },
     #[error("pool settings: {0}")]
     Pools(String),
+    #[error("database: {0}")]
+    Sql(#[from] sqlx::Error),
 }
 
 impl CoordinatorError {
@@ -113,8 +116,10 @@ pub(crate) struct Ctx {
     pub client: async_nats::Client,
     pub db: sqlx::PgPool,
     /// Admission's inserts: their own connections (never queued behind other statements),
-    /// with cached plans (see [`taskbus_runtime::db::Plans::Cached`]).
+    /// with cached plans (see [`taskbus_runtime::db::Plans::Cached`]) and asynchronous commit,
+    /// made durable through [`Ctx::wal_flush`] before the submit messages are acked.
     pub db_admit: sqlx::PgPool,
+    pub(crate) wal_flush: flush::WalFlush,
     pub pools: pools::Pools,
     pub limits: Limits,
     pub metrics: metrics::Metrics,
@@ -158,10 +163,12 @@ pub async fn start(
     let db =
         taskbus_runtime::db::connect_and_migrate(&config.database_url, config.db_max_connections)
             .await?;
+    store::start_incarnation(&db).await?;
     let db_admit = taskbus_runtime::db::connect_with(
         &config.database_url,
         config.admission_pipeline.max(1) as u32,
         taskbus_runtime::db::Plans::Cached,
+        taskbus_runtime::db::Commit::Deferred,
     )
     .await?;
 
@@ -182,6 +189,7 @@ pub async fn start(
         client,
         db,
         db_admit,
+        wal_flush: flush::WalFlush::default(),
         pools: pools.clone(),
         limits: config.limits.clone(),
         metrics,

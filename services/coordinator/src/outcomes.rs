@@ -105,7 +105,7 @@ pub(crate) async fn run(ctx: Arc<Ctx>, consumer: PullConsumer, shutdown: Cancell
                 .collect();
             let ctx = &ctx;
             pipeline
-                .start(ids, async move {
+                .start(ids, |_| async move {
                     let last = batch
                         .last()
                         .and_then(|m| m.info().ok())
@@ -172,8 +172,18 @@ async fn handle_batch(
     let mut durations = HashMap::new();
     let mut failures = Vec::new();
     let mut expired = Vec::new();
+    // The task of each message, for the ones that name one.
+    let mut task_of = Vec::with_capacity(batch.len());
     for m in batch {
-        match serde_json::from_slice::<Event>(&m.payload) {
+        let event = serde_json::from_slice::<Event>(&m.payload);
+        task_of.push(match &event {
+            Ok(Event::Succeeded(e)) => Some(e.task_id.clone()),
+            Ok(Event::Failed(e)) => Some(e.task_id.clone()),
+            Ok(Event::TimedOut(e)) => Some(e.task_id.clone()),
+            Ok(Event::Expired(e)) => Some(e.task_id.clone()),
+            _ => None,
+        });
+        match event {
             Ok(Event::Succeeded(e)) => {
                 durations.insert(
                     e.task_id.clone(),
@@ -262,6 +272,20 @@ async fn handle_batch(
             b.latency_sum_ms += *ms as f64;
         }
     }
+    // Outcomes of tasks with no row at all wait for it (below).
+    let unrecorded: Vec<String> = task_of
+        .iter()
+        .flatten()
+        .filter(|id| !done.contains_key(*id) && !failed.iter().any(|f| &f.id == *id))
+        .cloned()
+        .collect::<HashSet<_>>()
+        .into_iter()
+        .collect();
+    let found = store::existing(&ctx.db, &unrecorded).await?;
+    let missing: HashSet<&String> = unrecorded
+        .iter()
+        .filter(|id| !found.contains(*id))
+        .collect();
     let recorded: std::collections::HashSet<&str> = failed.iter().map(|f| f.id.as_str()).collect();
     for (pool, f) in &failures {
         if let (Some(agent), true) = (&f.agent, recorded.contains(f.id.as_str())) {
@@ -285,8 +309,39 @@ async fn handle_batch(
     crate::fairness::promote(ctx, fair).await;
     // A `closed` event not stored stays due in the outbox (re-sent by the maintenance pass).
     confirm_terminal(ctx, terminal).await;
-    futures::future::join_all(batch.iter().map(|m| m.ack())).await;
+    futures::future::join_all(batch.iter().zip(&task_of).map(|(m, id)| async {
+        match id.as_ref().filter(|id| missing.contains(id)) {
+            None => {
+                let _ = m.ack().await;
+            }
+            Some(id) => wait_for_row(ctx, m, id).await,
+        }
+    }))
+    .await;
     Ok(())
+}
+
+/// How long an outcome waits for its task's row: deliveries, [`ROW_WAIT_DELAY`] apart. Longer
+/// than the work stream's duplicate window, after which a lost admission could not be redone
+/// under the same work message id anyway.
+const ROW_WAITS: i64 = 75;
+const ROW_WAIT_DELAY: Duration = Duration::from_secs(2);
+
+/// An outcome for a task with no row. Admission publishes a task's work as soon as its row is
+/// written and makes the row durable afterwards (see `crate::flush`); if PostgreSQL crashed in
+/// between, the row is gone until the submit message is redelivered and admitted again. So the
+/// outcome is handed back to be recorded then; one whose task never shows up (a publisher
+/// inventing task ids) is dropped, loudly, after about two and a half minutes.
+async fn wait_for_row(ctx: &Ctx, m: &async_nats::jetstream::Message, id: &str) {
+    let delivered = m.info().map(|i| i.delivered).unwrap_or(i64::MAX);
+    if delivered < ROW_WAITS {
+        debug!(task_id = %id, delivered, "outcome for a task with no row yet; waiting for it");
+        let _ = m.ack_with(AckKind::Nak(Some(ROW_WAIT_DELAY))).await;
+    } else {
+        warn!(task_id = %id, subject = %m.subject, "outcome for a task that has no row dropped");
+        ctx.metrics.error("outcome_unknown_task");
+        let _ = m.ack().await;
+    }
 }
 
 fn count(ctx: &Ctx, outcome: &str, n: usize) {

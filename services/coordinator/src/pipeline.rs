@@ -2,10 +2,16 @@
 //! few batches overlap (while one waits for its commit, the next is written); a batch that
 //! shares a task id with one in progress first waits for every batch in progress, so two
 //! messages about one task are still handled in the order they were delivered.
+//!
+//! A batch may also give up its place early ([`Slot::release`]): admission does once its rows
+//! are written and its work is published, while it still waits for the WAL flush and the
+//! publish acks before acking (see `crate::flush`). Only batches that hold their place count
+//! against the depth.
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
-
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
@@ -25,7 +31,33 @@ pub(crate) enum Next<T> {
 pub(crate) struct Pipeline<'a> {
     running: FuturesUnordered<BoxFuture<'a, (u64, bool)>>,
     ids: HashMap<u64, HashSet<String>>,
+    /// Whether each batch in progress gave up its place.
+    released: HashMap<u64, Arc<AtomicBool>>,
+    places: Arc<Places>,
     next: u64,
+}
+
+/// Batches in progress that gave up their place, and a wake-up for the loop waiting for one.
+#[derive(Default)]
+struct Places {
+    released: AtomicUsize,
+    freed: tokio::sync::Notify,
+}
+
+/// A batch's place among the `depth` batches in progress.
+pub(crate) struct Slot {
+    flag: Arc<AtomicBool>,
+    places: Arc<Places>,
+}
+
+impl Slot {
+    /// Let the next batch start although this one goes on.
+    pub(crate) fn release(&self) {
+        if !self.flag.swap(true, Ordering::SeqCst) {
+            self.places.released.fetch_add(1, Ordering::SeqCst);
+            self.places.freed.notify_one();
+        }
+    }
 }
 
 impl<'a> Pipeline<'a> {
@@ -33,13 +65,15 @@ impl<'a> Pipeline<'a> {
         Self {
             running: FuturesUnordered::new(),
             ids: HashMap::new(),
+            released: HashMap::new(),
+            places: Arc::default(),
             next: 0,
         }
     }
 
-    /// Batches in progress.
+    /// Batches in progress that hold their place.
     pub(crate) fn len(&self) -> usize {
-        self.running.len()
+        self.running.len() - self.places.released.load(Ordering::SeqCst)
     }
 
     pub(crate) fn is_empty(&self) -> bool {
@@ -50,21 +84,32 @@ impl<'a> Pipeline<'a> {
     pub(crate) async fn finished(&mut self) -> Option<bool> {
         let (n, ok) = self.running.next().await?;
         self.ids.remove(&n);
+        if let Some(flag) = self.released.remove(&n) {
+            if flag.load(Ordering::SeqCst) {
+                self.places.released.fetch_sub(1, Ordering::SeqCst);
+            }
+        }
         Some(ok)
     }
 
-    /// Start `batch` (resolving to whether it succeeded), which touches the tasks `ids`.
-    pub(crate) async fn start(
-        &mut self,
-        ids: HashSet<String>,
-        batch: impl Future<Output = bool> + Send + 'a,
-    ) {
+    /// Start the batch `start` makes (resolving to whether it succeeded), which touches the
+    /// tasks `ids`; it is given its place, to release early if it can.
+    pub(crate) async fn start<F>(&mut self, ids: HashSet<String>, start: impl FnOnce(Slot) -> F)
+    where
+        F: Future<Output = bool> + Send + 'a,
+    {
         if self.ids.values().any(|other| !other.is_disjoint(&ids)) {
             self.drain().await;
         }
         let n = self.next;
         self.next += 1;
         self.ids.insert(n, ids);
+        let flag = Arc::new(AtomicBool::new(false));
+        self.released.insert(n, flag.clone());
+        let batch = start(Slot {
+            flag,
+            places: self.places.clone(),
+        });
         self.running.push(Box::pin(async move { (n, batch.await) }));
     }
 
@@ -78,6 +123,7 @@ impl<'a> Pipeline<'a> {
         shutdown: &CancellationToken,
     ) -> Next<S::Item> {
         loop {
+            let places = self.places.clone();
             tokio::select! {
                 _ = shutdown.cancelled() => {
                     self.drain().await;
@@ -91,6 +137,7 @@ impl<'a> Pipeline<'a> {
                 c = chunks.next(), if self.len() < depth => {
                     return c.map_or(Next::Ended, Next::Chunk);
                 }
+                _ = places.freed.notified(), if self.len() >= depth => {}
             }
         }
     }

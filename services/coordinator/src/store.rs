@@ -11,6 +11,7 @@
 //! 0.1 ms by key.
 
 use std::collections::{HashMap, HashSet};
+use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use sqlx::{PgPool, Row};
@@ -42,7 +43,11 @@ pub struct NewTask {
 /// Insert admitted tasks; returns the ids that were new. An id whose only record is a
 /// rejection is taken over (a producer may fix a refused message and send it again).
 /// `rows` must not repeat an id.
-pub async fn insert_admitted(db: &PgPool, rows: &[NewTask]) -> DbResult<HashSet<String>> {
+pub async fn insert_admitted(
+    db: &PgPool,
+    rows: &[NewTask],
+    seen: &mut Incarnations,
+) -> DbResult<HashSet<String>> {
     if rows.is_empty() {
         return Ok(HashSet::new());
     }
@@ -76,7 +81,7 @@ pub async fn insert_admitted(db: &PgPool, rows: &[NewTask]) -> DbResult<HashSet<
              fair_key = EXCLUDED.fair_key,
              finished_at = NULL, created_at = now(), updated_at = now()
          WHERE coordinator.tasks.status = 'rejected'
-         RETURNING task_id",
+         RETURNING task_id, (SELECT token FROM coordinator.incarnation WHERE id = 1)",
     )
     .bind(&ids)
     .bind(&pools)
@@ -93,10 +98,7 @@ pub async fn insert_admitted(db: &PgPool, rows: &[NewTask]) -> DbResult<HashSet<
     .bind(&fair_keys)
     .fetch_all(db)
     .await?;
-    Ok(inserted
-        .into_iter()
-        .map(|r| r.get::<String, _>(0))
-        .collect())
+    Ok(seen.ids(inserted))
 }
 
 /// What is recorded of these tasks: `(submit_seq, status, reason, reason_message)` by id, to
@@ -105,20 +107,148 @@ pub async fn insert_admitted(db: &PgPool, rows: &[NewTask]) -> DbResult<HashSet<
 pub async fn recorded(
     db: &PgPool,
     ids: &[String],
+    seen: &mut Incarnations,
 ) -> DbResult<HashMap<String, (Option<i64>, String, Option<String>, Option<String>)>> {
     if ids.is_empty() {
         return Ok(HashMap::new());
     }
     let rows = sqlx::query(
-        "SELECT task_id, submit_seq, status, reason, reason_message FROM coordinator.tasks WHERE task_id = ANY($1)",
+        "SELECT task_id, submit_seq, status, reason, reason_message,
+                (SELECT token FROM coordinator.incarnation WHERE id = 1)
+         FROM coordinator.tasks WHERE task_id = ANY($1)",
     )
     .bind(ids)
     .fetch_all(db)
     .await?;
     Ok(rows
         .into_iter()
-        .map(|r| (r.get(0), (r.get(1), r.get(2), r.get(3), r.get(4))))
+        .map(|r| {
+            seen.saw(r.get(5));
+            (r.get(0), (r.get(1), r.get(2), r.get(3), r.get(4)))
+        })
         .collect())
+}
+
+/// The incarnations of the PostgreSQL server that a batch's statements saw: the token in the
+/// unlogged table `coordinator.incarnation`, which a crash empties (PostgreSQL truncates
+/// unlogged tables in crash recovery) and the next [`flush_wal`] fills with a new random one.
+/// Rows seen under the token a flush started and ended with are covered by that flush; rows
+/// seen under another token, or none, may have been lost in a crash.
+#[derive(Debug, Default)]
+pub struct Incarnations(Vec<Option<String>>);
+
+impl Incarnations {
+    fn saw(&mut self, token: Option<String>) {
+        self.0.push(token);
+    }
+
+    /// The ids (column 0) of rows that carry the token in column 1.
+    fn ids(&mut self, rows: Vec<sqlx::postgres::PgRow>) -> HashSet<String> {
+        rows.into_iter()
+            .map(|r| {
+                self.saw(r.get(1));
+                r.get(0)
+            })
+            .collect()
+    }
+
+    /// Whether every row seen was seen under `token`.
+    pub fn all_under(&self, token: &str) -> bool {
+        self.0.iter().all(|t| t.as_deref() == Some(token))
+    }
+}
+
+/// Give the server an incarnation token unless it has one (at start, and after a crash).
+pub async fn start_incarnation(db: &PgPool) -> DbResult<()> {
+    sqlx::query(
+        "INSERT INTO coordinator.incarnation VALUES (1, gen_random_uuid()::text)
+         ON CONFLICT (id) DO NOTHING",
+    )
+    .execute(db)
+    .await?;
+    Ok(())
+}
+
+/// Why [`flush_wal`] cannot vouch for earlier writes.
+#[derive(Debug, thiserror::Error)]
+pub enum FlushError {
+    #[error("database: {0}")]
+    Db(#[from] sqlx::Error),
+    #[error("PostgreSQL restarted after a crash since these rows were written; they may be lost")]
+    Restarted,
+}
+
+/// Return once the WAL is on disk past every commit made before this call, with the token of
+/// the server incarnation that holds them (see `crate::flush` and [`Incarnations`]).
+///
+/// PostgreSQL flushes the WAL anyway: every synchronous commit (the outcome writes, other
+/// services) flushes all WAL before it, and the WAL writer flushes what asynchronous commits
+/// leave at least every `wal_writer_delay` (200 ms by default). So this notes where the WAL
+/// ends now and watches the flushed position catch up, which costs no disk flush of its own;
+/// after `force_after` it forces one (a synchronous commit that writes WAL: PostgreSQL skips
+/// the flush for a transaction that wrote none).
+pub async fn flush_wal(
+    db: &PgPool,
+    poll: Duration,
+    force_after: Duration,
+) -> Result<String, FlushError> {
+    let (target, token): (String, Option<String>) = sqlx::query_as(
+        "SELECT pg_current_wal_insert_lsn()::text,
+                (SELECT token FROM coordinator.incarnation WHERE id = 1)",
+    )
+    .fetch_one(db)
+    .await?;
+    let Some(token) = token else {
+        // First use, or the first since a crash: start a new incarnation. Whatever was
+        // written before it cannot be vouched for.
+        start_incarnation(db).await?;
+        return Err(FlushError::Restarted);
+    };
+    let give_up = tokio::time::Instant::now() + force_after;
+    loop {
+        let (flushed, same): (bool, bool) = sqlx::query_as(
+            "SELECT pg_current_wal_flush_lsn() >= $1::text::pg_lsn,
+                    EXISTS (SELECT 1 FROM coordinator.incarnation WHERE id = 1 AND token = $2)",
+        )
+        .bind(&target)
+        .bind(&token)
+        .fetch_one(db)
+        .await?;
+        if !same {
+            return Err(FlushError::Restarted);
+        }
+        if flushed {
+            return Ok(token);
+        }
+        if tokio::time::Instant::now() >= give_up {
+            break;
+        }
+        tokio::time::sleep(poll).await;
+    }
+    let same: bool = sqlx::query_scalar(
+        "UPDATE coordinator.wal_barrier SET n = n + 1 WHERE id = 1
+         RETURNING EXISTS (SELECT 1 FROM coordinator.incarnation WHERE id = 1 AND token = $1)",
+    )
+    .bind(&token)
+    .fetch_one(db)
+    .await?;
+    if same {
+        Ok(token)
+    } else {
+        Err(FlushError::Restarted)
+    }
+}
+
+/// Which of these task ids have a row.
+pub async fn existing(db: &PgPool, ids: &[String]) -> DbResult<HashSet<String>> {
+    if ids.is_empty() {
+        return Ok(HashSet::new());
+    }
+    let rows = sqlx::query("SELECT task_id FROM coordinator.tasks WHERE task_id = ANY($1)")
+        .bind(ids)
+        .fetch_all(db)
+        .await?;
+    Ok(rows.into_iter().map(|r| r.get(0)).collect())
 }
 
 /// A refused message about to be recorded.
@@ -132,7 +262,11 @@ pub struct NewRejection {
 }
 
 /// Insert rejections; returns the ids that were new.
-pub async fn insert_rejected(db: &PgPool, rows: &[NewRejection]) -> DbResult<HashSet<String>> {
+pub async fn insert_rejected(
+    db: &PgPool,
+    rows: &[NewRejection],
+    seen: &mut Incarnations,
+) -> DbResult<HashSet<String>> {
     if rows.is_empty() {
         return Ok(HashSet::new());
     }
@@ -147,7 +281,7 @@ pub async fn insert_rejected(db: &PgPool, rows: &[NewRejection]) -> DbResult<Has
          SELECT t.id, t.pool, 'rejected', 0, 0, t.reason, t.msg, t.seq, now()
          FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::int8[]) AS t(id, pool, reason, msg, seq)
          ON CONFLICT (task_id) DO NOTHING
-         RETURNING task_id",
+         RETURNING task_id, (SELECT token FROM coordinator.incarnation WHERE id = 1)",
     )
     .bind(&ids)
     .bind(&pools)
@@ -156,10 +290,7 @@ pub async fn insert_rejected(db: &PgPool, rows: &[NewRejection]) -> DbResult<Has
     .bind(&seqs)
     .fetch_all(db)
     .await?;
-    Ok(inserted
-        .into_iter()
-        .map(|r| r.get::<String, _>(0))
-        .collect())
+    Ok(seen.ids(inserted))
 }
 
 /// `started` for `(id, attempt, agent, at)`: queued → running for that attempt only.

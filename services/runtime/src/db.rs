@@ -33,17 +33,40 @@ pub enum Plans {
     Cached,
 }
 
+/// When a commit on the pool's connections returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Commit {
+    /// Once the commit's WAL is flushed to disk (`synchronous_commit = on`). The default.
+    Flushed,
+    /// As soon as the transaction is visible, before its WAL is on disk (`synchronous_commit =
+    /// off`): a PostgreSQL crash can lose the last commits. Only for writes whose caller makes
+    /// them durable itself before it relies on them, with a synchronous commit of its own on
+    /// another connection (WAL is flushed in order, so that flush covers every earlier commit).
+    /// The coordinator's admission does this: it starts a task's work as soon as the row is
+    /// written and acks the submit message only after such a flush.
+    Deferred,
+}
+
 /// Connect a pool of `max` connections whose statements are planned per execution.
 pub async fn connect(url: &str, max: u32) -> Result<PgPool, DbError> {
-    connect_with(url, max, Plans::PerExecution).await
+    connect_with(url, max, Plans::PerExecution, Commit::Flushed).await
 }
 
 /// Connect a pool of `max` connections.
-pub async fn connect_with(url: &str, max: u32, plans: Plans) -> Result<PgPool, DbError> {
+pub async fn connect_with(
+    url: &str,
+    max: u32,
+    plans: Plans,
+    commit: Commit,
+) -> Result<PgPool, DbError> {
     let opts: PgConnectOptions = url.parse().map_err(DbError::Url)?;
     let mode = match plans {
         Plans::PerExecution => "force_custom_plan",
         Plans::Cached => "force_generic_plan",
+    };
+    let synchronous_commit = match commit {
+        Commit::Flushed => "on",
+        Commit::Deferred => "off",
     };
     PgPoolOptions::new()
         .max_connections(max)
@@ -51,10 +74,10 @@ pub async fn connect_with(url: &str, max: u32, plans: Plans) -> Result<PgPool, D
         // No ping before every statement: a connection that broke shows up as that
         // statement's error, and every caller already retries a failed batch.
         .test_before_acquire(false)
-        .connect_with(
-            opts.application_name("taskbus")
-                .options([("plan_cache_mode", mode)]),
-        )
+        .connect_with(opts.application_name("taskbus").options([
+            ("plan_cache_mode", mode),
+            ("synchronous_commit", synchronous_commit),
+        ]))
         .await
         .map_err(DbError::Connect)
 }

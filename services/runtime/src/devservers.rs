@@ -248,7 +248,8 @@ pub fn find_pg_bin() -> Option<PathBuf> {
 /// A private PostgreSQL cluster (trust auth, loopback only) in a temp dir.
 pub struct PgServer {
     child: Option<Child>,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
+    bin: PathBuf,
     port: u16,
 }
 
@@ -311,12 +312,32 @@ impl PgServer {
             });
         }
         let port = free_port()?;
-        let child = pg_command(&bin.join("postgres"))?
+        let mut s = Self {
+            child: None,
+            dir,
+            bin,
+            port,
+        };
+        s.launch().await?;
+        Ok(s)
+    }
+
+    /// Start `postgres` on this cluster and wait until it accepts connections.
+    async fn launch(&mut self) -> Result<(), DevServerError> {
+        let child = pg_command(&self.bin.join("postgres"))?
             .arg("-D")
-            .arg(&data)
-            .args(["-p", &port.to_string(), "-c", "listen_addresses=127.0.0.1"])
+            .arg(self.dir.path().join("data"))
+            .args([
+                "-p",
+                &self.port.to_string(),
+                "-c",
+                "listen_addresses=127.0.0.1",
+            ])
             .arg("-c")
-            .arg(format!("unix_socket_directories={}", dir.path().display()))
+            .arg(format!(
+                "unix_socket_directories={}",
+                self.dir.path().display()
+            ))
             .args(["-c", "max_connections=200"])
             // A fresh cluster has no WAL segments to recycle yet: each new 16 MB segment
             // would be zero-filled while every commit waits (20-30 ms stalls every few
@@ -327,20 +348,16 @@ impl PgServer {
             .stderr(Stdio::null())
             .kill_on_drop(true)
             .spawn()?;
-        let s = Self {
-            child: Some(child),
-            _dir: dir,
-            port,
-        };
+        self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if sqlx::postgres::PgPoolOptions::new()
                 .max_connections(1)
-                .connect(&s.url())
+                .connect(&self.url())
                 .await
                 .is_ok()
             {
-                return Ok(s);
+                return Ok(());
             }
             if Instant::now() > deadline {
                 return Err(DevServerError::Timeout {
@@ -351,6 +368,22 @@ impl PgServer {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+
+    /// Crash the server (an immediate shutdown: no checkpoint, and what is only in its shared
+    /// memory, such as WAL not yet written, is lost) and start it again on the same data and
+    /// port, which runs crash recovery. For tests of what survives a database crash.
+    pub async fn crash_and_restart(&mut self) -> Result<(), DevServerError> {
+        if let Some(mut c) = self.child.take() {
+            if let Some(pid) = c.id() {
+                // SAFETY: plain kill(2) on our own child's pid.
+                unsafe {
+                    libc::kill(pid as i32, libc::SIGQUIT);
+                }
+            }
+            c.wait().await?;
+        }
+        self.launch().await
     }
 
     /// `postgres://postgres@127.0.0.1:<port>/postgres`
