@@ -45,8 +45,9 @@ struct Args {
     #[arg(long, env = "TASKBUS_BATCH_SIZE", default_value_t = 500,
           value_parser = clap::value_parser!(u32).range(1..=10_000))]
     batch_size: u32,
-    /// Admission batches in progress at once: while one waits for its commit and publish
-    /// acks the next is written. 1 = strictly one after the other. Admission opens this many
+    /// Admission batches writing at once: while one waits for its INSERT and work publishes
+    /// the next is validated and written (a batch waiting only for the WAL flush and its acks
+    /// does not count). 1 = strictly one after the other. Admission opens this many
     /// PostgreSQL connections of its own, besides the coordinator's other 8.
     #[arg(long, env = "TASKBUS_ADMISSION_PIPELINE", default_value_t = 3,
           value_parser = clap::value_parser!(u32).range(1..=16))]
