@@ -427,10 +427,33 @@ async fn coordinator_and_ledger_killed_settle_every_task_exactly_once() {
     canceller.await.unwrap();
 
     // 1. Every task reaches one terminal state; nothing is invented.
-    eventually("every task terminal", Duration::from_secs(120), || async {
-        (terminal_count().await >= tasks as i64).then_some(())
+    let settled = tokio::time::timeout(Duration::from_secs(120), async {
+        while terminal_count().await < tasks as i64 {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
     })
     .await;
+    if settled.is_err() {
+        // Say which tasks are stuck, and where.
+        let by_status: Vec<(String, i64)> =
+            sqlx::query_as("SELECT status, count(*) FROM coordinator.tasks GROUP BY 1 ORDER BY 1")
+                .fetch_all(&s.pg)
+                .await
+                .unwrap_or_default();
+        let stuck: Vec<(String, String, i32, Option<String>)> = sqlx::query_as(
+            "SELECT task_id, status, attempt, agent_id FROM coordinator.tasks
+             WHERE status NOT IN ('succeeded', 'dead', 'cancelled', 'rejected', 'expired')
+             ORDER BY task_id LIMIT 20",
+        )
+        .fetch_all(&s.pg)
+        .await
+        .unwrap_or_default();
+        panic!(
+            "not every one of {tasks} tasks is terminal after 120 s: {by_status:?}; \
+             not terminal (first 20): {stuck:?}; child logs in {}",
+            logs.display()
+        );
+    }
     let rows = sqlx::query(
         "SELECT task_id, status, attempt, agent_id, reason, pool FROM coordinator.tasks",
     )

@@ -523,16 +523,8 @@ async fn coordinator_killed_mid_load_loses_nothing() {
 #[tokio::test]
 async fn database_connections_dropped_mid_load_lose_nothing() {
     let s = Stack::new(30_000).await;
-    let (_c, _ct) = s.coordinator().await;
-    let (_a, _at, runs) = echo_agent(&s, "db-drop-agent", 64);
-    const N: usize = 2000;
-    let producer = produce(&s, "D", N, 200, Duration::from_millis(50));
     let mut dropped = 0i64;
-    for at_least in [200, 800] {
-        eventually("some progress", T, || async {
-            (s.count("succeeded").await > at_least).then_some(())
-        })
-        .await;
+    disrupted_twice_under_load(&s, "D", async || {
         // Every connection the services hold on this database, closed server-side.
         let n: i64 = sqlx::query_scalar(
             "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity
@@ -542,10 +534,31 @@ async fn database_connections_dropped_mid_load_lose_nothing() {
         .await
         .unwrap();
         dropped += n;
-    }
+    })
+    .await;
     assert!(dropped > 0, "the coordinator held connections to close");
+}
+
+/// A coordinator and an agent run 2,000 echo tasks `<prefix><i>` while `disrupt` runs after
+/// 200 and again after 800 have succeeded; then every task must have succeeded and run once.
+async fn disrupted_twice_under_load(
+    s: &Stack,
+    prefix: &'static str,
+    mut disrupt: impl AsyncFnMut(),
+) {
+    let (_c, _ct) = s.coordinator().await;
+    let (_a, _at, runs) = echo_agent(s, &format!("{prefix}-agent"), 64);
+    const N: usize = 2000;
+    let producer = produce(s, prefix, N, 200, Duration::from_millis(50));
+    for at_least in [200, 800] {
+        eventually("some progress", T, || async {
+            (s.count("succeeded").await > at_least).then_some(())
+        })
+        .await;
+        disrupt().await;
+    }
     producer.await.unwrap();
-    all_succeeded_none_invented(&s, N).await;
+    all_succeeded_none_invented(s, N).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(runs.load(Ordering::Relaxed), N as u64, "each task ran once");
 }
@@ -559,21 +572,10 @@ async fn database_connections_dropped_mid_load_lose_nothing() {
 async fn postgres_crash_mid_load_loses_nothing_and_runs_each_task_once() {
     let mut pg = PgServer::start().await.expect("start a private PostgreSQL");
     let s = Stack::on_database(30_000, TestDb::new_on(&pg.url()).await).await;
-    let (_c, _ct) = s.coordinator().await;
-    let (_a, _at, runs) = echo_agent(&s, "pg-crash-agent", 64);
-    const N: usize = 2000;
-    let producer = produce(&s, "P", N, 200, Duration::from_millis(50));
-    for at_least in [200, 800] {
-        eventually("some progress", T, || async {
-            (s.count("succeeded").await > at_least).then_some(())
-        })
-        .await;
-        pg.crash_and_restart().await.expect("restart PostgreSQL");
-    }
-    producer.await.unwrap();
-    all_succeeded_none_invented(&s, N).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(runs.load(Ordering::Relaxed), N as u64, "each task ran once");
+    disrupted_twice_under_load(&s, "P", async || {
+        pg.crash_and_restart().await.expect("restart PostgreSQL")
+    })
+    .await;
 }
 
 /// What a crash that loses an admitted row leaves behind: the task's outcome is in the stream
