@@ -18,7 +18,11 @@
 //! disk flush per admission batch (about 900 a second), and the acks come 10–20 ms later.
 //!
 //! What a PostgreSQL crash can do now: the rows of batches whose flush had not completed are
-//! lost although their work was published. Their submit messages were not acked, so they are
+//! lost although their work was published. A flush that ends after the crash must not vouch
+//! for them, so every statement of a batch also reads the server's incarnation token, kept in
+//! an unlogged table that crash recovery empties (`crate::store::Incarnations`), and the batch
+//! is acked only if the flush began and ended under that same token. Otherwise the batch's
+//! submit messages are handed back: they are
 //! redelivered and admitted again under the same work message id, which JetStream drops as a
 //! duplicate within the work stream's duplicate window (2 minutes); the outcome consumer waits
 //! for the row of an outcome it cannot find ([`crate::outcomes`]). Only if PostgreSQL stays
