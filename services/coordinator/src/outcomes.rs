@@ -272,21 +272,21 @@ async fn handle_batch(
             b.latency_sum_ms += *ms as f64;
         }
     }
+    let recorded: std::collections::HashSet<&str> = failed.iter().map(|f| f.id.as_str()).collect();
     // Outcomes of tasks with no row at all wait for it (below).
     let unrecorded: Vec<String> = task_of
         .iter()
         .flatten()
-        .filter(|id| !done.contains_key(*id) && !failed.iter().any(|f| &f.id == *id))
+        .filter(|id| !done.contains_key(*id) && !recorded.contains(id.as_str()))
         .cloned()
         .collect::<HashSet<_>>()
         .into_iter()
         .collect();
-    let found = store::existing(&ctx.db, &unrecorded).await?;
+    let found = store::recorded(&ctx.db, &unrecorded, &mut Default::default()).await?;
     let missing: HashSet<&String> = unrecorded
         .iter()
-        .filter(|id| !found.contains(*id))
+        .filter(|id| !found.contains_key(*id))
         .collect();
-    let recorded: std::collections::HashSet<&str> = failed.iter().map(|f| f.id.as_str()).collect();
     for (pool, f) in &failures {
         if let (Some(agent), true) = (&f.agent, recorded.contains(f.id.as_str())) {
             let b = per_agent.entry(agent.clone()).or_default();

@@ -29,10 +29,9 @@ pub(crate) enum Next<T> {
 }
 
 pub(crate) struct Pipeline<'a> {
-    running: FuturesUnordered<BoxFuture<'a, (u64, bool)>>,
+    /// Each batch resolves to its number, whether it succeeded and whether it gave up its place.
+    running: FuturesUnordered<BoxFuture<'a, (u64, bool, bool)>>,
     ids: HashMap<u64, HashSet<String>>,
-    /// Whether each batch in progress gave up its place.
-    released: HashMap<u64, Arc<AtomicBool>>,
     places: Arc<Places>,
     next: u64,
 }
@@ -65,7 +64,6 @@ impl<'a> Pipeline<'a> {
         Self {
             running: FuturesUnordered::new(),
             ids: HashMap::new(),
-            released: HashMap::new(),
             places: Arc::default(),
             next: 0,
         }
@@ -82,12 +80,10 @@ impl<'a> Pipeline<'a> {
 
     /// Wait for the next batch to finish: whether it succeeded, or `None` when none is running.
     pub(crate) async fn finished(&mut self) -> Option<bool> {
-        let (n, ok) = self.running.next().await?;
+        let (n, ok, released) = self.running.next().await?;
         self.ids.remove(&n);
-        if let Some(flag) = self.released.remove(&n) {
-            if flag.load(Ordering::SeqCst) {
-                self.places.released.fetch_sub(1, Ordering::SeqCst);
-            }
+        if released {
+            self.places.released.fetch_sub(1, Ordering::SeqCst);
         }
         Some(ok)
     }
@@ -105,12 +101,14 @@ impl<'a> Pipeline<'a> {
         self.next += 1;
         self.ids.insert(n, ids);
         let flag = Arc::new(AtomicBool::new(false));
-        self.released.insert(n, flag.clone());
         let batch = start(Slot {
-            flag,
+            flag: flag.clone(),
             places: self.places.clone(),
         });
-        self.running.push(Box::pin(async move { (n, batch.await) }));
+        self.running.push(Box::pin(async move {
+            let ok = batch.await;
+            (n, ok, flag.load(Ordering::SeqCst))
+        }));
     }
 
     /// Wait for the next chunk of `chunks` while fewer than `depth` batches are in progress,

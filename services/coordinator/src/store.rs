@@ -239,18 +239,6 @@ pub async fn flush_wal(
     }
 }
 
-/// Which of these task ids have a row.
-pub async fn existing(db: &PgPool, ids: &[String]) -> DbResult<HashSet<String>> {
-    if ids.is_empty() {
-        return Ok(HashSet::new());
-    }
-    let rows = sqlx::query("SELECT task_id FROM coordinator.tasks WHERE task_id = ANY($1)")
-        .bind(ids)
-        .fetch_all(db)
-        .await?;
-    Ok(rows.into_iter().map(|r| r.get(0)).collect())
-}
-
 /// A refused message about to be recorded.
 #[derive(Debug, Clone)]
 pub struct NewRejection {
