@@ -6,6 +6,7 @@ use std::time::Duration;
 use async_nats::jetstream::{consumer, stream};
 
 use crate::envelope::Priority;
+use crate::events::EventKind;
 use crate::subjects::Subjects;
 
 /// Knobs for the streams; defaults suit a single node. Replicas > 1 needs a JetStream cluster.
@@ -64,11 +65,20 @@ pub fn work_stream(s: &Subjects, o: &StreamOptions) -> stream::Config {
 }
 
 /// `TASKBUS_EVENTS`: durable task events, kept for `events_max_age`.
+///
+/// The stream lists one subject per durable event kind rather than `taskbus.events.>`: a stream
+/// stores every message published on its subjects, core NATS publishes included, so a catch-all
+/// would store each informational event (`admitted`, `queued`, `started`, `progress`) too — one
+/// more file-store write per task for an event nothing recovers from.
 pub fn events_stream(s: &Subjects, o: &StreamOptions) -> stream::Config {
     stream::Config {
         name: s.events_stream(),
         description: Some("taskbus: durable task events".into()),
-        subjects: vec![s.events_all()],
+        subjects: EventKind::ALL
+            .into_iter()
+            .filter(|k| k.is_durable())
+            .map(|k| s.event_kind_all(k))
+            .collect(),
         retention: stream::RetentionPolicy::Limits,
         storage: o.storage,
         num_replicas: o.replicas,
@@ -94,7 +104,7 @@ pub fn submit_consumer() -> consumer::pull::Config {
 
 /// The coordinator's durable consumer of outcome events.
 pub fn outcome_consumer(s: &Subjects) -> consumer::pull::Config {
-    use crate::events::EventKind::*;
+    use EventKind::*;
     consumer::pull::Config {
         durable_name: Some("coordinator-outcomes".into()),
         description: Some("taskbus coordinator outcome recording".into()),

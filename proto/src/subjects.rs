@@ -135,10 +135,6 @@ impl Subjects {
     pub fn task_events(&self, pool: &str, task_id: &str) -> String {
         format!("{}.events.{pool}.{task_id}.>", self.prefix)
     }
-    /// `taskbus.events.>`
-    pub fn events_all(&self) -> String {
-        format!("{}.events.>", self.prefix)
-    }
     /// Parse `taskbus.events.<pool>.<task_id>.<event>` into its three tokens.
     pub fn parse_event<'a>(&self, subject: &'a str) -> Option<(&'a str, &'a str, &'a str)> {
         let rest = subject

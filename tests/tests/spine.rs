@@ -4,7 +4,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 use serde_json::json;
 use taskbus_agent::{Agent, AgentConfig, CancellationToken, TaskContext, TaskError};
 use taskbus_tests::stack::Stack;
@@ -114,6 +114,17 @@ async fn happy_path_with_events() {
         seen.push(m.subject.rsplit('.').next().unwrap().to_string());
     }
     assert_eq!(seen, ["admitted", "started", "succeeded"]);
+    // Only the durable one is stored: the informational events travel on core NATS alone.
+    let stream = s.js.get_stream(s.subjects.events_stream()).await.unwrap();
+    let stored: Vec<String> = stream
+        .info_with_subjects("taskbus.events.default.t-happy.>")
+        .await
+        .unwrap()
+        .map_ok(|(subject, _count)| subject)
+        .try_collect()
+        .await
+        .unwrap();
+    assert_eq!(stored, ["taskbus.events.default.t-happy.succeeded"]);
 }
 
 #[tokio::test]
