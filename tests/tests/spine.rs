@@ -128,6 +128,35 @@ async fn happy_path_with_events() {
 }
 
 #[tokio::test]
+async fn an_events_stream_that_stored_every_event_is_narrowed_on_start() {
+    let s = Stack::new(30_000).await;
+    // The events stream as releases before the sixth session set it up: one catch-all subject.
+    let mut old = taskbus_proto::streams::events_stream(&s.subjects, &Default::default());
+    old.subjects = vec!["taskbus.events.>".into()];
+    s.js.update_stream(old).await.unwrap();
+    let (_coord, _ct) = s.coordinator().await;
+    let mut stream = s.js.get_stream(s.subjects.events_stream()).await.unwrap();
+    let subjects = stream.info().await.unwrap().config.subjects.clone();
+    assert!(subjects.contains(&"taskbus.events.*.*.succeeded".to_string()));
+    assert!(!subjects
+        .iter()
+        .any(|x| x.ends_with(".>") || x.ends_with(".started")));
+    // A `started` on core NATS is no longer stored; a `succeeded` still is.
+    let before = stream.info().await.unwrap().state.messages;
+    s.client
+        .publish("taskbus.events.default.t-old.started", "{}".into())
+        .await
+        .unwrap();
+    s.client.flush().await.unwrap();
+    s.js.publish("taskbus.events.default.t-old.succeeded", "{}".into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    assert_eq!(stream.info().await.unwrap().state.messages, before + 1);
+}
+
+#[tokio::test]
 async fn every_rejection_reason_is_recorded() {
     let s = Stack::new(30_000).await;
     let (_coord, _ct) = s.coordinator().await;
