@@ -175,6 +175,32 @@ async fn deadline_expires_unstarted_tasks_and_they_never_run() {
 }
 
 #[tokio::test]
+async fn the_deadline_sweep_reads_only_the_tasks_that_may_expire() {
+    let s = Stack::new(30_000).await;
+    let (_c, _t) = s.coordinator().await; // runs the migrations
+                                          // With sequential scans priced out, the plan shows which index the sweep can use: the one
+                                          // that holds open tasks with a deadline, not an index of every open task.
+    let mut tx = s.pg.begin().await.unwrap();
+    sqlx::query("SET LOCAL enable_seqscan = off")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    let plan: Vec<String> = sqlx::query_scalar(&format!(
+        "EXPLAIN {}",
+        taskbus_coordinator::store::EXPIRE_OVERDUE_SQL
+    ))
+    .fetch_all(&mut *tx)
+    .await
+    .unwrap();
+    let plan = plan.join("\n");
+    assert!(
+        plan.contains("Index Scan using tasks_open_deadline")
+            || plan.contains("Bitmap Index Scan on tasks_open_deadline"),
+        "{plan}"
+    );
+}
+
+#[tokio::test]
 async fn overrunning_attempts_time_out_and_late_outcomes_change_nothing() {
     let s = Stack::new(30_000).await;
     s.set_pool(

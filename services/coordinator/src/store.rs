@@ -671,19 +671,20 @@ pub struct ExpiredTask {
     pub priced: bool,
 }
 
-/// Queued tasks whose deadline passed: `expired`.
+/// The deadline sweep. Its inner predicate is the one of the partial index `tasks_open_deadline`
+/// word for word, so the planner can read only the tasks that may expire (a test checks this).
+pub const EXPIRE_OVERDUE_SQL: &str =
+    "UPDATE coordinator.tasks SET status = 'expired', finished_at = now(), updated_at = now(), dispatch_at = NULL,
+            event_due = true
+     WHERE task_id IN (SELECT task_id FROM coordinator.tasks
+                       WHERE deadline IS NOT NULL AND status IN ('queued', 'admitted') AND deadline < now()
+                       ORDER BY task_id LIMIT 1000 FOR UPDATE SKIP LOCKED)
+       AND status IN ('queued', 'admitted')
+     RETURNING task_id, pool, deadline, attempt, payer IS NOT NULL";
+
+/// Queued (or fairness-held) tasks whose deadline passed: `expired`.
 pub async fn expire_overdue(db: &PgPool) -> DbResult<Vec<ExpiredTask>> {
-    let rows = sqlx::query(
-        "UPDATE coordinator.tasks SET status = 'expired', finished_at = now(), updated_at = now(), dispatch_at = NULL,
-                event_due = true
-         WHERE task_id IN (SELECT task_id FROM coordinator.tasks
-                           WHERE status IN ('queued', 'admitted') AND deadline IS NOT NULL AND deadline < now()
-                           ORDER BY task_id LIMIT 1000 FOR UPDATE SKIP LOCKED)
-           AND status IN ('queued', 'admitted')
-         RETURNING task_id, pool, deadline, attempt, payer IS NOT NULL",
-    )
-    .fetch_all(db)
-    .await?;
+    let rows = sqlx::query(EXPIRE_OVERDUE_SQL).fetch_all(db).await?;
     Ok(rows
         .into_iter()
         .map(|r| ExpiredTask {
