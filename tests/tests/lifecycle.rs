@@ -175,29 +175,33 @@ async fn deadline_expires_unstarted_tasks_and_they_never_run() {
 }
 
 #[tokio::test]
-async fn the_deadline_sweep_reads_only_the_tasks_that_may_expire() {
+async fn maintenance_queries_read_only_the_tasks_they_may_change() {
+    use taskbus_coordinator::store::{EXPIRE_OVERDUE_SQL, POOLS_WITH_HELD_SQL};
     let s = Stack::new(30_000).await;
     let (_c, _t) = s.coordinator().await; // runs the migrations
-                                          // With sequential scans priced out, the plan shows which index the sweep can use: the one
-                                          // that holds open tasks with a deadline, not an index of every open task.
-    let mut tx = s.pg.begin().await.unwrap();
-    sqlx::query("SET LOCAL enable_seqscan = off")
-        .execute(&mut *tx)
-        .await
-        .unwrap();
-    let plan: Vec<String> = sqlx::query_scalar(&format!(
-        "EXPLAIN {}",
-        taskbus_coordinator::store::EXPIRE_OVERDUE_SQL
-    ))
-    .fetch_all(&mut *tx)
-    .await
-    .unwrap();
-    let plan = plan.join("\n");
-    assert!(
-        plan.contains("Index Scan using tasks_open_deadline")
-            || plan.contains("Bitmap Index Scan on tasks_open_deadline"),
-        "{plan}"
-    );
+                                          // With sequential scans priced out, a plan shows which index a query can use. Before, the
+                                          // deadline sweep's and the held-pools query's predicates matched no index but the one of
+                                          // every open task, which each walked once a second.
+    for (sql, index) in [
+        (EXPIRE_OVERDUE_SQL, "tasks_open_deadline"),
+        (POOLS_WITH_HELD_SQL, "tasks_held"),
+    ] {
+        let mut tx = s.pg.begin().await.unwrap();
+        sqlx::query("SET LOCAL enable_seqscan = off")
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        let plan: Vec<String> = sqlx::query_scalar(&format!("EXPLAIN {sql}"))
+            .fetch_all(&mut *tx)
+            .await
+            .unwrap();
+        let plan = plan.join("\n");
+        assert!(
+            plan.contains(&format!("Scan using {index}"))
+                || plan.contains(&format!("Index Scan on {index}")),
+            "{sql}\n{plan}"
+        );
+    }
 }
 
 #[tokio::test]

@@ -987,11 +987,13 @@ pub async fn promote_fair(
     Ok(rows.into_iter().map(pending).collect())
 }
 
+/// Which pools hold tasks back; reads the partial index `tasks_held` (a test checks this).
+pub const POOLS_WITH_HELD_SQL: &str =
+    "SELECT DISTINCT pool FROM coordinator.tasks WHERE status = 'admitted'";
+
 /// Pools that have tasks held back by fairness.
 pub async fn pools_with_held(db: &PgPool) -> DbResult<Vec<String>> {
-    sqlx::query_scalar("SELECT DISTINCT pool FROM coordinator.tasks WHERE status = 'admitted'")
-        .fetch_all(db)
-        .await
+    sqlx::query_scalar(POOLS_WITH_HELD_SQL).fetch_all(db).await
 }
 
 /// Mark the terminal events of `ids` as stored by JetStream.
