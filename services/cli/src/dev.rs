@@ -185,6 +185,13 @@ async fn demo_load(
     }
 }
 
+/// How long to wait before counting the task table again, after a count that took `took`: once
+/// a second while counting is cheap, and never more than about 5 % of the time, so a status line
+/// against a large shared database does not keep a core of it busy.
+fn count_interval(took: Duration) -> Duration {
+    (took * 20).max(Duration::from_secs(1))
+}
+
 /// Prints tasks/s and per-pool backlog every second until shutdown.
 async fn status_line(
     js: &jetstream::Context,
@@ -197,22 +204,36 @@ async fn status_line(
     let mut last_done: Option<(i64, Instant)> = None;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut n = 0u64;
+    let mut counts = Vec::new();
+    let mut rate = 0.0;
+    let mut next_count = tokio::time::Instant::now();
     loop {
-        tokio::select! {
+        let tick_at = tokio::select! {
             _ = shutdown.cancelled() => return,
-            _ = tick.tick() => {}
-        }
+            at = tick.tick() => at,
+        };
         n += 1;
-        let counts = taskbus_coordinator::store::counts(db)
-            .await
-            .unwrap_or_default();
+        // The counts scan the whole task table: against a big shared database they are taken
+        // less often (see `count_interval`), and the line shows the latest ones meanwhile.
+        if tick_at >= next_count {
+            let t = Instant::now();
+            let fresh = taskbus_coordinator::store::counts(db).await;
+            next_count = tick_at + count_interval(t.elapsed());
+            if let Ok(fresh) = fresh {
+                counts = fresh;
+                let done = counts
+                    .iter()
+                    .filter(|c| c.1 == "succeeded")
+                    .map(|c| c.2)
+                    .sum::<i64>();
+                if let Some((d, at)) = last_done {
+                    rate = (done - d) as f64 / at.elapsed().as_secs_f64();
+                }
+                last_done = Some((done, Instant::now()));
+            }
+        }
         let total = |s: &str| counts.iter().filter(|c| c.1 == s).map(|c| c.2).sum::<i64>();
         let done = total("succeeded");
-        let rate = match last_done {
-            Some((d, t)) => (done - d) as f64 / t.elapsed().as_secs_f64(),
-            None => 0.0,
-        };
-        last_done = Some((done, Instant::now()));
         let mut pools: Vec<String> = counts.iter().map(|c| c.0.clone()).collect();
         pools.sort();
         pools.dedup();
@@ -261,5 +282,30 @@ async fn status_line(
         } else if n % 5 == 1 {
             eprintln!("{line}");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slow_counts_are_taken_less_often() {
+        assert_eq!(
+            count_interval(Duration::from_millis(3)),
+            Duration::from_secs(1)
+        );
+        assert_eq!(
+            count_interval(Duration::from_millis(50)),
+            Duration::from_secs(1)
+        );
+        assert_eq!(
+            count_interval(Duration::from_millis(150)),
+            Duration::from_secs(3)
+        );
+        assert_eq!(
+            count_interval(Duration::from_secs(2)),
+            Duration::from_secs(40)
+        );
     }
 }
