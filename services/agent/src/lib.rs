@@ -402,7 +402,7 @@ async fn wait_for_consumers(
 }
 
 async fn process<H: Handler>(shared: &Shared<H>, msg: jetstream::Message) {
-    let item: WorkItem = match serde_json::from_slice(&msg.payload) {
+    let mut item: WorkItem = match serde_json::from_slice(&msg.payload) {
         Ok(w) => w,
         Err(e) => {
             // Not something the coordinator wrote: it can never succeed, so take it off the queue.
@@ -459,11 +459,12 @@ async fn process<H: Handler>(shared: &Shared<H>, msg: jetstream::Message) {
     let ctx = TaskContext {
         task_id: task_id.clone(),
         pool: c.pool.clone(),
-        kind: item.task.kind.clone(),
+        // Moved, not copied: only `item.attempt` is read after this, and a payload can be large.
+        kind: std::mem::take(&mut item.task.kind),
         attempt: item.attempt,
         max_attempts: item.task.max_attempts.unwrap_or(1),
-        payload: item.task.payload.clone(),
-        labels: item.task.labels.clone().unwrap_or_default(),
+        payload: std::mem::take(&mut item.task.payload),
+        labels: item.task.labels.take().unwrap_or_default(),
         cancel: cancel.clone(),
     };
     let t0 = Instant::now();
