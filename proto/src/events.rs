@@ -52,6 +52,14 @@ impl EventKind {
         EventKind::Closed,
     ];
 
+    /// The outcomes of an attempt, which the coordinator records (its outcome consumer's filter).
+    pub const OUTCOMES: [EventKind; 4] = [
+        EventKind::Succeeded,
+        EventKind::Failed,
+        EventKind::TimedOut,
+        EventKind::Expired,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             EventKind::Admitted => "admitted",

@@ -104,7 +104,6 @@ pub fn submit_consumer() -> consumer::pull::Config {
 
 /// The coordinator's durable consumer of outcome events.
 pub fn outcome_consumer(s: &Subjects) -> consumer::pull::Config {
-    use EventKind::*;
     consumer::pull::Config {
         durable_name: Some("coordinator-outcomes".into()),
         description: Some("taskbus coordinator outcome recording".into()),
@@ -112,7 +111,7 @@ pub fn outcome_consumer(s: &Subjects) -> consumer::pull::Config {
         ack_wait: Duration::from_secs(30),
         max_ack_pending: 20_000,
         max_batch: 1000,
-        filter_subjects: [Succeeded, Failed, TimedOut, Expired]
+        filter_subjects: EventKind::OUTCOMES
             .into_iter()
             .map(|k| s.event_kind_all(k))
             .collect(),

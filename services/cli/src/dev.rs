@@ -192,6 +192,11 @@ fn count_interval(took: Duration) -> Duration {
     (took * 20).max(Duration::from_secs(1))
 }
 
+/// Tasks in `status`, over all pools, from `store::counts` rows `(pool, status, n)`.
+fn total(counts: &[(String, String, i64)], status: &str) -> i64 {
+    counts.iter().filter(|c| c.1 == status).map(|c| c.2).sum()
+}
+
 /// Prints tasks/s and per-pool backlog every second until shutdown.
 async fn status_line(
     js: &jetstream::Context,
@@ -221,19 +226,14 @@ async fn status_line(
             next_count = tick_at + count_interval(t.elapsed());
             if let Ok(fresh) = fresh {
                 counts = fresh;
-                let done = counts
-                    .iter()
-                    .filter(|c| c.1 == "succeeded")
-                    .map(|c| c.2)
-                    .sum::<i64>();
+                let done = total(&counts, "succeeded");
                 if let Some((d, at)) = last_done {
                     rate = (done - d) as f64 / at.elapsed().as_secs_f64();
                 }
                 last_done = Some((done, Instant::now()));
             }
         }
-        let total = |s: &str| counts.iter().filter(|c| c.1 == s).map(|c| c.2).sum::<i64>();
-        let done = total("succeeded");
+        let done = total(&counts, "succeeded");
         let mut pools: Vec<String> = counts.iter().map(|c| c.0.clone()).collect();
         pools.sort();
         pools.dedup();
@@ -272,8 +272,8 @@ async fn status_line(
             "{:>7.1} tasks/s | succeeded {} dead {} rejected {} | backlog {} | {DEMO_PAYER} {demo} USD",
             rate,
             done,
-            total("dead"),
-            total("rejected"),
+            total(&counts, "dead"),
+            total(&counts, "rejected"),
             if backlog.is_empty() { "-".into() } else { backlog.join(", ") }
         );
         if tty {

@@ -176,13 +176,13 @@ async fn handle_batch(
     let mut task_of = Vec::with_capacity(batch.len());
     for m in batch {
         let event = serde_json::from_slice::<Event>(&m.payload);
-        task_of.push(match &event {
-            Ok(Event::Succeeded(e)) => Some(e.task_id.clone()),
-            Ok(Event::Failed(e)) => Some(e.task_id.clone()),
-            Ok(Event::TimedOut(e)) => Some(e.task_id.clone()),
-            Ok(Event::Expired(e)) => Some(e.task_id.clone()),
-            _ => None,
-        });
+        task_of.push(
+            event
+                .as_ref()
+                .ok()
+                .filter(|e| EventKind::OUTCOMES.contains(&e.kind()))
+                .map(|e| e.task().1.to_string()),
+        );
         match event {
             Ok(Event::Succeeded(e)) => {
                 durations.insert(
