@@ -9,8 +9,9 @@
 //!   records them with guarded, batched updates (requeueing failed attempts while attempts
 //!   remain, else `dead`);
 //! - **started** tracking from the core-NATS `started` events (best effort, batched);
-//! - **maintenance**: deadlines (`expired`), overdue attempts (`timed_out`) and the dispatch
-//!   outbox (attempts whose work message was never confirmed are re-sent);
+//! - **maintenance**: deadlines (`expired`), overdue attempts (`timed_out`), the dispatch
+//!   outbox (attempts whose work message was never confirmed are re-sent) and, when a
+//!   [`retention`] is set, deleting the records of tasks finished long enough ago;
 //! - the agent **registry** (heartbeats) and reputation (EWMA per agent, published to KV);
 //! - the **API** ([`api`]): a NATS services-framework service (`taskbus-coordinator`) answering
 //!   `taskbus.api.task.get`, `tasks.list`, `task.cancel`, `dlq.replay` and `agents.list`.
@@ -29,6 +30,7 @@ pub mod outcomes;
 mod pipeline;
 pub mod pools;
 mod registry;
+pub mod retention;
 pub mod store;
 
 use std::net::SocketAddr;
@@ -62,6 +64,8 @@ pub struct Config {
     pub http_listen: Option<SocketAddr>,
     /// Publish the informational `admitted` event on core NATS.
     pub publish_admitted: bool,
+    /// How long finished tasks keep their record (default: forever); see [`retention`].
+    pub retention: retention::Retention,
 }
 
 impl Config {
@@ -78,6 +82,7 @@ impl Config {
             db_max_connections: 8,
             http_listen: None,
             publish_admitted: true,
+            retention: retention::Retention::default(),
         }
     }
 }
@@ -101,6 +106,8 @@ pub enum CoordinatorError {
     Pools(String),
     #[error("database: {0}")]
     Sql(#[from] sqlx::Error),
+    #[error("configuration: {0}")]
+    Config(String),
 }
 
 impl CoordinatorError {
@@ -127,6 +134,7 @@ pub(crate) struct Ctx {
     pub batch_size: usize,
     pub admission_pipeline: usize,
     pub publish_admitted: bool,
+    pub retention: retention::Retention,
     /// How far the outcome consumer has got (the `started` writer waits for it).
     pub(crate) outcome_progress: outcomes::Progress,
     /// `started` events waiting to be written.
@@ -156,6 +164,16 @@ pub async fn start(
     config: Config,
     shutdown: CancellationToken,
 ) -> Result<Running, CoordinatorError> {
+    if let Some(keep) = config.retention.shortest() {
+        if keep < config.streams.duplicate_window {
+            return Err(CoordinatorError::Config(format!(
+                "a retention of {:?} is shorter than JetStream's duplicate window of {:?}: a task \
+                 submitted again after its record was deleted could have its work message \
+                 dropped as a duplicate; keep records at least that long",
+                keep, config.streams.duplicate_window
+            )));
+        }
+    }
     let subjects = Subjects::new(&config.prefix);
     let client = taskbus_runtime::nats::connect(&config.nats_url, "taskbus-coordinator").await?;
     let js = jetstream::new(client.clone());
@@ -197,6 +215,7 @@ pub async fn start(
         batch_size: config.batch_size.max(1),
         admission_pipeline: config.admission_pipeline.max(1),
         publish_admitted: config.publish_admitted,
+        retention: config.retention,
         outcome_progress: outcomes::Progress::default(),
         pending_starts: outcomes::PendingStarts::default(),
     });

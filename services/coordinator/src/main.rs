@@ -1,4 +1,5 @@
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use clap::Parser;
 use taskbus_runtime::telemetry::{self, LogFormat};
@@ -52,6 +53,19 @@ struct Args {
     #[arg(long, env = "TASKBUS_ADMISSION_PIPELINE", default_value_t = 3,
           value_parser = clap::value_parser!(u32).range(1..=16))]
     admission_pipeline: u32,
+    /// Delete the records of succeeded, cancelled, expired and rejected tasks this long after
+    /// they finished, e.g. 30d, 36h, 90min (at least 10min). Left out, records are kept
+    /// forever. A task id whose record was deleted is admitted and run again if it is submitted
+    /// again (a priced task is refused by the ledger instead): keep records longer than
+    /// producers may resend.
+    #[arg(long, env = "TASKBUS_FINISHED_RETENTION", value_name = "DURATION",
+          value_parser = taskbus_coordinator::retention::parse_retention)]
+    finished_retention: Option<Duration>,
+    /// Delete dead tasks (the dead-letter queue) this long after they died, e.g. 90d. Left
+    /// out, they stay until replayed. A deleted dead task can no longer be replayed.
+    #[arg(long, env = "TASKBUS_DEAD_RETENTION", value_name = "DURATION",
+          value_parser = taskbus_coordinator::retention::parse_retention)]
+    dead_retention: Option<Duration>,
     /// Log format.
     #[arg(long, env = "TASKBUS_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -69,6 +83,8 @@ async fn main() -> anyhow::Result<()> {
     config.limits.max_message_bytes = args.max_message_bytes;
     config.batch_size = args.batch_size as usize;
     config.admission_pipeline = args.admission_pipeline as usize;
+    config.retention.finished = args.finished_retention;
+    config.retention.dead = args.dead_retention;
     let shutdown = CancellationToken::new();
     let running = taskbus_coordinator::start(config, shutdown.clone()).await?;
     taskbus_runtime::cancel_on_signal(shutdown).await;

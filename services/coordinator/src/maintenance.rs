@@ -1,8 +1,9 @@
 //! Once a second: fold outcomes into reputation, expire queued tasks past their deadline, time
 //! out running attempts that overran (when their agent did not report it), promote tasks held
 //! by fairness limits, re-send attempts whose work message was never confirmed and terminal events
-//! (`dead`, `cancelled`, `expired`) a crash left unannounced. Safe on every replica at once:
-//! each step is one guarded UPDATE.
+//! (`dead`, `cancelled`, `expired`) a crash left unannounced, and delete the records whose
+//! retention ran out ([`crate::retention`]). Safe on every replica at once: each step is one
+//! guarded UPDATE or DELETE.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -104,7 +105,7 @@ pub(crate) async fn once(ctx: &Ctx) -> Result<(), sqlx::Error> {
             warn!(error = %e, "maintenance event not acknowledged");
         }
     }
-    Ok(())
+    crate::retention::prune(ctx).await
 }
 
 /// Re-send the terminal events a crash left unannounced: the status was written (with its

@@ -16,6 +16,11 @@ pub struct OutcomeLabel {
     pub outcome: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StatusLabel {
+    pub status: String,
+}
+
 #[derive(Clone)]
 pub struct Metrics {
     pub admitted: Counter,
@@ -24,6 +29,7 @@ pub struct Metrics {
     pub outcomes: Family<OutcomeLabel, Counter>,
     pub batch_size: Histogram,
     pub errors: Family<OutcomeLabel, Counter>,
+    pub pruned: Family<StatusLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -35,6 +41,7 @@ impl Default for Metrics {
             outcomes: Family::default(),
             batch_size: Histogram::new(exponential_buckets(1.0, 2.0, 12)),
             errors: Family::default(),
+            pruned: Family::default(),
         }
     }
 }
@@ -63,6 +70,11 @@ impl Metrics {
             self.batch_size.clone(),
         );
         r.register("errors", "Transient errors, by stage", self.errors.clone());
+        r.register(
+            "tasks_pruned",
+            "Finished task records deleted by the retention settings, by status",
+            self.pruned.clone(),
+        );
     }
 
     pub fn error(&self, stage: &str) {

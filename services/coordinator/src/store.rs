@@ -1054,3 +1054,34 @@ pub async fn events_due(db: &PgPool, older_than_ms: i64) -> DbResult<Vec<DueEven
         })
         .collect())
 }
+
+/// Deletes the records of up to `$3` tasks whose status is one of `$2` and that finished before
+/// `$1`, oldest first. It walks `tasks_created` from the oldest task, so a pass with nothing to
+/// delete stops at the first task created after the cutoff, and deletes the rows it found by
+/// primary key (with `IN (subquery)` PostgreSQL hash-joined them against a scan of the whole
+/// table; a test checks both). Tasks
+/// whose terminal event is still due (the outbox) are kept until it is sent. Replicas running
+/// it at once skip each other's rows.
+pub const PRUNE_SQL: &str = "DELETE FROM coordinator.tasks t
+     WHERE t.task_id = ANY (ARRAY(SELECT task_id FROM coordinator.tasks
+                         WHERE created_at < $1 AND status = ANY($2::text[]) AND NOT event_due
+                           AND COALESCE(finished_at, updated_at) < $1
+                         ORDER BY created_at LIMIT $3 FOR UPDATE SKIP LOCKED))
+       AND t.status = ANY($2::text[]) AND NOT t.event_due
+     RETURNING t.status";
+
+/// Delete up to `limit` finished task records (see [`PRUNE_SQL`]); returns the status of each
+/// deleted task.
+pub async fn prune(
+    db: &PgPool,
+    statuses: &[&str],
+    finished_before: DateTime<Utc>,
+    limit: i64,
+) -> DbResult<Vec<String>> {
+    sqlx::query_scalar(PRUNE_SQL)
+        .bind(finished_before)
+        .bind(statuses)
+        .bind(limit)
+        .fetch_all(db)
+        .await
+}
