@@ -345,6 +345,12 @@ async fn finished_records_are_deleted_after_their_retention_and_open_ones_kept()
         s.task("again").await.is_none().then_some(())
     })
     .await;
+    let v = api(&s, "task.get", json!({"id": "again"})).await;
+    assert_eq!(v["error"]["code"], 404, "{v}");
+    assert!(
+        v["error"]["error"].as_str().unwrap().contains("retention"),
+        "{v}"
+    );
     s.submit("default", json!({"kind": "x", "id": "again"}))
         .await;
     s.wait_status("again", "succeeded", T).await;

@@ -104,6 +104,21 @@ fn reply<T: Serialize>(r: Result<T, ApiError>) -> Bytes {
     taskbus_proto::api::reply_body(r).into()
 }
 
+/// 404 for an unknown id; with a retention set, the record may also have been deleted.
+fn not_found(ctx: &Ctx, id: &str) -> ApiError {
+    if ctx.retention.shortest().is_some() {
+        bad(
+            404,
+            format!(
+                "no task with id {id:?}: it was never admitted, or it finished longer ago than \
+                 the coordinator's retention and its record was deleted"
+            ),
+        )
+    } else {
+        bad(404, format!("no task with id {id:?}"))
+    }
+}
+
 async fn handle_get(ctx: &Ctx, payload: &[u8]) -> Bytes {
     let r = async {
         let req: TaskGet = parse(payload)?;
@@ -115,7 +130,7 @@ async fn handle_get(ctx: &Ctx, payload: &[u8]) -> Bytes {
         }
         match store::get(&ctx.db, &req.id).await {
             Ok(Some(t)) => Ok(t),
-            Ok(None) => Err(bad(404, format!("no task with id {:?}", req.id))),
+            Ok(None) => Err(not_found(ctx, &req.id)),
             Err(e) => Err(bad(500, format!("database error: {e}"))),
         }
     }
@@ -208,7 +223,7 @@ async fn handle_cancel(ctx: &Ctx, payload: &[u8]) -> Bytes {
                 // `cancelled` that never reached JetStream.
                 Err(bad(409, format!("task {} is already {status}", req.id)))
             }
-            CancelOutcome::NotFound => Err(bad(404, format!("no task with id {:?}", req.id))),
+            CancelOutcome::NotFound => Err(not_found(ctx, &req.id)),
         }
     }
     .await;
