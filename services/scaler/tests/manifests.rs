@@ -3,103 +3,24 @@
 //! metric names served by the external metrics API, ports matching between Deployment, Service,
 //! APIService and KEDA's scalerAddress).
 
-mod common;
+#[path = "../../../tests/manifest_checks.rs"]
+mod manifest_checks;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
+use manifest_checks::{assert_none, docs, get, kind_of, kustomization_problems, s};
 use serde_yaml::Value;
 use taskbus_scaler::extapi;
 
 fn root() -> PathBuf {
-    common::manifest_dir().join("../../deploy")
-}
-
-/// Every document of every YAML file in `dir`, with its file name.
-fn docs(dir: &Path) -> Vec<(String, Value)> {
-    let mut out = Vec::new();
-    let mut files: Vec<_> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .collect();
-    files.sort();
-    for f in files {
-        if f.extension().and_then(|e| e.to_str()) != Some("yaml") {
-            continue;
-        }
-        let text = std::fs::read_to_string(&f).unwrap();
-        for d in serde_yaml::Deserializer::from_str(&text) {
-            let v = Value::deserialize(d).unwrap_or_else(|e| panic!("{}: {e}", f.display()));
-            if !v.is_null() {
-                out.push((f.file_name().unwrap().to_string_lossy().into_owned(), v));
-            }
-        }
-    }
-    out
-}
-
-fn s<'a>(v: &'a Value, path: &str) -> &'a str {
-    get(v, path)
-        .as_str()
-        .unwrap_or_else(|| panic!("{path} is not a string in {v:?}"))
-}
-
-fn get<'a>(v: &'a Value, path: &str) -> &'a Value {
-    let mut cur = v;
-    for key in path.split('.') {
-        cur = match key.parse::<usize>() {
-            Ok(i) => &cur[i],
-            Err(_) => &cur[key],
-        };
-    }
-    cur
-}
-
-fn kind_of(v: &Value) -> String {
-    format!("{}/{}", s(v, "apiVersion"), s(v, "kind"))
+    manifest_checks::deploy_dir()
 }
 
 /// Each file is listed in its directory's kustomization (except the ones documented as
 /// alternatives), and every listed file exists.
 fn check_kustomization(dir: &Path, not_listed: &[&str]) {
-    let k: Value =
-        serde_yaml::from_str(&std::fs::read_to_string(dir.join("kustomization.yaml")).unwrap())
-            .unwrap();
-    let listed: Vec<&str> = get(&k, "resources")
-        .as_sequence()
-        .unwrap()
-        .iter()
-        .map(|r| r.as_str().unwrap())
-        .collect();
-    for r in &listed {
-        let p = dir.join(r);
-        assert!(
-            p.is_file() || p.join("kustomization.yaml").is_file(),
-            "{} lists missing {r}",
-            dir.display()
-        );
-    }
-    if let Some(patches) = get(&k, "patches").as_sequence() {
-        for p in patches {
-            assert!(
-                dir.join(s(p, "path")).is_file(),
-                "{}: patch {p:?}",
-                dir.display()
-            );
-        }
-    }
-    for e in std::fs::read_dir(dir).unwrap() {
-        let name = e.unwrap().file_name().to_string_lossy().into_owned();
-        if name.ends_with(".yaml") && name != "kustomization.yaml" {
-            assert_eq!(
-                listed.contains(&name.as_str()),
-                !not_listed.contains(&name.as_str()),
-                "{name} in {}",
-                dir.display()
-            );
-        }
-    }
+    assert_none(kustomization_problems(dir, not_listed));
 }
 
 #[test]
@@ -127,7 +48,7 @@ fn every_document_has_identity() {
         }
     }
     check_kustomization(&root().join("keda"), &["hpa-external.yaml"]);
-    check_kustomization(&root().join("scaler"), &[]);
+    check_kustomization(&root().join("scaler"), &["direct", "external-metrics"]);
     check_kustomization(&root().join("scaler/base"), &[]);
     check_kustomization(&root().join("scaler/external-metrics"), &["https.yaml"]);
     check_kustomization(&root().join("scaler/direct"), &["direct-mode.yaml"]);

@@ -1,0 +1,264 @@
+//! Offline checks of deploy/agents/ against the taskbus-agent binary (its `--help` decides which
+//! flags, variables and values the manifest may use), against the pools the coordinator's
+//! manifest creates, and against the scalers that resize it (deploy/keda/, the scaler's direct
+//! mode). Nothing here talks to a cluster.
+
+#[path = "../../../tests/manifest_checks.rs"]
+mod manifest_checks;
+
+use manifest_checks::*;
+use serde_yaml::Value;
+
+const BIN: &str = env!("CARGO_BIN_EXE_taskbus-agent");
+
+/// Seconds the pod must have after `--grace-seconds` to cancel, hand back and flush.
+const MIN_MARGIN_S: u64 = 5;
+
+fn objects(dir: &str) -> Vec<(String, Value)> {
+    docs(&deploy_dir().join(dir))
+}
+
+fn deployments(all: &[(String, Value)]) -> Vec<&Value> {
+    all.iter()
+        .filter(|(_, d)| text(d, "kind") == "Deployment")
+        .map(|(_, d)| d)
+        .collect()
+}
+
+/// The pools the coordinator's manifest creates (`--pools` or `TASKBUS_POOLS`).
+fn coordinator_pools() -> Vec<String> {
+    let all = objects("coordinator");
+    let c = get(deployments(&all)[0], "spec.template.spec.containers.0");
+    let arg = args_of(c).into_iter().find(|(f, _)| f == "--pools");
+    let pools = arg
+        .map(|(_, v)| v)
+        .or_else(|| env_of(c).get("TASKBUS_POOLS").cloned())
+        .expect("the coordinator's manifest names its pools");
+    pools.split(',').map(str::to_string).collect()
+}
+
+/// An agent Deployment as the scalers and the pool expect it: named `taskbus-agent-<pool>`,
+/// pods labelled with the pool, no fixed replica count, a kill deadline above the drain period,
+/// as many tasks at once as the pool's default target per replica.
+fn agent_problems(dep: &Value, help: &Help, pools: &[String]) -> Vec<String> {
+    let mut p = Vec::new();
+    let name = text(dep, "metadata.name");
+    let c = get(dep, "spec.template.spec.containers.0");
+    let pool = effective(c, help, "--pool").unwrap_or_default();
+    if name != format!("taskbus-agent-{pool}") {
+        p.push(format!(
+            "Deployment {name} serves pool {pool:?}: name it taskbus-agent-{pool}"
+        ));
+    }
+    if get(dep, "spec.template.metadata.labels")["taskbus.dev/pool"].as_str() != Some(&pool) {
+        p.push(format!(
+            "Deployment {name}: pods lack the label taskbus.dev/pool: {pool}"
+        ));
+    }
+    if !pools.contains(&pool) {
+        p.push(format!(
+            "Deployment {name}: pool {pool:?} is not created by the coordinator ({pools:?})"
+        ));
+    }
+    if !get(dep, "spec.replicas").is_null() {
+        p.push(format!(
+            "Deployment {name}: spec.replicas fights the autoscaler"
+        ));
+    }
+    let grace: Option<u64> = effective(c, help, "--grace-seconds").and_then(|g| g.parse().ok());
+    let kill = get(dep, "spec.template.spec.terminationGracePeriodSeconds").as_u64();
+    match (grace, kill) {
+        (Some(g), Some(k)) if k >= g + MIN_MARGIN_S => {}
+        _ => p.push(format!(
+            "Deployment {name}: terminationGracePeriodSeconds {kill:?} must exceed --grace-seconds {grace:?} by {MIN_MARGIN_S} s or more"
+        )),
+    }
+    let per_replica = taskbus_proto::PoolSettings::default().target_per_replica;
+    let concurrency = effective(c, help, "--concurrency").and_then(|n| n.parse::<u32>().ok());
+    if concurrency != Some(per_replica) {
+        p.push(format!(
+            "Deployment {name}: --concurrency {concurrency:?}, the scaler assumes the pool's target_per_replica ({per_replica})"
+        ));
+    }
+    p
+}
+
+/// Every ScaledObject (and HPA) for a pool the coordinator creates scales one of `agents` in
+/// the namespace KEDA's objects go to, and every agent Deployment is scaled by one.
+fn scaling_problems(
+    agents: &[(String, Value)],
+    keda: &[(String, Value)],
+    keda_namespace: &str,
+    pools: &[String],
+) -> Vec<String> {
+    let mut p = Vec::new();
+    let ours: Vec<(&str, &str)> = deployments(agents)
+        .iter()
+        .map(|d| (text(d, "metadata.name"), text(d, "metadata.namespace")))
+        .collect();
+    let mut targeted = Vec::new();
+    for (file, d) in keda {
+        let (target, namespace, pool) = match text(d, "kind") {
+            "ScaledObject" => {
+                let kind = text(d, "spec.scaleTargetRef.kind");
+                if !kind.is_empty() && kind != "Deployment" {
+                    continue;
+                }
+                let pool = text(get(d, "spec.triggers.0"), "metadata.pool");
+                // The kustomization puts it in keda_namespace unless the object names another.
+                let ns = Some(text(d, "metadata.namespace")).filter(|n| !n.is_empty());
+                (
+                    text(d, "spec.scaleTargetRef.name"),
+                    ns.unwrap_or(keda_namespace),
+                    pool,
+                )
+            }
+            "HorizontalPodAutoscaler" => (
+                text(d, "spec.scaleTargetRef.name"),
+                text(d, "metadata.namespace"),
+                get(
+                    d,
+                    "spec.metrics.0.external.metric.selector.matchLabels.pool",
+                )
+                .as_str()
+                .unwrap_or(""),
+            ),
+            _ => continue,
+        };
+        if !pools.iter().any(|q| q == pool) {
+            continue; // an example for a pool this tree does not set up (e.g. `cpu`)
+        }
+        if ours.contains(&(target, namespace)) {
+            targeted.push(target);
+        } else {
+            p.push(format!(
+                "{file}: {} {} scales Deployment {target} in {namespace}, which deploy/agents/ does not have ({ours:?})",
+                text(d, "kind"),
+                text(d, "metadata.name")
+            ));
+        }
+    }
+    for (name, _) in &ours {
+        if !targeted.contains(name) {
+            p.push(format!(
+                "Deployment {name}: no ScaledObject in deploy/keda/ scales it"
+            ));
+        }
+    }
+    p
+}
+
+fn keda_namespace() -> String {
+    let k = parse(
+        "kustomization.yaml",
+        &std::fs::read_to_string(deploy_dir().join("keda/kustomization.yaml")).unwrap(),
+    )
+    .unwrap();
+    s(&k[0], "namespace").to_string()
+}
+
+#[test]
+fn kustomization_lists_exactly_its_files() {
+    assert_none(kustomization_problems(&deploy_dir().join("agents"), &[]));
+    for (file, d) in objects("agents") {
+        assert!(!text(&d, "apiVersion").is_empty(), "{file}: apiVersion");
+    }
+}
+
+#[test]
+fn manifests_agree_with_the_binary_the_pools_and_the_scalers() {
+    let help = Help::of(BIN);
+    let all = objects("agents");
+    let ns = keda_namespace();
+    let deps = deployments(&all);
+    assert!(!deps.is_empty(), "an agent Deployment");
+    for dep in &deps {
+        let one: Vec<(String, Value)> = all
+            .iter()
+            .filter(|(_, d)| text(d, "kind") != "Deployment" || *d == **dep)
+            .cloned()
+            .collect();
+        assert_none(workload_problems(&one, "taskbus-agent", &help, &ns));
+        assert_none(agent_problems(dep, &help, &coordinator_pools()));
+    }
+    let mut keda = objects("keda");
+    assert_none(scaling_problems(&all, &keda, &ns, &coordinator_pools()));
+    // The pool `default` has its ScaledObject and its Deployment.
+    keda.retain(|(f, _)| f == "scaledobject-default.yaml");
+    assert_eq!(
+        s(&keda[0].1, "spec.scaleTargetRef.name"),
+        "taskbus-agent-default"
+    );
+    assert!(deps
+        .iter()
+        .any(|d| text(d, "metadata.name") == "taskbus-agent-default"));
+
+    // Direct mode looks for the same names in the same namespace.
+    let direct = objects("scaler/direct");
+    let patch = &direct
+        .iter()
+        .find(|(f, _)| f == "direct-mode.yaml")
+        .unwrap()
+        .1;
+    let env = env_of(get(patch, "spec.template.spec.containers.0"));
+    assert_eq!(env["TASKBUS_NAMESPACE"], ns);
+    for dep in &deps {
+        let pool = &get(dep, "spec.template.metadata.labels")["taskbus.dev/pool"];
+        assert_eq!(
+            format!(
+                "{}{}",
+                env["TASKBUS_DEPLOYMENT_PREFIX"],
+                pool.as_str().unwrap()
+            ),
+            text(dep, "metadata.name")
+        );
+    }
+}
+
+#[test]
+fn checks_report_a_broken_agent() {
+    let help = Help::of(BIN);
+    let mut all = objects("agents");
+    let dep = &mut all
+        .iter_mut()
+        .find(|(_, d)| text(d, "kind") == "Deployment")
+        .unwrap()
+        .1;
+    dep["metadata"]["name"] = "agents".into();
+    dep["spec"]["replicas"] = 3.into();
+    dep["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] = 27.into();
+    let c = &mut dep["spec"]["template"]["spec"]["containers"][0];
+    c["ports"] = parse("", "[{name: http, containerPort: 9464}]").unwrap()[0].clone();
+    for a in c["args"].as_sequence_mut().unwrap() {
+        match a.as_str().unwrap() {
+            "--handler=echo" => *a = "--handler=ech".into(),
+            "--concurrency=10" => *a = "--concurrency=4".into(),
+            "--pool=default" => *a = "--pool=gpu".into(),
+            _ => {}
+        }
+    }
+    let dep = deployments(&all)[0];
+    let mut problems = deployment_problems(dep, "taskbus-agent", &help);
+    problems.extend(agent_problems(dep, &help, &coordinator_pools()));
+    problems.extend(scaling_problems(
+        &all,
+        &objects("keda"),
+        &keda_namespace(),
+        &coordinator_pools(),
+    ));
+    assert_reported(
+        &problems,
+        &[
+            "--handler \"ech\" is not one of",
+            "serves no HTTP, yet ports or probes are declared",
+            "name it taskbus-agent-gpu",
+            "pods lack the label taskbus.dev/pool: gpu",
+            "pool \"gpu\" is not created by the coordinator",
+            "spec.replicas fights the autoscaler",
+            "terminationGracePeriodSeconds Some(27) must exceed --grace-seconds Some(25)",
+            "--concurrency Some(4)",
+            "scales Deployment taskbus-agent-default in taskbus-agents, which deploy/agents/ does not have",
+            "Deployment agents: no ScaledObject",
+        ],
+    );
+}
