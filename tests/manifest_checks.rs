@@ -56,6 +56,27 @@ pub fn docs(dir: &Path) -> Vec<(String, Value)> {
     out
 }
 
+/// The documents of `deploy/<name>/`.
+pub fn component(name: &str) -> Vec<(String, Value)> {
+    docs(&deploy_dir().join(name))
+}
+
+/// Every object of `kind` among `all`.
+pub fn of_kind<'a>(all: &'a [(String, Value)], kind: &str) -> Vec<&'a Value> {
+    all.iter()
+        .filter(|(_, d)| text(d, "kind") == kind)
+        .map(|(_, d)| d)
+        .collect()
+}
+
+/// The first object of `kind` among `all`; panics when there is none.
+pub fn one_of_kind<'a>(all: &'a [(String, Value)], kind: &str) -> &'a Value {
+    of_kind(all, kind)
+        .into_iter()
+        .next()
+        .unwrap_or_else(|| panic!("a {kind}"))
+}
+
 /// The value at a dotted path (`spec.template.spec.containers.0`); `Null` where absent.
 pub fn get<'a>(v: &'a Value, path: &str) -> &'a Value {
     path.split('.')
@@ -612,12 +633,7 @@ pub fn workload_problems(
     help: &Help,
     namespace: &str,
 ) -> Vec<String> {
-    let of = |kind: &str| -> Vec<&Value> {
-        all.iter()
-            .filter(|(_, d)| text(d, "kind") == kind)
-            .map(|(_, d)| d)
-            .collect()
-    };
+    let of = |kind: &str| of_kind(all, kind);
     let deps = of("Deployment");
     let [dep] = deps.as_slice() else {
         return vec![format!("{} Deployments, one expected", deps.len())];

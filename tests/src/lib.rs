@@ -10,6 +10,10 @@ use std::time::{Duration, Instant};
 
 pub use taskbus_runtime::devservers::{NatsCluster, NatsServer, PgServer};
 
+#[path = "../http_get.rs"]
+mod http;
+pub use http::http_get;
+
 /// Log to the test output when `TASKBUS_TEST_LOG` is set (e.g. `TASKBUS_TEST_LOG=debug`).
 pub fn init_logging() {
     if let Ok(level) = std::env::var("TASKBUS_TEST_LOG") {

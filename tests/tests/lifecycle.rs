@@ -231,18 +231,6 @@ async fn old_row(db: &mut sqlx::PgConnection, id: &str, status: &str, age_s: i64
     }
 }
 
-/// The coordinator's Prometheus text.
-async fn metrics_text(addr: std::net::SocketAddr) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    tcp.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
-        .await
-        .unwrap();
-    let mut out = String::new();
-    tcp.read_to_string(&mut out).await.unwrap();
-    out
-}
-
 #[tokio::test]
 async fn finished_records_are_deleted_after_their_retention_and_open_ones_kept() {
     use taskbus_coordinator::retention::Retention;
@@ -320,7 +308,7 @@ async fn finished_records_are_deleted_after_their_retention_and_open_ones_kept()
         s.task("late-finisher").await.is_none().then_some(())
     })
     .await;
-    let text = metrics_text(http).await;
+    let (_, text) = taskbus_tests::http_get(http, "/metrics").await;
     assert!(
         text.contains(r#"taskbus_coordinator_tasks_pruned_total{status="succeeded"} 3"#),
         "{text}"

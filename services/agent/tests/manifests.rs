@@ -14,21 +14,13 @@ const BIN: &str = env!("CARGO_BIN_EXE_taskbus-agent");
 /// Seconds the pod must have after `--grace-seconds` to cancel, hand back and flush.
 const MIN_MARGIN_S: u64 = 5;
 
-fn objects(dir: &str) -> Vec<(String, Value)> {
-    docs(&deploy_dir().join(dir))
-}
-
-fn deployments(all: &[(String, Value)]) -> Vec<&Value> {
-    all.iter()
-        .filter(|(_, d)| text(d, "kind") == "Deployment")
-        .map(|(_, d)| d)
-        .collect()
-}
-
 /// The pools the coordinator's manifest creates (`--pools` or `TASKBUS_POOLS`).
 fn coordinator_pools() -> Vec<String> {
-    let all = objects("coordinator");
-    let c = get(deployments(&all)[0], "spec.template.spec.containers.0");
+    let all = component("coordinator");
+    let c = get(
+        of_kind(&all, "Deployment")[0],
+        "spec.template.spec.containers.0",
+    );
     let arg = args_of(c).into_iter().find(|(f, _)| f == "--pools");
     let pools = arg
         .map(|(_, v)| v)
@@ -92,7 +84,7 @@ fn scaling_problems(
     pools: &[String],
 ) -> Vec<String> {
     let mut p = Vec::new();
-    let ours: Vec<(&str, &str)> = deployments(agents)
+    let ours: Vec<(&str, &str)> = of_kind(agents, "Deployment")
         .iter()
         .map(|d| (text(d, "metadata.name"), text(d, "metadata.namespace")))
         .collect();
@@ -160,7 +152,7 @@ fn keda_namespace() -> String {
 #[test]
 fn kustomization_lists_exactly_its_files() {
     assert_none(kustomization_problems(&deploy_dir().join("agents"), &[]));
-    for (file, d) in objects("agents") {
+    for (file, d) in component("agents") {
         assert!(!text(&d, "apiVersion").is_empty(), "{file}: apiVersion");
     }
 }
@@ -168,9 +160,9 @@ fn kustomization_lists_exactly_its_files() {
 #[test]
 fn manifests_agree_with_the_binary_the_pools_and_the_scalers() {
     let help = Help::of(BIN);
-    let all = objects("agents");
+    let all = component("agents");
     let ns = keda_namespace();
-    let deps = deployments(&all);
+    let deps = of_kind(&all, "Deployment");
     assert!(!deps.is_empty(), "an agent Deployment");
     for dep in &deps {
         let one: Vec<(String, Value)> = all
@@ -181,7 +173,7 @@ fn manifests_agree_with_the_binary_the_pools_and_the_scalers() {
         assert_none(workload_problems(&one, "taskbus-agent", &help, &ns));
         assert_none(agent_problems(dep, &help, &coordinator_pools()));
     }
-    let mut keda = objects("keda");
+    let mut keda = component("keda");
     assert_none(scaling_problems(&all, &keda, &ns, &coordinator_pools()));
     // The pool `default` has its ScaledObject and its Deployment.
     keda.retain(|(f, _)| f == "scaledobject-default.yaml");
@@ -194,7 +186,7 @@ fn manifests_agree_with_the_binary_the_pools_and_the_scalers() {
         .any(|d| text(d, "metadata.name") == "taskbus-agent-default"));
 
     // Direct mode looks for the same names in the same namespace.
-    let direct = objects("scaler/direct");
+    let direct = component("scaler/direct");
     let patch = &direct
         .iter()
         .find(|(f, _)| f == "direct-mode.yaml")
@@ -218,7 +210,7 @@ fn manifests_agree_with_the_binary_the_pools_and_the_scalers() {
 #[test]
 fn checks_report_a_broken_agent() {
     let help = Help::of(BIN);
-    let mut all = objects("agents");
+    let mut all = component("agents");
     let dep = &mut all
         .iter_mut()
         .find(|(_, d)| text(d, "kind") == "Deployment")
@@ -237,12 +229,12 @@ fn checks_report_a_broken_agent() {
             _ => {}
         }
     }
-    let dep = deployments(&all)[0];
+    let dep = of_kind(&all, "Deployment")[0];
     let mut problems = deployment_problems(dep, "taskbus-agent", &help);
     problems.extend(agent_problems(dep, &help, &coordinator_pools()));
     problems.extend(scaling_problems(
         &all,
-        &objects("keda"),
+        &component("keda"),
         &keda_namespace(),
         &coordinator_pools(),
     ));

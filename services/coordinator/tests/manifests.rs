@@ -14,13 +14,6 @@ fn dir() -> std::path::PathBuf {
     deploy_dir().join("coordinator")
 }
 
-fn deployment(all: &[(String, Value)]) -> &Value {
-    &all.iter()
-        .find(|(_, d)| text(d, "kind") == "Deployment")
-        .expect("a Deployment")
-        .1
-}
-
 #[test]
 fn kustomization_lists_exactly_its_files() {
     assert_none(kustomization_problems(&dir(), &[]));
@@ -42,16 +35,14 @@ fn manifests_agree_with_the_binary() {
         &help,
         "taskbus",
     ));
-    let dep = deployment(&all);
-    let pdb = &all
-        .iter()
-        .find(|(_, d)| text(d, "kind") == "PodDisruptionBudget")
-        .expect("a PodDisruptionBudget")
-        .1;
-    assert_none(availability_problems(dep, pdb));
+    let dep = one_of_kind(&all, "Deployment");
+    assert_none(availability_problems(
+        dep,
+        one_of_kind(&all, "PodDisruptionBudget"),
+    ));
     assert_none(database_secret_problems(dep));
     assert!(
-        all.iter().any(|(_, d)| text(d, "kind") == "Service"),
+        !of_kind(&all, "Service").is_empty(),
         "a Service for the metrics port"
     );
     // The pools it creates are pool names (the agents' test reads this list too).

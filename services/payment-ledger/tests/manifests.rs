@@ -10,17 +10,6 @@ use serde_yaml::Value;
 
 const BIN: &str = env!("CARGO_BIN_EXE_taskbus-ledger");
 
-fn objects(component: &str) -> Vec<(String, Value)> {
-    docs(&deploy_dir().join(component))
-}
-
-fn find<'a>(all: &'a [(String, Value)], kind: &str) -> &'a Value {
-    &all.iter()
-        .find(|(_, d)| text(d, "kind") == kind)
-        .unwrap_or_else(|| panic!("a {kind}"))
-        .1
-}
-
 /// Both services create and update the same streams (`--stream-replicas`), so the two
 /// Deployments must set the same value, explicitly, or they would undo each other's update.
 fn stream_replicas_problems(ledger: &Value, coordinator: &Value) -> Vec<String> {
@@ -42,7 +31,7 @@ fn stream_replicas_problems(ledger: &Value, coordinator: &Value) -> Vec<String> 
 #[test]
 fn kustomization_lists_exactly_its_files() {
     assert_none(kustomization_problems(&deploy_dir().join("ledger"), &[]));
-    for (file, d) in objects("ledger") {
+    for (file, d) in component("ledger") {
         assert!(!text(&d, "apiVersion").is_empty(), "{file}: apiVersion");
     }
 }
@@ -50,16 +39,16 @@ fn kustomization_lists_exactly_its_files() {
 #[test]
 fn manifests_agree_with_the_binary_and_the_coordinator() {
     let help = Help::of(BIN);
-    let all = objects("ledger");
+    let all = component("ledger");
     assert_none(workload_problems(&all, "taskbus-ledger", &help, "taskbus"));
-    let dep = find(&all, "Deployment");
+    let dep = one_of_kind(&all, "Deployment");
     assert_none(availability_problems(
         dep,
-        find(&all, "PodDisruptionBudget"),
+        one_of_kind(&all, "PodDisruptionBudget"),
     ));
     assert_none(database_secret_problems(dep));
-    let coordinator = objects("coordinator");
-    let coordinator = find(&coordinator, "Deployment");
+    let coordinator = component("coordinator");
+    let coordinator = one_of_kind(&coordinator, "Deployment");
     assert_none(stream_replicas_problems(dep, coordinator));
     // One database for both schemas: the same Secret.
     let secret = |d: &Value| {
@@ -74,8 +63,8 @@ fn manifests_agree_with_the_binary_and_the_coordinator() {
 #[test]
 fn checks_report_a_broken_ledger() {
     let help = Help::of(BIN);
-    let mut all = objects("ledger");
-    let coordinator = objects("coordinator");
+    let mut all = component("ledger");
+    let coordinator = component("coordinator");
     let dep = &mut all
         .iter_mut()
         .find(|(_, d)| text(d, "kind") == "Deployment")
@@ -100,20 +89,16 @@ fn checks_report_a_broken_ledger() {
         }
     }
     dep["spec"]["replicas"] = 1.into();
-    let dep = &all
-        .iter()
-        .find(|(_, d)| text(d, "kind") == "Deployment")
-        .unwrap()
-        .1;
+    let dep = one_of_kind(&all, "Deployment");
     let mut problems = deployment_problems(dep, "taskbus-ledger", &help);
     problems.extend(database_secret_problems(dep));
     problems.extend(stream_replicas_problems(
         dep,
-        find(&coordinator, "Deployment"),
+        one_of_kind(&coordinator, "Deployment"),
     ));
     problems.extend(availability_problems(
         dep,
-        find(&all, "PodDisruptionBudget"),
+        one_of_kind(&all, "PodDisruptionBudget"),
     ));
     assert_reported(
         &problems,
