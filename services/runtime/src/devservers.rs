@@ -64,6 +64,10 @@ pub struct NatsOptions {
     pub routes: Vec<String>,
     /// Fixed cluster port (needed so members can name each other up front).
     pub cluster_port: Option<u16>,
+    /// Text of a server configuration file (`-c`), for settings that have no command-line
+    /// flag, such as `authorization`, `accounts` or `tls` blocks. Written into the server's
+    /// temp dir; command-line flags still win where both set something.
+    pub config: Option<String>,
 }
 
 impl NatsServer {
@@ -76,6 +80,11 @@ impl NatsServer {
         let dir = tempfile::Builder::new().prefix("taskbus-nats-").tempdir()?;
         let mut args: Vec<String> = vec!["-a".into(), "127.0.0.1".into(), "-js".into()];
         args.extend(["-sd".into(), dir.path().join("js").display().to_string()]);
+        if let Some(text) = &opts.config {
+            let file = dir.path().join("nats.conf");
+            std::fs::write(&file, text)?;
+            args.extend(["-c".into(), file.display().to_string()]);
+        }
         if let Some(n) = &opts.name {
             args.extend(["-n".into(), n.clone()]);
         }
@@ -207,6 +216,7 @@ impl NatsCluster {
                     cluster_name: Some(cluster.clone()),
                     routes: routes.clone(),
                     cluster_port: Some(*port),
+                    config: None,
                 })
                 .await?,
             );
