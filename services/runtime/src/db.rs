@@ -10,8 +10,11 @@ use sqlx::PgPool;
 pub enum DbError {
     #[error("database URL is not valid: {0}")]
     Url(#[source] sqlx::Error),
-    #[error("cannot connect to PostgreSQL: {0}; check --database-url / TASKBUS_DATABASE_URL and that the server is up")]
-    Connect(#[source] sqlx::Error),
+    #[error("cannot connect to PostgreSQL: {source}; {}", connect_hint(.source))]
+    Connect {
+        #[source]
+        source: sqlx::Error,
+    },
     #[error("migrations failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
 }
@@ -79,7 +82,45 @@ pub async fn connect_with(
             ("synchronous_commit", synchronous_commit),
         ]))
         .await
-        .map_err(DbError::Connect)
+        .map_err(|source| DbError::Connect { source })
+}
+
+const TLS_FAILED: &str = "the TLS handshake failed: with `sslmode=verify-ca`/`verify-full` the \
+     server's certificate must chain to a CA in `sslrootcert=` or the system's CA store, and for \
+     `verify-full` name the URL's host; a client certificate goes in `sslcert=` and `sslkey=` \
+     (docs/DEPLOY.md, PostgreSQL over TLS)";
+
+/// What to check after a failed connection, by what failed.
+fn connect_hint(e: &sqlx::Error) -> &'static str {
+    let text = e.to_string();
+    match e {
+        sqlx::Error::Tls(_) if text.contains("does not support TLS") => {
+            "the server offers no TLS: drop `sslmode=require`/`verify-ca`/`verify-full` from the \
+             URL or turn on `ssl` in the server"
+        }
+        // rustls reports a failed handshake (a certificate it does not trust, an alert from
+        // the server) as an I/O error of kind `InvalidData` carrying its own error.
+        sqlx::Error::Tls(_) => TLS_FAILED,
+        sqlx::Error::Io(io) if io.kind() == std::io::ErrorKind::InvalidData => TLS_FAILED,
+        sqlx::Error::Database(d) => {
+            let m = d.message();
+            if m.contains("no encryption") || m.contains("SSL off") {
+                // pg_hba.conf has `hostssl` lines only (or rejects plain `host` connections).
+                "the server accepts only TLS connections: add `sslmode=require` to the URL, or \
+                 `sslmode=verify-full&sslrootcert=/path/to/ca.pem` to check its certificate too"
+            } else if m.contains("certificate") {
+                "the server wants a client certificate signed by a CA it trusts: add \
+                 `sslcert=/path/to/client.pem&sslkey=/path/to/client.key` to the URL"
+            } else {
+                "check --database-url / TASKBUS_DATABASE_URL"
+            }
+        }
+        sqlx::Error::Configuration(_) if text.contains("key") => {
+            "check `sslcert=` and `sslkey=`: both or neither, PEM certificates and a PEM private \
+             key (PKCS#8, SEC1 or PKCS#1)"
+        }
+        _ => "check --database-url / TASKBUS_DATABASE_URL and that the server is up",
+    }
 }
 
 /// Connect and run migrations (idempotent; safe from several replicas at once since sqlx

@@ -261,6 +261,34 @@ pub struct PgServer {
     dir: tempfile::TempDir,
     bin: PathBuf,
     port: u16,
+    /// Extra `-c name=value` settings (TLS), kept for restarts.
+    settings: Vec<String>,
+}
+
+/// Options for [`PgServer::start_with`].
+#[derive(Debug, Clone, Default)]
+pub struct PgOptions {
+    /// Turn TLS on (`ssl=on`).
+    pub tls: Option<PgTls>,
+}
+
+/// TLS for a private PostgreSQL. The files are copied into the server's temp dir (the key
+/// made `0600` and, when running as root, owned by `postgres`), so they may live anywhere and
+/// have any mode.
+#[derive(Debug, Clone)]
+pub struct PgTls {
+    /// The server's certificate chain (PEM).
+    pub cert: PathBuf,
+    /// Its private key (PEM).
+    pub key: PathBuf,
+    /// A CA (PEM) whose client certificates the server checks. With `require`, every TCP
+    /// connection must present one it signed (`clientcert=verify-ca`); without, a client may
+    /// present one or not.
+    pub client_ca: Option<PathBuf>,
+    /// Accept TCP connections over TLS only: `pg_hba.conf` allows `hostssl` from 127.0.0.1
+    /// and rejects plain `host` connections. (The server's Unix socket stays open with trust
+    /// auth; the harness uses it to see that the server is up.)
+    pub require: bool,
 }
 
 fn is_root() -> bool {
@@ -292,10 +320,20 @@ fn postgres_ids() -> Option<(u32, u32)> {
 }
 
 impl PgServer {
+    /// A plain (no TLS) server on a random port.
     pub async fn start() -> Result<Self, DevServerError> {
+        Self::start_with(PgOptions::default()).await
+    }
+
+    pub async fn start_with(opts: PgOptions) -> Result<Self, DevServerError> {
         let bin = find_pg_bin().ok_or(DevServerError::PostgresMissing)?;
         let dir = tempfile::Builder::new().prefix("taskbus-pg-").tempdir()?;
         let data = dir.path().join("data");
+        // Written before the chown below, which hands them to `postgres` with everything else.
+        let settings = match &opts.tls {
+            Some(tls) => tls_settings(dir.path(), tls)?,
+            None => Vec::new(),
+        };
         if is_root() {
             let st = Command::new("chown")
                 .args(["-R", "postgres:postgres"])
@@ -327,6 +365,7 @@ impl PgServer {
             dir,
             bin,
             port,
+            settings,
         };
         s.launch().await?;
         Ok(s)
@@ -353,21 +392,35 @@ impl PgServer {
             // would be zero-filled while every commit waits (20-30 ms stalls every few
             // seconds under load). A long-running server recycles its segments instead.
             .args(["-c", "wal_init_zero=off"])
+            .args(self.settings.iter().flat_map(|s| ["-c", s.as_str()]))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .kill_on_drop(true)
             .spawn()?;
         self.child = Some(child);
+        // Wait on the Unix socket: trust auth and no TLS there whatever the TCP side demands
+        // (TLS only, or a client certificate the harness does not have). Both listeners are
+        // open before the server accepts its first connection.
+        let ready = sqlx::postgres::PgConnectOptions::new_without_pgpass()
+            .socket(self.dir.path())
+            .port(self.port)
+            .username("postgres")
+            .database("postgres")
+            .ssl_mode(sqlx::postgres::PgSslMode::Disable);
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            if sqlx::postgres::PgPoolOptions::new()
-                .max_connections(1)
-                .connect(&self.url())
-                .await
-                .is_ok()
-            {
+            if let Ok(c) = sqlx::ConnectOptions::connect(&ready).await {
+                let _ = sqlx::Connection::close(c).await;
                 return Ok(());
+            }
+            if let Some(c) = self.child.as_mut() {
+                if let Ok(Some(status)) = c.try_wait() {
+                    return Err(DevServerError::Failed {
+                        what: "PostgreSQL",
+                        detail: format!("exited with {status} (settings: {:?})", self.settings),
+                    });
+                }
             }
             if Instant::now() > deadline {
                 return Err(DevServerError::Timeout {
@@ -400,6 +453,64 @@ impl PgServer {
     pub fn url(&self) -> String {
         format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
     }
+
+    /// [`url`](Self::url) with `sslmode=require`: TLS without checking the server's
+    /// certificate, which is what a TLS-only server started with [`PgTls`] needs at least.
+    pub fn tls_url(&self) -> String {
+        format!("{}?sslmode=require", self.url())
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+}
+
+/// Copy the TLS files of `tls` into `dir`, write its `pg_hba.conf` when TLS is required, and
+/// return the server settings that use them.
+fn tls_settings(dir: &Path, tls: &PgTls) -> Result<Vec<String>, DevServerError> {
+    use std::os::unix::fs::PermissionsExt;
+    let copy = |from: &Path, name: &str| -> Result<PathBuf, DevServerError> {
+        let to = dir.join(name);
+        std::fs::copy(from, &to).map_err(|e| DevServerError::Failed {
+            what: "PostgreSQL TLS setup",
+            detail: format!("cannot copy {}: {e}", from.display()),
+        })?;
+        Ok(to)
+    };
+    let cert = copy(&tls.cert, "server.crt")?;
+    let key = copy(&tls.key, "server.key")?;
+    // PostgreSQL refuses a key that its group or others may read (git keeps no modes); the
+    // chown to `postgres` when running as root follows in `start_with`.
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600))?;
+    let mut settings = vec![
+        "ssl=on".to_string(),
+        format!("ssl_cert_file={}", cert.display()),
+        format!("ssl_key_file={}", key.display()),
+    ];
+    if let Some(ca) = &tls.client_ca {
+        let ca = copy(ca, "client-ca.crt")?;
+        settings.push(format!("ssl_ca_file={}", ca.display()));
+    }
+    if tls.require {
+        let clientcert = if tls.client_ca.is_some() {
+            " clientcert=verify-ca"
+        } else {
+            ""
+        };
+        let hba = dir.join("pg_hba.conf");
+        std::fs::write(
+            &hba,
+            format!(
+                "# TLS only over TCP (written by taskbus devservers)\n\
+                 local   all all                trust\n\
+                 hostssl all all 127.0.0.1/32   trust{clientcert}\n\
+                 host    all all 0.0.0.0/0      reject\n\
+                 host    all all ::/0           reject\n"
+            ),
+        )?;
+        settings.push(format!("hba_file={}", hba.display()));
+    }
+    Ok(settings)
 }
 
 impl Drop for PgServer {
