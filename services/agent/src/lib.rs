@@ -54,6 +54,8 @@ pub use taskbus_runtime::CancellationToken;
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
     pub nats_url: String,
+    /// NATS credentials and TLS settings.
+    pub nats_auth: taskbus_runtime::nats::NatsAuth,
     pub prefix: String,
     pub pool: String,
     /// Unique per agent process (appears in events and ledger account names).
@@ -73,6 +75,7 @@ impl AgentConfig {
     pub fn new(nats_url: impl Into<String>, pool: impl Into<String>) -> Self {
         Self {
             nats_url: nats_url.into(),
+            nats_auth: Default::default(),
             prefix: taskbus_proto::subjects::DEFAULT_PREFIX.into(),
             pool: pool.into(),
             agent_id: default_agent_id(),
@@ -297,9 +300,12 @@ impl<H: Handler> Agent<H> {
             return Err(AgentError::Config("concurrency must be at least 1".into()));
         }
         let subjects = Subjects::new(&c.prefix);
-        let client =
-            taskbus_runtime::nats::connect(&c.nats_url, &format!("taskbus-agent {}", c.agent_id))
-                .await?;
+        let client = taskbus_runtime::nats::connect(
+            &c.nats_url,
+            &c.nats_auth,
+            &format!("taskbus-agent {}", c.agent_id),
+        )
+        .await?;
         let js = jetstream::new(client.clone());
         let Some(bands) = wait_for_consumers(&js, &subjects, &c.pool, &shutdown).await else {
             return Ok(());

@@ -26,6 +26,8 @@ struct Args {
         default_value = "nats://127.0.0.1:4222"
     )]
     nats_url: String,
+    #[command(flatten)]
+    nats_auth: taskbus_runtime::nats::NatsAuth,
     /// Subject prefix.
     #[arg(long, env = "TASKBUS_PREFIX", default_value = "taskbus")]
     prefix: String,
@@ -47,6 +49,7 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     telemetry::init(args.log_format, "info");
     let mut config = AgentConfig::new(args.nats_url, args.pool);
+    config.nats_auth = args.nats_auth;
     config.prefix = args.prefix;
     if let Some(id) = args.agent_id {
         config.agent_id = id;

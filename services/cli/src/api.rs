@@ -6,17 +6,24 @@ use anyhow::{anyhow, bail, Context};
 use serde::de::DeserializeOwned;
 use taskbus_proto::api::{Reply, TaskGet, TaskList, TaskRecord};
 use taskbus_proto::Subjects;
+use taskbus_runtime::nats::{redact_url, NatsAuth, NatsError};
 
-pub async fn connect(url: &str) -> anyhow::Result<async_nats::Client> {
-    let addrs =
-        taskbus_runtime::nats::server_addrs(url).map_err(|e| anyhow::anyhow!("--nats-url: {e}"))?;
-    async_nats::ConnectOptions::new()
+pub async fn connect(url: &str, auth: &NatsAuth) -> anyhow::Result<async_nats::Client> {
+    let opts = async_nats::ConnectOptions::new()
         .name("taskbus-cli")
         .connection_timeout(Duration::from_secs(3))
-        .request_timeout(Some(Duration::from_secs(10)))
-        .connect(addrs.as_slice())
+        .request_timeout(Some(Duration::from_secs(10)));
+    taskbus_runtime::nats::connect_with(url, auth, opts)
         .await
-        .with_context(|| format!("cannot reach NATS at {url}; start one with `taskbus dev` or pass --nats-url / TASKBUS_NATS_URL"))
+        .map_err(|e| match e {
+            NatsError::Url(..) => anyhow!("--nats-url: {e}"),
+            NatsError::Connect { ref source, .. } if e.unreachable() => anyhow!(
+                "cannot reach NATS at {}: {source}; start one with `taskbus dev` or pass \
+                 --nats-url / TASKBUS_NATS_URL",
+                redact_url(url)
+            ),
+            e => e.into(),
+        })
 }
 
 /// Send a request to `<prefix>.api.<endpoint>` and unwrap the `{"ok"|"error"}` reply.

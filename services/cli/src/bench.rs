@@ -11,7 +11,10 @@ use futures::StreamExt;
 use indicatif::{ProgressBar, ProgressStyle};
 use taskbus_agent::{Agent, AgentConfig, TaskContext, TaskError};
 use taskbus_proto::Subjects;
+use taskbus_runtime::nats::{redact_url, NatsAuth};
 use taskbus_runtime::{CancellationToken, TaskTracker};
+
+use crate::local::Local;
 
 #[derive(clap::Args, Debug)]
 pub struct BenchArgs {
@@ -68,7 +71,12 @@ struct Figures {
 const WINDOW: usize = 4000;
 
 /// `nats_url`: the server to use when the user named one (default: start a private one).
-pub async fn run(args: BenchArgs, nats_url: Option<String>, prefix: &str) -> anyhow::Result<()> {
+pub async fn run(
+    args: BenchArgs,
+    nats_url: Option<String>,
+    nats_auth: &NatsAuth,
+    prefix: &str,
+) -> anyhow::Result<()> {
     if args.tasks == 0 || args.tasks > 10_000_000 {
         bail!("--tasks must be between 1 and 10000000");
     }
@@ -78,16 +86,19 @@ pub async fn run(args: BenchArgs, nats_url: Option<String>, prefix: &str) -> any
     if !(args.rate.is_finite() && args.rate >= 0.0) {
         bail!("--rate must be a non-negative number");
     }
-    let local = crate::local::ensure(nats_url, args.database_url.clone(), false).await?;
-    let (nats_url, database_url) = (local.nats_url.clone(), local.database_url.clone());
-    eprintln!("bench: nats {nats_url}, postgres {database_url}");
-    let taskbus = run_taskbus(&args, &nats_url, &database_url, prefix).await?;
+    let local = crate::local::ensure(nats_url, nats_auth, args.database_url.clone(), false).await?;
+    eprintln!(
+        "bench: nats {}, postgres {}",
+        redact_url(&local.nats_url),
+        local.database_url
+    );
+    let taskbus = run_taskbus(&args, &local, prefix).await?;
     let baseline = if args.no_baseline {
         vec![]
     } else {
         vec![
-            run_baseline(&args, &nats_url, 1).await?,
-            run_baseline(&args, &nats_url, 3).await?,
+            run_baseline(&args, &local, 1).await?,
+            run_baseline(&args, &local, 3).await?,
         ]
     };
     if args.json {
@@ -203,17 +214,14 @@ fn stamp(subject: &str, run: &str, times: &[AtomicU64], t0: Instant) -> bool {
         })
 }
 
-async fn run_taskbus(
-    args: &BenchArgs,
-    nats_url: &str,
-    database_url: &str,
-    prefix: &str,
-) -> anyhow::Result<Figures> {
+async fn run_taskbus(args: &BenchArgs, local: &Local, prefix: &str) -> anyhow::Result<Figures> {
+    let (nats_url, database_url) = (local.nats_url.as_str(), local.database_url.as_str());
     let n = args.tasks;
     let run_id = ulid::Ulid::new().to_string().to_lowercase();
     let shutdown = CancellationToken::new();
     let tracker = TaskTracker::new();
     let mut cfg = taskbus_coordinator::Config::new(nats_url, database_url);
+    cfg.nats_auth = local.nats_auth.clone();
     cfg.prefix = prefix.to_string();
     cfg.ensure_pools = vec!["bench".into()];
     cfg.publish_admitted = args.csv.is_some();
@@ -222,6 +230,7 @@ async fn run_taskbus(
     tracker.spawn(coord.wait());
     for a in 0..args.agents {
         let mut ac = AgentConfig::new(nats_url, "bench");
+        ac.nats_auth = local.nats_auth.clone();
         ac.prefix = prefix.to_string();
         ac.agent_id = format!("bench-agent-{a}");
         ac.concurrency = args.concurrency;
@@ -236,7 +245,8 @@ async fn run_taskbus(
     tracker.close();
 
     let subjects = Subjects::new(prefix);
-    let client = taskbus_runtime::nats::connect(nats_url, "taskbus-bench").await?;
+    let client =
+        taskbus_runtime::nats::connect(nats_url, &local.nats_auth, "taskbus-bench").await?;
     let js = jetstream::new(client.clone());
     let sent: Arc<Vec<AtomicU64>> = Arc::new((0..n).map(|_| AtomicU64::new(0)).collect());
     let started: Arc<Vec<AtomicU64>> = Arc::new((0..n).map(|_| AtomicU64::new(0)).collect());
@@ -415,9 +425,11 @@ async fn started_rx_until(f: impl std::future::Future<Output = ()>, shutdown: &C
 /// than one hop the message is relayed through that many work queues, each relay publishing to the
 /// next hop and acking only after the publish is acknowledged (in batches, as the coordinator
 /// does): taskbus's path has three such durable hops (submit, work, outcome).
-async fn run_baseline(args: &BenchArgs, nats_url: &str, hops: usize) -> anyhow::Result<Figures> {
+async fn run_baseline(args: &BenchArgs, local: &Local, hops: usize) -> anyhow::Result<Figures> {
     let n = args.tasks;
-    let client = taskbus_runtime::nats::connect(nats_url, "taskbus-bench-baseline").await?;
+    let client =
+        taskbus_runtime::nats::connect(&local.nats_url, &local.nats_auth, "taskbus-bench-baseline")
+            .await?;
     let js = jetstream::new(client.clone());
     let id = ulid::Ulid::new().to_string();
     let name = format!("BENCH_RAW_{id}");
@@ -611,10 +623,15 @@ mod tests {
             a.concurrency = concurrency;
             a.rate = rate;
             // A NATS URL nothing listens on: reaching it would be a bug of the check.
-            let e = run(a, Some("nats://127.0.0.1:1".into()), "taskbus")
-                .await
-                .expect_err("refused")
-                .to_string();
+            let e = run(
+                a,
+                Some("nats://127.0.0.1:1".into()),
+                &NatsAuth::default(),
+                "taskbus",
+            )
+            .await
+            .expect_err("refused")
+            .to_string();
             assert!(e.contains(flag), "{flag}: {e}");
         }
     }

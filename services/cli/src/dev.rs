@@ -9,6 +9,7 @@ use async_nats::jetstream;
 use taskbus_agent::handlers::Demo;
 use taskbus_agent::{Agent, AgentConfig};
 use taskbus_proto::Subjects;
+use taskbus_runtime::nats::{redact_url, NatsAuth};
 use taskbus_runtime::{CancellationToken, TaskTracker};
 
 /// The ledger account `taskbus dev` funds and charges for priced demo tasks.
@@ -42,18 +43,25 @@ pub struct DevArgs {
     pub scaler_http_listen: SocketAddr,
 }
 
-pub async fn run(args: DevArgs, nats_url: Option<String>, prefix: &str) -> anyhow::Result<()> {
+pub async fn run(
+    args: DevArgs,
+    nats_url: Option<String>,
+    nats_auth: &NatsAuth,
+    prefix: &str,
+) -> anyhow::Result<()> {
     if !(args.demo_rate.is_finite() && (0.0..=100_000.0).contains(&args.demo_rate)) {
         anyhow::bail!("--demo-rate must be between 0 and 100000 tasks per second");
     }
     let started = Instant::now();
-    let local = crate::local::ensure(nats_url, args.database_url.clone(), true).await?;
+    let local = crate::local::ensure(nats_url, nats_auth, args.database_url.clone(), true).await?;
     let (nats_url, database_url) = (local.nats_url.clone(), local.database_url.clone());
+    let auth = &local.nats_auth;
 
     let shutdown = CancellationToken::new();
     let tracker = TaskTracker::new();
 
     let mut cfg = taskbus_coordinator::Config::new(nats_url.clone(), database_url.clone());
+    cfg.nats_auth = auth.clone();
     cfg.prefix = prefix.to_string();
     cfg.http_listen = Some(args.http_listen);
     let coordinator = taskbus_coordinator::start(cfg, shutdown.clone())
@@ -63,6 +71,7 @@ pub async fn run(args: DevArgs, nats_url: Option<String>, prefix: &str) -> anyho
     tracker.spawn(coordinator.wait());
 
     let mut lc = taskbus_ledger::Config::new(nats_url.clone(), database_url.clone());
+    lc.nats_auth = auth.clone();
     lc.prefix = prefix.to_string();
     let ledger = taskbus_ledger::start(lc, shutdown.clone())
         .await
@@ -82,6 +91,7 @@ pub async fn run(args: DevArgs, nats_url: Option<String>, prefix: &str) -> anyho
     tracker.spawn(ledger.wait());
 
     let mut sc = taskbus_scaler::Config::new(nats_url.clone());
+    sc.nats_auth = auth.clone();
     sc.prefix = prefix.to_string();
     sc.grpc_listen = args.scaler_grpc_listen;
     sc.http_listen = args.scaler_http_listen;
@@ -93,6 +103,7 @@ pub async fn run(args: DevArgs, nats_url: Option<String>, prefix: &str) -> anyho
 
     for i in 0..args.agents {
         let mut ac = AgentConfig::new(nats_url.clone(), "default");
+        ac.nats_auth = auth.clone();
         ac.prefix = prefix.to_string();
         ac.agent_id = format!("dev-agent-{}", i + 1);
         ac.concurrency = args.agent_concurrency.max(1);
@@ -106,7 +117,7 @@ pub async fn run(args: DevArgs, nats_url: Option<String>, prefix: &str) -> anyho
         });
     }
 
-    let client = taskbus_runtime::nats::connect(&nats_url, "taskbus-dev").await?;
+    let client = taskbus_runtime::nats::connect(&nats_url, auth, "taskbus-dev").await?;
     let js = jetstream::new(client.clone());
     if args.demo_rate > 0.0 {
         tracker.spawn(demo_load(
@@ -129,7 +140,7 @@ pub async fn run(args: DevArgs, nats_url: Option<String>, prefix: &str) -> anyho
     }
     eprintln!("  scaler: KEDA external scaler gRPC {scaler_grpc}, lag http://{scaler_http}/v1/lag, metrics http://{scaler_http}/metrics");
     eprintln!("  in another shell:");
-    eprintln!("    export TASKBUS_NATS_URL={nats_url}");
+    eprintln!("    export TASKBUS_NATS_URL={}", redact_url(&nats_url));
     eprintln!("    nats pub {prefix}.submit.default '{{\"kind\":\"echo\",\"payload\":{{\"x\":1}}}}'   # or: taskbus submit --kind echo --wait");
     eprintln!("    taskbus tasks list");
     eprintln!("    taskbus ledger balance {DEMO_PAYER}; taskbus ledger balance platform; taskbus ledger accounts --kind agent");

@@ -9,7 +9,7 @@ mod ops;
 mod output;
 mod submit;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use taskbus_runtime::telemetry::{self, LogFormat};
 
 /// taskbus: an event-driven task coordinator on NATS JetStream.
@@ -28,6 +28,9 @@ struct Cli {
         default_value = "nats://127.0.0.1:4222"
     )]
     nats_url: String,
+    /// NATS credentials and TLS (made global in `parse`, so they go after any subcommand).
+    #[command(flatten)]
+    nats_auth: taskbus_runtime::nats::NatsAuth,
     /// Subject prefix (one NATS token).
     #[arg(long, global = true, env = "TASKBUS_PREFIX", default_value = "taskbus")]
     prefix: String,
@@ -118,7 +121,7 @@ enum TasksCmd {
 
 #[tokio::main]
 async fn main() {
-    let cli = Cli::parse();
+    let cli = Cli::parse_args();
     let quiet = !matches!(cli.command, Command::Dev(_) | Command::Bench(_));
     telemetry::init(
         LogFormat::Text,
@@ -133,11 +136,11 @@ async fn main() {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let given = cli.nats_url_given();
     match cli.command {
-        Command::Dev(args) => dev::run(args, given, &cli.prefix).await,
-        Command::Bench(args) => bench::run(args, given, &cli.prefix).await,
+        Command::Dev(args) => dev::run(args, given, &cli.nats_auth, &cli.prefix).await,
+        Command::Bench(args) => bench::run(args, given, &cli.nats_auth, &cli.prefix).await,
         Command::Cancel { id, reason, json } => {
             ops::cancel(
-                &api::connect(&cli.nats_url).await?,
+                &api::connect(&cli.nats_url, &cli.nats_auth).await?,
                 &cli.prefix,
                 id,
                 reason,
@@ -146,25 +149,45 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             .await
         }
         Command::Dlq { cmd } => {
-            ops::dlq(&api::connect(&cli.nats_url).await?, &cli.prefix, cmd).await
+            ops::dlq(
+                &api::connect(&cli.nats_url, &cli.nats_auth).await?,
+                &cli.prefix,
+                cmd,
+            )
+            .await
         }
         Command::Agents { cmd } => {
-            ops::agents(&api::connect(&cli.nats_url).await?, &cli.prefix, cmd).await
+            ops::agents(
+                &api::connect(&cli.nats_url, &cli.nats_auth).await?,
+                &cli.prefix,
+                cmd,
+            )
+            .await
         }
         Command::Ledger { cmd } => {
-            ledger::run(cmd, &api::connect(&cli.nats_url).await?, &cli.prefix).await
+            ledger::run(
+                cmd,
+                &api::connect(&cli.nats_url, &cli.nats_auth).await?,
+                &cli.prefix,
+            )
+            .await
         }
         Command::Pools { cmd } => {
-            ops::pools(&api::connect(&cli.nats_url).await?, &cli.prefix, cmd).await
+            ops::pools(
+                &api::connect(&cli.nats_url, &cli.nats_auth).await?,
+                &cli.prefix,
+                cmd,
+            )
+            .await
         }
         Command::Submit(args) => {
-            let client = api::connect(&cli.nats_url).await?;
+            let client = api::connect(&cli.nats_url, &cli.nats_auth).await?;
             submit::run(args, &client, &cli.prefix).await
         }
         Command::Task {
             cmd: TaskCmd::Get { id, json },
         } => {
-            let client = api::connect(&cli.nats_url).await?;
+            let client = api::connect(&cli.nats_url, &cli.nats_auth).await?;
             let t = api::task_get(&client, &cli.prefix, &id).await?;
             if json {
                 output::json(&t)
@@ -182,7 +205,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     json,
                 },
         } => {
-            let client = api::connect(&cli.nats_url).await?;
+            let client = api::connect(&cli.nats_url, &cli.nats_auth).await?;
             let ts = api::tasks_list(&client, &cli.prefix, pool, status, limit).await?;
             if json {
                 output::json(&ts)
@@ -195,6 +218,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 impl Cli {
+    /// Parse the command line; the `--nats-*` connection flags are accepted before or after
+    /// the subcommand, like `--nats-url`.
+    fn parse_args() -> Self {
+        let cmd = Self::command().mut_args(|a| {
+            if a.get_id().as_str().starts_with("nats_") {
+                a.global(true)
+            } else {
+                a
+            }
+        });
+        Self::from_arg_matches(&cmd.get_matches()).unwrap_or_else(|e| e.exit())
+    }
+
     /// The NATS URL if the user gave one (flag or environment), for `dev` which otherwise
     /// starts its own server.
     fn nats_url_given(&self) -> Option<String> {

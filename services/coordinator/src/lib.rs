@@ -47,6 +47,8 @@ use tracing::info;
 #[derive(Debug, Clone)]
 pub struct Config {
     pub nats_url: String,
+    /// NATS credentials and TLS settings.
+    pub nats_auth: taskbus_runtime::nats::NatsAuth,
     pub database_url: String,
     pub prefix: String,
     /// Pools created (with default settings) at start when missing.
@@ -72,6 +74,7 @@ impl Config {
     pub fn new(nats_url: impl Into<String>, database_url: impl Into<String>) -> Self {
         Self {
             nats_url: nats_url.into(),
+            nats_auth: Default::default(),
             database_url: database_url.into(),
             prefix: taskbus_proto::subjects::DEFAULT_PREFIX.into(),
             ensure_pools: vec!["default".into()],
@@ -175,7 +178,9 @@ pub async fn start(
         }
     }
     let subjects = Subjects::new(&config.prefix);
-    let client = taskbus_runtime::nats::connect(&config.nats_url, "taskbus-coordinator").await?;
+    let client =
+        taskbus_runtime::nats::connect(&config.nats_url, &config.nats_auth, "taskbus-coordinator")
+            .await?;
     let js = jetstream::new(client.clone());
     taskbus_runtime::nats::ensure_streams(&js, &subjects, &config.streams).await?;
     let db =

@@ -39,6 +39,8 @@ pub use store::{HoldInput, HoldOutcome, Ledger, LedgerOptions, Resolution, TaskR
 #[derive(Debug, Clone)]
 pub struct Config {
     pub nats_url: String,
+    /// NATS credentials and TLS settings.
+    pub nats_auth: taskbus_runtime::nats::NatsAuth,
     pub database_url: String,
     pub prefix: String,
     pub streams: StreamOptions,
@@ -65,6 +67,7 @@ impl Config {
     pub fn new(nats_url: impl Into<String>, database_url: impl Into<String>) -> Self {
         Self {
             nats_url: nats_url.into(),
+            nats_auth: Default::default(),
             database_url: database_url.into(),
             prefix: taskbus_proto::subjects::DEFAULT_PREFIX.into(),
             streams: StreamOptions::default(),
@@ -142,7 +145,9 @@ impl Running {
 /// Returns when the ledger is ready (its API answers and its consumer exists).
 pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Running, LedgerError> {
     let subjects = Subjects::new(&config.prefix);
-    let client = taskbus_runtime::nats::connect(&config.nats_url, "taskbus-ledger").await?;
+    let client =
+        taskbus_runtime::nats::connect(&config.nats_url, &config.nats_auth, "taskbus-ledger")
+            .await?;
     let js = jetstream::new(client.clone());
     taskbus_runtime::nats::ensure_streams(&js, &subjects, &config.streams).await?;
     let db =

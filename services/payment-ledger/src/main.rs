@@ -22,6 +22,8 @@ struct Args {
         default_value = "nats://127.0.0.1:4222"
     )]
     nats_url: String,
+    #[command(flatten)]
+    nats_auth: taskbus_runtime::nats::NatsAuth,
     /// PostgreSQL URL, e.g. postgres://user:pass@host/db. Migrations run on start.
     #[arg(long, env = "TASKBUS_DATABASE_URL")]
     database_url: String,
@@ -81,6 +83,7 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     telemetry::init(args.log_format, "info");
     let mut config = taskbus_ledger::Config::new(args.nats_url, args.database_url);
+    config.nats_auth = args.nats_auth;
     config.prefix = args.prefix;
     config.http_listen = Some(args.http_listen);
     config.streams.replicas = args.stream_replicas;

@@ -6,19 +6,34 @@ use async_nats::jetstream;
 use taskbus_proto::streams::{self, StreamOptions};
 use taskbus_proto::Subjects;
 
+mod auth;
+pub use auth::{redact_url, AuthError, NatsAuth, Secret};
+
 /// Errors while talking to NATS at start-up.
 #[derive(Debug, thiserror::Error)]
 pub enum NatsError {
     #[error("bad NATS URL {0:?}: {1}")]
     Url(String, String),
-    #[error("cannot connect to NATS at {url}: {source}; is nats-server running (with -js)?")]
+    #[error("NATS settings: {0}")]
+    Auth(#[from] AuthError),
+    #[error("cannot connect to NATS at {url}: {source}; {hint}")]
     Connect {
+        /// With any password or token replaced by `***`.
         url: String,
+        hint: &'static str,
         #[source]
         source: async_nats::ConnectError,
     },
     #[error("cannot create or update stream {stream}: {message}; is JetStream enabled on the server (nats-server -js)?")]
     Stream { stream: String, message: String },
+}
+
+impl NatsError {
+    /// Whether connecting failed because no server answered (rather than over credentials,
+    /// TLS or settings).
+    pub fn unreachable(&self) -> bool {
+        matches!(self, NatsError::Connect { hint, .. } if *hint == auth::UNREACHABLE)
+    }
 }
 
 /// Parse `nats://a:4222,nats://b:4222` into server addresses.
@@ -29,7 +44,7 @@ pub fn server_addrs(urls: &str) -> Result<Vec<async_nats::ServerAddr>, String> {
         .filter(|u| !u.is_empty())
         .map(|u| {
             u.parse::<async_nats::ServerAddr>()
-                .map_err(|e| format!("{u:?} is not a NATS URL: {e}"))
+                .map_err(|e| format!("{:?} is not a NATS URL: {e}", redact_url(u)))
         })
         .collect::<Result<_, _>>()?;
     if addrs.is_empty() {
@@ -38,20 +53,36 @@ pub fn server_addrs(urls: &str) -> Result<Vec<async_nats::ServerAddr>, String> {
     Ok(addrs)
 }
 
-/// Connect with a client name (shown by `nats server report connections`). Reconnects forever.
-/// `url` may list several servers separated by commas.
-pub async fn connect(url: &str, name: &str) -> Result<async_nats::Client, NatsError> {
-    let addrs = server_addrs(url).map_err(|e| NatsError::Url(url.to_string(), e))?;
-    async_nats::ConnectOptions::new()
+/// Connect with a client name (shown by `nats server report connections`), with `auth`'s
+/// credentials and TLS settings. Reconnects forever. `url` may list several servers separated
+/// by commas.
+pub async fn connect(
+    url: &str,
+    auth: &NatsAuth,
+    name: &str,
+) -> Result<async_nats::Client, NatsError> {
+    let opts = async_nats::ConnectOptions::new()
         .name(name)
         .connection_timeout(Duration::from_secs(5))
         .request_timeout(Some(Duration::from_secs(10)))
         .client_capacity(65_536)
-        .subscription_capacity(262_144)
-        .connect(addrs.as_slice())
+        .subscription_capacity(262_144);
+    connect_with(url, auth, opts).await
+}
+
+/// Connect with `opts` (name, timeouts...) plus `auth`'s credentials and TLS settings.
+pub async fn connect_with(
+    url: &str,
+    auth: &NatsAuth,
+    opts: async_nats::ConnectOptions,
+) -> Result<async_nats::Client, NatsError> {
+    let addrs = server_addrs(url).map_err(|e| NatsError::Url(redact_url(url), e))?;
+    let opts = auth.apply(opts, &addrs).await?;
+    opts.connect(addrs.as_slice())
         .await
         .map_err(|source| NatsError::Connect {
-            url: url.to_string(),
+            url: redact_url(url),
+            hint: auth.hint(&source),
             source,
         })
 }

@@ -52,6 +52,8 @@ pub use policy::DirectPolicy;
 #[derive(Debug, Clone)]
 pub struct Config {
     pub nats_url: String,
+    /// NATS credentials and TLS settings.
+    pub nats_auth: taskbus_runtime::nats::NatsAuth,
     pub prefix: String,
     pub streams: StreamOptions,
     /// KEDA External Scaler gRPC address (port 0 picks one).
@@ -78,6 +80,7 @@ impl Config {
     pub fn new(nats_url: impl Into<String>) -> Self {
         Self {
             nats_url: nats_url.into(),
+            nats_auth: Default::default(),
             prefix: taskbus_proto::subjects::DEFAULT_PREFIX.into(),
             streams: StreamOptions::default(),
             grpc_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
@@ -157,7 +160,9 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
         None => tonic::transport::Server::builder(),
     };
     let subjects = Subjects::new(&config.prefix);
-    let client = taskbus_runtime::nats::connect(&config.nats_url, "taskbus-scaler").await?;
+    let client =
+        taskbus_runtime::nats::connect(&config.nats_url, &config.nats_auth, "taskbus-scaler")
+            .await?;
     let js = jetstream::new(client.clone());
     taskbus_runtime::nats::ensure_streams(&js, &subjects, &config.streams).await?;
     let kv = taskbus_runtime::nats::pools_bucket(&js, &subjects, config.streams.replicas).await?;

@@ -36,6 +36,8 @@ struct Serve {
         default_value = "nats://127.0.0.1:4222"
     )]
     nats_url: String,
+    #[command(flatten)]
+    nats_auth: taskbus_runtime::nats::NatsAuth,
     /// Subject prefix (one NATS token).
     #[arg(long, env = "TASKBUS_PREFIX", default_value = "taskbus")]
     prefix: String,
@@ -170,6 +172,7 @@ async fn main() -> anyhow::Result<()> {
     let s = args.serve;
     telemetry::init(s.log_format, "info");
     let mut config = taskbus_scaler::Config::new(s.nats_url);
+    config.nats_auth = s.nats_auth;
     config.prefix = s.prefix;
     config.grpc_listen = s.grpc_listen;
     config.http_listen = s.http_listen;

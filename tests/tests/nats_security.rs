@@ -1,0 +1,584 @@
+//! NATS credentials and TLS against real nats-servers configured for them: tokens,
+//! users/passwords (flags and URL), nkeys, `.creds` files (operator/JWT mode) and TLS (own CA,
+//! mutual TLS, TLS-first), and the whole spine (coordinator, agent, producer) over mutual TLS
+//! with a token. Each refusal must come back as an error that names what to check.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use async_nats::jetstream;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+use taskbus_agent::handlers::Demo;
+use taskbus_agent::{Agent, AgentConfig};
+use taskbus_runtime::devservers::{NatsOptions, NatsServer};
+use taskbus_runtime::nats::{NatsAuth, NatsError, Secret};
+use taskbus_runtime::CancellationToken;
+use taskbus_tests::{eventually, workspace_bin, TestDb};
+
+fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures/tls")
+        .join(name)
+}
+
+fn path_str(name: &str) -> String {
+    fixture(name).display().to_string()
+}
+
+async fn server(config: String) -> NatsServer {
+    NatsServer::start_with(NatsOptions {
+        config: Some(config),
+        ..Default::default()
+    })
+    .await
+    .expect("nats-server starts with the test config")
+}
+
+async fn connect(url: &str, auth: &NatsAuth) -> Result<async_nats::Client, NatsError> {
+    taskbus_runtime::nats::connect(url, auth, "taskbus-test").await
+}
+
+/// Connect, then prove the connection works with a request to the server's own `$SYS`-free
+/// round trip (a flush).
+async fn works(url: &str, auth: &NatsAuth) {
+    let c = connect(url, auth)
+        .await
+        .unwrap_or_else(|e| panic!("{auth:?} on {url}: {e}"));
+    c.flush().await.expect("flush");
+}
+
+async fn refused(url: &str, auth: &NatsAuth, want: &[&str]) -> String {
+    let err = match connect(url, auth).await {
+        Ok(_) => panic!("{auth:?} on {url} was accepted"),
+        Err(e) => e.to_string(),
+    };
+    for w in want {
+        assert!(err.contains(w), "{auth:?} on {url}: {err:?} lacks {w:?}");
+    }
+    assert!(
+        !err.contains("s3cr3t") && !err.contains("wrong-token"),
+        "secret in {err}"
+    );
+    err
+}
+
+fn token(t: &str) -> NatsAuth {
+    NatsAuth {
+        token: Some(Secret::new(t)),
+        ..Default::default()
+    }
+}
+
+fn temp_file(text: &str) -> tempfile::NamedTempFile {
+    let f = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(f.path(), text).unwrap();
+    f
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_and_user_password_from_flags_or_url() {
+    let tok = server(r#"authorization { token: "s3cr3t-tok" }"#.into()).await;
+    let port = tok.port();
+    works(&tok.url(), &token("s3cr3t-tok")).await;
+    works(
+        &format!("nats://s3cr3t-tok@127.0.0.1:{port}"),
+        &NatsAuth::default(),
+    )
+    .await;
+    refused(
+        &tok.url(),
+        &NatsAuth::default(),
+        &["refused the credentials"],
+    )
+    .await;
+    refused(
+        &tok.url(),
+        &token("wrong-token"),
+        &["refused the credentials"],
+    )
+    .await;
+    // The URL's token is not echoed back in the error.
+    let err = refused(
+        &format!("nats://wrong-token@127.0.0.1:{port}"),
+        &NatsAuth::default(),
+        &["refused the credentials", "***@127.0.0.1"],
+    )
+    .await;
+    assert!(!err.contains("wrong-token"), "{err}");
+
+    let users =
+        server(r#"authorization { users: [ { user: "svc", password: "p@ss:s3cr3t/w" } ] }"#.into())
+            .await;
+    let port = users.port();
+    let flags = NatsAuth {
+        user: Some("svc".into()),
+        password: Some(Secret::new("p@ss:s3cr3t/w")),
+        ..Default::default()
+    };
+    works(&users.url(), &flags).await;
+    // In a URL the password is percent-encoded.
+    works(
+        &format!("nats://svc:p%40ss%3As3cr3t%2Fw@127.0.0.1:{port}"),
+        &NatsAuth::default(),
+    )
+    .await;
+    let wrong = NatsAuth {
+        password: Some(Secret::new("s3cr3t-not")),
+        ..flags.clone()
+    };
+    refused(&users.url(), &wrong, &["refused the credentials"]).await;
+    // Credentials twice (URL and flags) are refused before connecting.
+    refused(
+        &format!("nats://svc:x@127.0.0.1:{port}"),
+        &flags,
+        &["carries credentials"],
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nkey_seed_file() {
+    let user = nkeys::KeyPair::new_user();
+    let nats = server(format!(
+        "authorization {{ users: [ {{ nkey: {} }} ] }}",
+        user.public_key()
+    ))
+    .await;
+    let seed = temp_file(&format!("{}\n", user.seed().unwrap()));
+    let auth = |p: &std::path::Path| NatsAuth {
+        nkey: Some(p.into()),
+        ..Default::default()
+    };
+    works(&nats.url(), &auth(seed.path())).await;
+
+    // Another user's seed: well formed, not allowed.
+    let other = temp_file(&nkeys::KeyPair::new_user().seed().unwrap());
+    refused(
+        &nats.url(),
+        &auth(other.path()),
+        &["refused the credentials"],
+    )
+    .await;
+    // The public key instead of the seed, garbage, and a missing file: found before connecting.
+    let public = temp_file(&user.public_key());
+    refused(
+        &nats.url(),
+        &auth(public.path()),
+        &["--nats-nkey", "public key"],
+    )
+    .await;
+    let garbage = temp_file("not a seed\n");
+    refused(
+        &nats.url(),
+        &auth(garbage.path()),
+        &["--nats-nkey", "no nkey seed"],
+    )
+    .await;
+    refused(
+        &nats.url(),
+        &auth(std::path::Path::new("/nonexistent/seed.nk")),
+        &["--nats-nkey /nonexistent/seed.nk", "cannot read"],
+    )
+    .await;
+}
+
+/// A NATS JWT: `header.claims.signature`, signed by `issuer` (ed25519 over the first two
+/// parts), as `nsc` would write it.
+fn jwt(issuer: &nkeys::KeyPair, subject: &str, name: &str, nats: serde_json::Value) -> String {
+    let header = URL_SAFE_NO_PAD.encode(r#"{"typ":"JWT","alg":"ed25519-nkey"}"#);
+    let claims = serde_json::json!({
+        "jti": ulid::Ulid::new().to_string(),
+        "iat": chrono::Utc::now().timestamp(),
+        "iss": issuer.public_key(),
+        "name": name,
+        "sub": subject,
+        "nats": nats,
+    });
+    let body = URL_SAFE_NO_PAD.encode(serde_json::to_vec(&claims).unwrap());
+    let input = format!("{header}.{body}");
+    let sig = URL_SAFE_NO_PAD.encode(issuer.sign(input.as_bytes()).unwrap());
+    format!("{input}.{sig}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn creds_file_in_operator_mode() {
+    let operator = nkeys::KeyPair::new_operator();
+    let account = nkeys::KeyPair::new_account();
+    let user = nkeys::KeyPair::new_user();
+    let op_jwt = jwt(
+        &operator,
+        &operator.public_key(),
+        "test-operator",
+        serde_json::json!({"type": "operator", "version": 2}),
+    );
+    let unlimited = serde_json::json!({
+        "subs": -1, "conn": -1, "leaf": -1, "imports": -1, "exports": -1,
+        "data": -1, "payload": -1, "wildcards": true,
+        "mem_storage": -1, "disk_storage": -1, "streams": -1, "consumer": -1,
+    });
+    let acc_jwt = jwt(
+        &operator,
+        &account.public_key(),
+        "taskbus",
+        serde_json::json!({"limits": unlimited, "type": "account", "version": 2}),
+    );
+    let user_jwt = jwt(
+        &account,
+        &user.public_key(),
+        "taskbus-svc",
+        serde_json::json!({
+            "pub": {}, "sub": {}, "subs": -1, "data": -1, "payload": -1,
+            "type": "user", "version": 2,
+        }),
+    );
+    // JetStream in operator mode needs a system account.
+    let system = nkeys::KeyPair::new_account();
+    let sys_jwt = jwt(
+        &operator,
+        &system.public_key(),
+        "SYS",
+        serde_json::json!({"type": "account", "version": 2}),
+    );
+    let nats = server(format!(
+        "operator: {op_jwt}\nsystem_account: {sys}\nresolver: MEMORY\n\
+         resolver_preload: {{\n  {sys}: {sys_jwt}\n  {acc}: {acc_jwt}\n}}\n",
+        sys = system.public_key(),
+        acc = account.public_key(),
+    ))
+    .await;
+    let creds = temp_file(&format!(
+        "-----BEGIN NATS USER JWT-----\n{user_jwt}\n------END NATS USER JWT------\n\n\
+         ************************* IMPORTANT *************************\n\
+         NKEY Seed printed below can be used to sign and prove identity.\n\n\
+         -----BEGIN USER NKEY SEED-----\n{}\n------END USER NKEY SEED------\n",
+        user.seed().unwrap()
+    ));
+    let auth = |p: &std::path::Path| NatsAuth {
+        creds: Some(p.into()),
+        ..Default::default()
+    };
+    works(&nats.url(), &auth(creds.path())).await;
+    // JetStream works for the account, so every service can run with such credentials.
+    let c = connect(&nats.url(), &auth(creds.path())).await.unwrap();
+    let js = jetstream::new(c);
+    taskbus_runtime::nats::ensure_streams(
+        &js,
+        &taskbus_proto::Subjects::default(),
+        &Default::default(),
+    )
+    .await
+    .expect("streams in operator mode");
+
+    // A user signed by a key the server does not know.
+    let stranger = nkeys::KeyPair::new_user();
+    let bad_jwt = jwt(
+        &nkeys::KeyPair::new_account(),
+        &stranger.public_key(),
+        "x",
+        serde_json::json!({"type": "user", "version": 2}),
+    );
+    let bad = temp_file(&format!(
+        "-----BEGIN NATS USER JWT-----\n{bad_jwt}\n------END NATS USER JWT------\n\n\
+         -----BEGIN USER NKEY SEED-----\n{}\n------END USER NKEY SEED------\n",
+        stranger.seed().unwrap()
+    ));
+    refused(&nats.url(), &auth(bad.path()), &["refused the credentials"]).await;
+    refused(
+        &nats.url(),
+        &NatsAuth::default(),
+        &["refused the credentials"],
+    )
+    .await;
+    let garbage = temp_file("hello\n");
+    refused(
+        &nats.url(),
+        &auth(garbage.path()),
+        &["--nats-creds", "not a NATS credentials file"],
+    )
+    .await;
+}
+
+fn tls_block(extra: &str) -> String {
+    format!(
+        "tls {{\n  cert_file: \"{}\"\n  key_file: \"{}\"\n  ca_file: \"{}\"\n  {extra}\n}}\n",
+        path_str("server.pem"),
+        path_str("server.key"),
+        path_str("ca.pem"),
+    )
+}
+
+fn mtls() -> NatsAuth {
+    NatsAuth {
+        tls_ca: Some(fixture("ca.pem")),
+        tls_cert: Some(fixture("client.pem")),
+        tls_key: Some(fixture("client.key")),
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_with_own_ca_client_certificates_and_tls_first() {
+    // Server TLS only.
+    let nats = server(tls_block("")).await;
+    let url = nats.url();
+    let ca = NatsAuth {
+        tls_ca: Some(fixture("ca.pem")),
+        ..Default::default()
+    };
+    works(&url, &ca).await;
+    works(&url.replace("nats://", "tls://"), &ca).await;
+    // The system store does not know the test CA: the hint says to pass --nats-tls-ca.
+    refused(&url, &NatsAuth::default(), &["--nats-tls-ca"]).await;
+    let other = NatsAuth {
+        tls_ca: Some(fixture("other-ca.pem")),
+        ..Default::default()
+    };
+    refused(&url, &other, &["TLS", "--nats-tls-ca"]).await;
+    // A file that is not a certificate, or a key that is not a key, is named before connecting.
+    let garbage = temp_file("garbage\n");
+    let bad_ca = NatsAuth {
+        tls_ca: Some(garbage.path().into()),
+        ..Default::default()
+    };
+    refused(&url, &bad_ca, &["--nats-tls-ca", "no PEM certificate"]).await;
+    let bad_key = NatsAuth {
+        tls_key: Some(fixture("client.pem")),
+        ..mtls()
+    };
+    refused(&url, &bad_key, &["--nats-tls-key", "no PEM private key"]).await;
+
+    // Mutual TLS: no client certificate, no connection.
+    let verify = server(tls_block("verify: true")).await;
+    works(&verify.url(), &mtls()).await;
+    refused(
+        &verify.url(),
+        &ca,
+        &["client certificate", "--nats-tls-cert"],
+    )
+    .await;
+
+    // --nats-tls against a server without TLS is refused rather than silently plaintext.
+    let plain = server(String::new()).await;
+    let required = NatsAuth {
+        tls: true,
+        ..Default::default()
+    };
+    refused(&plain.url(), &required, &[]).await;
+    refused(&plain.url(), &ca, &[]).await;
+
+    // TLS before the server's greeting.
+    let first = server(tls_block("handshake_first: true")).await;
+    let tls_first = NatsAuth {
+        tls_first: true,
+        ..ca.clone()
+    };
+    works(&first.url(), &tls_first).await;
+}
+
+/// The whole path of a task — producer, coordinator, agent — on a server that demands mutual
+/// TLS and a token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_spine_runs_over_mutual_tls_with_a_token() {
+    taskbus_tests::init_logging();
+    let nats = server(format!(
+        "{}authorization {{ token: \"s3cr3t-spine\" }}\n",
+        tls_block("verify: true")
+    ))
+    .await;
+    let auth = NatsAuth {
+        token: Some(Secret::new("s3cr3t-spine")),
+        ..mtls()
+    };
+    let db = TestDb::new().await;
+    let shutdown = CancellationToken::new();
+
+    // Without the credentials the coordinator refuses to start, with a clear error.
+    let mut cfg = taskbus_coordinator::Config::new(nats.url(), db.url.clone());
+    cfg.nats_auth = NatsAuth {
+        token: None,
+        ..auth.clone()
+    };
+    let err = taskbus_coordinator::start(cfg.clone(), shutdown.clone())
+        .await
+        .err()
+        .expect("coordinator without the token");
+    assert!(err.to_string().contains("refused the credentials"), "{err}");
+
+    cfg.nats_auth = auth.clone();
+    let coordinator = taskbus_coordinator::start(cfg, shutdown.clone())
+        .await
+        .expect("coordinator over mTLS");
+    let mut ac = AgentConfig::new(nats.url(), "default");
+    ac.nats_auth = auth.clone();
+    ac.agent_id = "tls-agent".into();
+    let agent = Agent::new(ac, |t| Demo::Echo.run(t));
+    let agent_task = tokio::spawn(agent.run(shutdown.clone()));
+
+    let producer = connect(&nats.url(), &auth).await.unwrap();
+    let js = jetstream::new(producer);
+    js.publish(
+        "taskbus.submit.default",
+        r#"{"id":"tls-1","kind":"echo","payload":{"x":1}}"#.into(),
+    )
+    .await
+    .unwrap()
+    .await
+    .expect("publish ack over TLS");
+
+    let pg = db.pool().await;
+    let (status, result): (String, Option<serde_json::Value>) =
+        eventually("tls-1 to succeed", Duration::from_secs(20), || async {
+            sqlx::query_as::<_, (String, Option<serde_json::Value>)>(
+                "SELECT status, result FROM coordinator.tasks WHERE task_id = 'tls-1'",
+            )
+            .fetch_optional(&pg)
+            .await
+            .ok()
+            .flatten()
+            .filter(|(s, _)| s == "succeeded")
+        })
+        .await;
+    assert_eq!(status, "succeeded");
+    assert_eq!(result, Some(serde_json::json!({"x": 1})));
+
+    // The CLI takes the same settings, after the subcommand too, and the token from the
+    // environment.
+    let out = cli()
+        .args(["tasks", "list", "--json", "--nats-url", &nats.url()])
+        .args(["--nats-tls-ca", &path_str("ca.pem")])
+        .args(["--nats-tls-cert", &path_str("client.pem")])
+        .args(["--nats-tls-key", &path_str("client.key")])
+        .env("TASKBUS_NATS_TOKEN", "s3cr3t-spine")
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains(r#""tls-1""#), "{stdout}");
+    // Without the client certificate it says what to pass.
+    let out = cli()
+        .args(["tasks", "list", "--nats-url", &nats.url()])
+        .args(["--nats-tls-ca", &path_str("ca.pem")])
+        .env("TASKBUS_NATS_TOKEN", "s3cr3t-spine")
+        .output()
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("--nats-tls-cert"), "{stderr}");
+
+    shutdown.cancel();
+    coordinator.wait().await;
+    agent_task.await.unwrap().expect("agent stops cleanly");
+}
+
+fn cli() -> tokio::process::Command {
+    let mut c = tokio::process::Command::new(workspace_bin("taskbus"));
+    for v in [
+        "TASKBUS_NATS_URL",
+        "TASKBUS_NATS_TOKEN",
+        "TASKBUS_NATS_USER",
+        "TASKBUS_NATS_PASSWORD",
+        "TASKBUS_NATS_CREDS",
+        "TASKBUS_NATS_NKEY",
+    ] {
+        c.env_remove(v);
+    }
+    c.kill_on_drop(true);
+    c
+}
+
+/// Bad combinations of flags are refused by every binary before anything connects, and
+/// `--help` never prints a secret taken from the environment.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flags_are_checked_and_secrets_stay_hidden() {
+    let cases: [(&str, &[&str], &str); 5] = [
+        (
+            "taskbus",
+            &[
+                "tasks",
+                "list",
+                "--nats-token",
+                "a",
+                "--nats-user",
+                "b",
+                "--nats-password",
+                "c",
+            ],
+            "cannot be used with",
+        ),
+        (
+            "taskbus",
+            &["tasks", "list", "--nats-user", "b"],
+            "--nats-password",
+        ),
+        (
+            "taskbus-coordinator",
+            &[
+                "--database-url",
+                "postgres://x/y",
+                "--nats-tls-cert",
+                "/c.pem",
+            ],
+            "--nats-tls-key",
+        ),
+        (
+            "taskbus-agent",
+            &[
+                "--pool",
+                "p",
+                "--handler",
+                "echo",
+                "--nats-creds",
+                "/a",
+                "--nats-nkey",
+                "/b",
+            ],
+            "cannot be used with",
+        ),
+        // `dev` starts its own server only without a URL, and that server has no credentials.
+        ("taskbus", &["dev", "--nats-token", "t"], "need --nats-url"),
+    ];
+    for (bin, args, want) in cases {
+        let out = tokio::process::Command::new(workspace_bin(bin))
+            .args(args)
+            .env_remove("TASKBUS_NATS_URL")
+            .env_remove("TASKBUS_DATABASE_URL")
+            .kill_on_drop(true)
+            .output()
+            .await
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{bin} {args:?} succeeded");
+        assert!(stderr.contains(want), "{bin} {args:?}: {stderr}");
+    }
+    for bin in [
+        "taskbus",
+        "taskbus-coordinator",
+        "taskbus-agent",
+        "taskbus-ledger",
+        "taskbus-scaler",
+    ] {
+        let out = tokio::process::Command::new(workspace_bin(bin))
+            .arg("--help")
+            .env("TASKBUS_NATS_TOKEN", "s3cr3t-in-env")
+            .env("TASKBUS_NATS_PASSWORD", "s3cr3t-pw-in-env")
+            .output()
+            .await
+            .unwrap();
+        let help = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{bin} --help");
+        for flag in ["--nats-creds", "--nats-tls-ca", "TASKBUS_NATS_TOKEN"] {
+            assert!(help.contains(flag), "{bin} --help lacks {flag}");
+        }
+        assert!(
+            !help.contains("s3cr3t"),
+            "{bin} --help shows a secret:\n{help}"
+        );
+    }
+}
