@@ -138,9 +138,21 @@ pub(crate) const UNREACHABLE: &str = "is nats-server running (with -js)?";
 #[error("{0}")]
 pub struct AuthError(String);
 
+/// Credential and certificate files are small; anything bigger is the wrong file.
+const MAX_FILE_BYTES: u64 = 1 << 20;
+
 fn read(flag: &str, path: &Path) -> Result<String, AuthError> {
-    std::fs::read_to_string(path)
-        .map_err(|e| AuthError(format!("{flag} {}: cannot read it: {e}", path.display())))
+    use std::io::Read;
+    let fail = |why: String| AuthError(format!("{flag} {}: {why}", path.display()));
+    let file = std::fs::File::open(path).map_err(|e| fail(format!("cannot read it: {e}")))?;
+    let mut text = String::new();
+    file.take(MAX_FILE_BYTES + 1)
+        .read_to_string(&mut text)
+        .map_err(|e| fail(format!("cannot read it as text: {e}")))?;
+    if text.len() as u64 > MAX_FILE_BYTES {
+        return Err(fail("is larger than 1 MiB; is it the right file?".into()));
+    }
+    Ok(text)
 }
 
 fn check_certs(flag: &str, path: &Path) -> Result<(), AuthError> {
@@ -441,6 +453,16 @@ mod tests {
         );
         assert_eq!(url_credentials(&addrs("nats://h:4222")[0]), None);
         assert_eq!(percent_decode("%zz%4"), "%zz%4");
+    }
+
+    #[test]
+    fn endless_or_binary_files_are_refused() {
+        let e = read("--nats-tls-ca", Path::new("/dev/zero")).unwrap_err();
+        assert!(e.to_string().contains("larger than 1 MiB"), "{e}");
+        let bin = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(bin.path(), [0xff, 0xfe, 0x00]).unwrap();
+        let e = read("--nats-creds", bin.path()).unwrap_err();
+        assert!(e.to_string().contains("as text"), "{e}");
     }
 
     #[tokio::test]
