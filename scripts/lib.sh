@@ -5,6 +5,21 @@ TASKBUS_VENV="${TASKBUS_VENV:-$HOME/.cache/taskbus-venv}"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/taskbus-target}"
 export PATH="$TASKBUS_VENV/bin:$PATH"
 
+# Test binaries keep a copy per build hash in $CARGO_TARGET_DIR/debug/deps (hundreds of MB
+# each), and incremental caches grow without bound: keep the newest executable of each name, and
+# build the test run without incremental state (a fresh clone gains nothing from it).
+prune_target() {
+  local deps="$CARGO_TARGET_DIR/debug/deps" name
+  [ -d "$deps" ] || return 0
+  rm -rf "$CARGO_TARGET_DIR/debug/incremental"
+  for name in $(find "$deps" -maxdepth 1 -type f -executable -regextype posix-extended \
+                  -regex '.*/[A-Za-z0-9_]+-[0-9a-f]{16}' -printf '%f\n' | sed -E 's/-[0-9a-f]{16}$//' | sort -u); do
+    # shellcheck disable=SC2012
+    ls -t "$deps/$name"-???????????????? 2>/dev/null | grep -E -- "/$name-[0-9a-f]{16}\$" | tail -n +2 |
+      while read -r f; do rm -f "$f" "$f.d"; done
+  done
+}
+
 log() { printf '\033[1;34m==>\033[0m %s\n' "$*" >&2; }
 
 as_root() {

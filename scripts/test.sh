@@ -8,6 +8,8 @@ cd "$(dirname "$0")/.."
 
 ensure_nats
 ensure_postgres
+prune_target
+export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
 log "nats-server $(nats-server --version | awk '{print $2}'), PostgreSQL at $TASKBUS_TEST_DATABASE_URL"
 
 log "cargo fmt --check"
