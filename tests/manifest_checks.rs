@@ -337,6 +337,43 @@ fn is_subset(small: &Value, big: &Value) -> bool {
     }
 }
 
+/// Replicas on different nodes where the scheduler can: a Deployment of more than one replica
+/// has a topologySpreadConstraint over `kubernetes.io/hostname` with maxSkew 1 and
+/// `ScheduleAnyway` (a one-node cluster still runs them all), and every constraint counts
+/// exactly this Deployment's pods: its labelSelector selects them and holds the Deployment's
+/// own selector, so the pods of other Deployments do not count towards the skew.
+pub fn spread_problems(dep: &Value) -> Vec<String> {
+    let mut p = Vec::new();
+    let name = text(dep, "metadata.name");
+    let constraints = seq(dep, "spec.template.spec.topologySpreadConstraints");
+    for t in constraints {
+        let sel = get(t, "labelSelector");
+        if get(sel, "matchLabels").is_null()
+            || !selector_matches(sel, get(dep, "spec.template.metadata.labels"))
+            || !is_subset(
+                get(dep, "spec.selector.matchLabels"),
+                get(sel, "matchLabels"),
+            )
+        {
+            p.push(format!(
+                "Deployment {name}: a topologySpreadConstraint's labelSelector does not select exactly its pods"
+            ));
+        }
+    }
+    let replicas = get(dep, "spec.replicas").as_u64().unwrap_or(1);
+    let spread = constraints.iter().any(|t| {
+        text(t, "topologyKey") == "kubernetes.io/hostname"
+            && get(t, "maxSkew").as_u64() == Some(1)
+            && text(t, "whenUnsatisfiable") == "ScheduleAnyway"
+    });
+    if replicas > 1 && !spread {
+        p.push(format!(
+            "Deployment {name}: {replicas} replicas and no topologySpreadConstraint over kubernetes.io/hostname (maxSkew 1, ScheduleAnyway)"
+        ));
+    }
+    p
+}
+
 /// Checks of a Deployment running `bin` (its only container) against the binary's `--help`:
 /// image, flags and their values, `$(VAR)` references, required options, environment
 /// variables, the HTTP port and probes, labels and selector, the non-root security context.
@@ -488,11 +525,7 @@ pub fn deployment_problems(dep: &Value, bin: &str, help: &Help) -> Vec<String> {
             )));
         }
     }
-    for t in seq(pod, "topologySpreadConstraints") {
-        if !is_subset(get(t, "labelSelector.matchLabels"), labels) {
-            p.push(at("a topologySpreadConstraint selects other pods".into()));
-        }
-    }
+    p.extend(spread_problems(dep));
 
     // Security context (the restricted Pod Security Standard, runAsUser like the scaler's).
     let want: [(&Value, &str, Value); 6] = [
@@ -625,8 +658,8 @@ pub fn database_secret_problems(dep: &Value) -> Vec<String> {
 }
 
 /// The objects of one service directory checked together: exactly one Deployment, checked
-/// against the binary; each Service and PodDisruptionBudget against it; its ServiceAccount
-/// present; every object in `namespace`.
+/// against the binary; each Service and NetworkPolicy against it; its ServiceAccount present;
+/// every object in `namespace`.
 pub fn workload_problems(
     all: &[(String, Value)],
     bin: &str,
@@ -641,6 +674,9 @@ pub fn workload_problems(
     let mut p = deployment_problems(dep, bin, help);
     for svc in of("Service") {
         p.extend(service_problems(svc, dep));
+    }
+    for np in of("NetworkPolicy") {
+        p.extend(policy_problems(np, dep));
     }
     let sa = text(dep, "spec.template.spec.serviceAccountName");
     if !of("ServiceAccount")
@@ -722,6 +758,414 @@ pub fn namespace_problems(all: &[(String, Value)]) -> Vec<String> {
                 "{file}: {} {} twice",
                 kind_of(d),
                 text(d, "metadata.name")
+            ));
+        }
+    }
+    p
+}
+
+/// Whether a label selector (`matchLabels` and `matchExpressions`) selects `labels`; an empty or
+/// absent selector selects everything, as a NetworkPolicy's podSelector does.
+pub fn selector_matches(sel: &Value, labels: &Value) -> bool {
+    let label = |k: &Value| labels.as_mapping().and_then(|m| m.get(k));
+    let by_labels = get(sel, "matchLabels")
+        .as_mapping()
+        .is_none_or(|m| m.iter().all(|(k, v)| label(k) == Some(v)));
+    let by_expressions = seq(sel, "matchExpressions").iter().all(|e| {
+        let value = label(&e["key"]);
+        let listed = value.is_some_and(|v| seq(e, "values").contains(v));
+        match text(e, "operator") {
+            "In" => listed,
+            "NotIn" => !listed,
+            "Exists" => value.is_some(),
+            "DoesNotExist" => value.is_none(),
+            _ => false,
+        }
+    });
+    by_labels && by_expressions
+}
+
+/// One end of a connection, as a NetworkPolicy sees it.
+#[derive(Debug, Clone)]
+pub enum Peer {
+    /// A pod of `namespace` with these labels.
+    Pod { namespace: String, labels: Value },
+    /// An address no pod or namespace selector matches: a managed database, the API server.
+    Outside,
+}
+
+impl Peer {
+    pub fn pod(namespace: &str, labels: &[(&str, &str)]) -> Peer {
+        let labels = labels.iter().map(|&(k, v)| (k.into(), v.into())).collect();
+        Peer::Pod {
+            namespace: namespace.into(),
+            labels: Value::Mapping(labels),
+        }
+    }
+}
+
+impl std::fmt::Display for Peer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Peer::Outside => f.write_str("addresses outside the cluster"),
+            Peer::Pod { namespace, labels } => {
+                let labels = serde_yaml::to_string(labels).unwrap_or_default();
+                let labels: Vec<&str> = labels.lines().collect();
+                write!(f, "pods {{{}}} of namespace {namespace}", labels.join(", "))
+            }
+        }
+    }
+}
+
+/// The labels the official NATS Helm chart (nats-io/k8s) puts on its server pods and selects
+/// them by in its Service: the chart's name, the release (`nats`, docs/DEPLOY.md) and the
+/// component.
+pub const NATS_POD_LABELS: [(&str, &str); 3] = [
+    ("app.kubernetes.io/name", "nats"),
+    ("app.kubernetes.io/instance", "nats"),
+    ("app.kubernetes.io/component", "nats"),
+];
+
+/// Prometheus as the policies expect it: a pod in namespace `monitoring`.
+pub fn prometheus() -> Peer {
+    Peer::pod("monitoring", &[("app.kubernetes.io/name", "prometheus")])
+}
+
+/// The cluster DNS: CoreDNS's pods in kube-system.
+pub fn cluster_dns() -> Peer {
+    Peer::pod("kube-system", &[("k8s-app", "kube-dns")])
+}
+
+/// PostgreSQL's port, which the database URL (kept in a Secret) cannot tell the tests.
+pub const POSTGRES_PORT: u64 = 5432;
+
+/// The NATS server pods a Deployment connects to and the port, from its `TASKBUS_NATS_URL`
+/// (`nats://<service>.<namespace>.svc:<port>`; a bare service name is in the Deployment's
+/// namespace, no port means 4222).
+pub fn nats_of(dep: &Value) -> Option<(Peer, u64)> {
+    let env = env_of(get(dep, "spec.template.spec.containers.0"));
+    let url = env.get("TASKBUS_NATS_URL")?;
+    let rest = url.split_once("://").map_or(url.as_str(), |(_, r)| r);
+    let host_port = rest.split(['/', ',']).next()?.rsplit('@').next()?;
+    let (host, port) = match host_port.rsplit_once(':') {
+        Some((h, p)) => (h, p.parse().ok()?),
+        None => (host_port, 4222),
+    };
+    let namespace = host
+        .split('.')
+        .nth(1)
+        .unwrap_or(text(dep, "metadata.namespace"));
+    Some((Peer::pod(namespace, &NATS_POD_LABELS), port))
+}
+
+/// Whether `np` is isolating its pods in `direction` ("ingress" or "egress"): named in
+/// policyTypes or, without policyTypes, by the API's defaults (ingress always, egress when it
+/// has egress rules).
+fn isolates(np: &Value, direction: &str) -> bool {
+    match get(np, "spec.policyTypes").as_sequence() {
+        Some(types) => types.iter().any(|t| {
+            t.as_str()
+                .is_some_and(|t| t.eq_ignore_ascii_case(direction))
+        }),
+        None => direction == "ingress" || !seq(np, "spec.egress").is_empty(),
+    }
+}
+
+/// A namespace's default deny for ingress: isolates ingress, allows none, and selects every
+/// taskbus pod of its namespace (an empty podSelector, or app.kubernetes.io/part-of: taskbus).
+pub fn is_default_deny(np: &Value) -> bool {
+    let sel = get(np, "spec.podSelector");
+    let broad = get(sel, "matchExpressions").is_null()
+        && get(sel, "matchLabels").as_mapping().is_none_or(|m| {
+            m.iter().all(|(k, v)| {
+                k.as_str() == Some("app.kubernetes.io/part-of") && v.as_str() == Some("taskbus")
+            })
+        });
+    text(np, "kind") == "NetworkPolicy"
+        && isolates(np, "ingress")
+        && seq(np, "spec.ingress").is_empty()
+        && broad
+}
+
+/// Whether a NetworkPolicy's podSelector takes in a pod of `namespace` with `labels`.
+fn policy_selects(np: &Value, namespace: &str, labels: &Value) -> bool {
+    text(np, "metadata.namespace") == namespace
+        && selector_matches(get(np, "spec.podSelector"), labels)
+}
+
+fn selects_pods_of(np: &Value, dep: &Value) -> bool {
+    policy_selects(
+        np,
+        text(dep, "metadata.namespace"),
+        get(dep, "spec.template.metadata.labels"),
+    )
+}
+
+/// Whether one entry of a rule's `ports` covers a port (`name` is the pod's name for it, known
+/// for the pods a policy selects, not for destinations).
+fn port_matches(q: &Value, name: Option<&str>, number: u64, protocol: &str) -> bool {
+    let port = get(q, "port");
+    let end = get(q, "endPort").as_u64();
+    let same_protocol = get(q, "protocol").as_str().unwrap_or("TCP") == protocol;
+    same_protocol
+        && match (port.as_u64(), port.as_str()) {
+            (Some(p), _) => p == number || end.is_some_and(|e| (p..=e).contains(&number)),
+            (None, Some(n)) => Some(n) == name,
+            _ => port.is_null(),
+        }
+}
+
+/// Every ingress port of `np` is a port `dep`'s containers declare (by name or number), and
+/// every ingress rule lists its ports (a rule without would open all of them).
+fn ingress_port_problems(np: &Value, dep: &Value) -> Vec<String> {
+    let name = text(np, "metadata.name");
+    let declared: Vec<&Value> = seq(dep, "spec.template.spec.containers")
+        .iter()
+        .flat_map(|c| seq(c, "ports"))
+        .collect();
+    let mut p = Vec::new();
+    for rule in seq(np, "spec.ingress") {
+        if seq(rule, "ports").is_empty() {
+            p.push(format!(
+                "NetworkPolicy {name}: an ingress rule without ports opens every port"
+            ));
+        }
+        for q in seq(rule, "ports") {
+            let exposed = declared.iter().any(|d| {
+                let number = get(d, "containerPort").as_u64().unwrap_or(0);
+                let protocol = get(d, "protocol").as_str().unwrap_or("TCP");
+                port_matches(q, d["name"].as_str(), number, protocol)
+            });
+            if !exposed {
+                let port = serde_yaml::to_string(get(q, "port")).unwrap_or_default();
+                p.push(format!(
+                    "NetworkPolicy {name}: ingress port {} is not a container port of Deployment {}",
+                    port.trim(),
+                    text(dep, "metadata.name")
+                ));
+            }
+        }
+    }
+    p
+}
+
+/// A NetworkPolicy next to its Deployment: same namespace, a podSelector that selects the
+/// Deployment's pods, policyTypes spelt out, ingress only to ports the pods declare.
+pub fn policy_problems(np: &Value, dep: &Value) -> Vec<String> {
+    let name = text(np, "metadata.name");
+    let mut p = Vec::new();
+    if kind_of(np) != "networking.k8s.io/v1/NetworkPolicy" {
+        p.push(format!("{name}: not a networking.k8s.io/v1 NetworkPolicy"));
+    }
+    if !selects_pods_of(np, dep) {
+        p.push(format!(
+            "NetworkPolicy {name}: podSelector does not select the pods of Deployment {} in its namespace",
+            text(dep, "metadata.name")
+        ));
+    }
+    if get(np, "spec.policyTypes").is_null() {
+        p.push(format!("NetworkPolicy {name}: no policyTypes"));
+    }
+    p.extend(ingress_port_problems(np, dep));
+    p
+}
+
+/// The NetworkPolicies among objects applied together, to ask what they let a Deployment's pods
+/// do. NetworkPolicy's rules: a pod is isolated in a direction once a policy that selects it
+/// isolates that direction, and may then do what any rule of those policies allows.
+pub struct Network<'a> {
+    policies: Vec<&'a Value>,
+    namespaces: Vec<&'a Value>,
+}
+
+impl<'a> Network<'a> {
+    pub fn of(all: &'a [(String, Value)]) -> Network<'a> {
+        Network {
+            policies: of_kind(all, "NetworkPolicy"),
+            namespaces: of_kind(all, "Namespace"),
+        }
+    }
+
+    /// The policies that select `dep`'s pods.
+    pub fn selecting(&self, dep: &Value) -> Vec<&'a Value> {
+        let mut out = self.policies.clone();
+        out.retain(|np| selects_pods_of(np, dep));
+        out
+    }
+
+    /// A namespace's labels: the one Kubernetes sets on every namespace and those declared here.
+    fn namespace_labels(&self, namespace: &str) -> Value {
+        let mut labels = serde_yaml::Mapping::new();
+        if let Some(ns) = self
+            .namespaces
+            .iter()
+            .find(|n| text(n, "metadata.name") == namespace)
+        {
+            labels.extend(
+                get(ns, "metadata.labels")
+                    .as_mapping()
+                    .cloned()
+                    .unwrap_or_default(),
+            );
+        }
+        labels.insert("kubernetes.io/metadata.name".into(), namespace.into());
+        Value::Mapping(labels)
+    }
+
+    /// Whether one entry of a rule's `from`/`to`, in a policy of `namespace`, takes in `peer`. An
+    /// ipBlock counts only for addresses outside the cluster, and only when it is all of them.
+    fn peer_matches(&self, q: &Value, namespace: &str, peer: &Peer) -> bool {
+        if !get(q, "ipBlock").is_null() {
+            let cidr = text(q, "ipBlock.cidr");
+            return matches!(peer, Peer::Outside)
+                && (cidr == "0.0.0.0/0" || cidr == "::/0")
+                && seq(q, "ipBlock.except").is_empty();
+        }
+        let Peer::Pod {
+            namespace: peer_namespace,
+            labels,
+        } = peer
+        else {
+            return false;
+        };
+        let in_namespace = match get(q, "namespaceSelector") {
+            Value::Null => peer_namespace == namespace,
+            sel => selector_matches(sel, &self.namespace_labels(peer_namespace)),
+        };
+        in_namespace && selector_matches(get(q, "podSelector"), labels)
+    }
+
+    /// Whether the policies let a connection through in `direction` between `dep`'s pods and
+    /// `peer`, on a port that `port_ok` accepts.
+    fn allows(
+        &self,
+        dep: &Value,
+        direction: &str,
+        peer: &Peer,
+        port_ok: impl Fn(&Value) -> bool,
+    ) -> bool {
+        let mut isolating = self.selecting(dep);
+        isolating.retain(|np| isolates(np, direction));
+        let peers = if direction == "ingress" { "from" } else { "to" };
+        isolating.is_empty()
+            || isolating.iter().any(|np| {
+                let namespace = text(np, "metadata.namespace");
+                seq(np, &format!("spec.{direction}")).iter().any(|rule| {
+                    let to_peer = seq(rule, peers);
+                    let ports = seq(rule, "ports");
+                    (to_peer.is_empty()
+                        || to_peer
+                            .iter()
+                            .any(|q| self.peer_matches(q, namespace, peer)))
+                        && (ports.is_empty() || ports.iter().any(&port_ok))
+                })
+            })
+    }
+
+    /// Whether `dep`'s pods may open a connection to `to` on `port` (`protocol`: TCP or UDP).
+    pub fn egress_allows(&self, dep: &Value, to: &Peer, port: u64, protocol: &str) -> bool {
+        self.allows(dep, "egress", to, |q| port_matches(q, None, port, protocol))
+    }
+
+    /// Whether `from` may connect to `dep`'s pods on their container port named `port`.
+    pub fn ingress_allows(&self, dep: &Value, from: &Peer, port: &str) -> bool {
+        let c = get(dep, "spec.template.spec.containers.0");
+        let Some(declared) = seq(c, "ports").iter().find(|q| text(q, "name") == port) else {
+            return false;
+        };
+        let number = get(declared, "containerPort").as_u64().unwrap_or(0);
+        self.allows(dep, "ingress", from, |q| {
+            port_matches(q, Some(port), number, "TCP")
+        })
+    }
+
+    /// Whether egress from `dep`'s pods is limited by any policy.
+    pub fn egress_limited(&self, dep: &Value) -> bool {
+        self.selecting(dep).iter().any(|np| isolates(np, "egress"))
+    }
+}
+
+/// What the NetworkPolicies among `all` (objects applied together) do wrong for `dep`: its
+/// namespace's default deny for ingress must select its pods and a policy of its own too; ingress
+/// only to ports the pods declare, the `http` port (metrics) open to Prometheus; egress limited,
+/// yet open to the cluster DNS (UDP and TCP 53), to the NATS pods its TASKBUS_NATS_URL names, and
+/// to PostgreSQL (any address, port 5432) when it reads TASKBUS_DATABASE_URL.
+pub fn network_problems(all: &[(String, Value)], dep: &Value) -> Vec<String> {
+    let net = Network::of(all);
+    let name = text(dep, "metadata.name");
+    let at = |what: &str| format!("Deployment {name}: {what}");
+    let selecting = net.selecting(dep);
+    let mut p = Vec::new();
+    if !selecting.iter().any(|np| is_default_deny(np)) {
+        p.push(at(&format!(
+            "no default-deny ingress NetworkPolicy of namespace {:?} selects its pods",
+            text(dep, "metadata.namespace")
+        )));
+    }
+    if selecting.iter().all(|np| is_default_deny(np)) {
+        p.push(at("no NetworkPolicy of its own selects its pods"));
+    }
+    for np in &selecting {
+        p.extend(ingress_port_problems(np, dep));
+    }
+    let c = get(dep, "spec.template.spec.containers.0");
+    if seq(c, "ports").iter().any(|q| text(q, "name") == "http")
+        && !net.ingress_allows(dep, &prometheus(), "http")
+    {
+        p.push(at("Prometheus may not scrape the `http` port"));
+    }
+    if !net.egress_limited(dep) {
+        p.push(at("no NetworkPolicy limits its egress"));
+    }
+    for protocol in ["UDP", "TCP"] {
+        if !net.egress_allows(dep, &cluster_dns(), 53, protocol) {
+            p.push(at(&format!(
+                "egress to the cluster DNS on {protocol} 53 is not allowed"
+            )));
+        }
+    }
+    match nats_of(dep) {
+        Some((nats, port)) if !net.egress_allows(dep, &nats, port, "TCP") => p.push(at(&format!(
+            "egress to the NATS {nats} on {port} is not allowed"
+        ))),
+        Some(_) => {}
+        None => p.push(at("no TASKBUS_NATS_URL to find NATS by")),
+    }
+    if env_of(c).contains_key("TASKBUS_DATABASE_URL")
+        && !net.egress_allows(dep, &Peer::Outside, POSTGRES_PORT, "TCP")
+    {
+        p.push(at(&format!(
+            "egress to PostgreSQL ({POSTGRES_PORT}, any address) is not allowed"
+        )));
+    }
+    p
+}
+
+/// The NetworkPolicies among `all` as a whole: each selects the pods of a Deployment among them
+/// (a policy that selects none is a label that went out of date), and none selects the NATS
+/// servers, which share namespace `taskbus` and must take connections from every component.
+pub fn stray_policy_problems(all: &[(String, Value)]) -> Vec<String> {
+    let deps = of_kind(all, "Deployment");
+    let nats: Vec<Peer> = deps
+        .iter()
+        .filter_map(|d| nats_of(d))
+        .map(|(n, _)| n)
+        .collect();
+    let mut p = Vec::new();
+    for np in of_kind(all, "NetworkPolicy") {
+        let name = text(np, "metadata.name");
+        if !deps.iter().any(|d| selects_pods_of(np, d)) {
+            p.push(format!(
+                "NetworkPolicy {name}: selects no Deployment's pods"
+            ));
+        }
+        let selects_nats = nats.iter().any(|n| match n {
+            Peer::Pod { namespace, labels } => policy_selects(np, namespace, labels),
+            Peer::Outside => false,
+        });
+        if selects_nats {
+            p.push(format!(
+                "NetworkPolicy {name}: selects the NATS server pods"
             ));
         }
     }

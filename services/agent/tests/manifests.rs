@@ -75,6 +75,40 @@ fn agent_problems(dep: &Value, help: &Help, pools: &[String]) -> Vec<String> {
     p
 }
 
+/// The pool a ScaledObject, ScaledJob or HPA of deploy/keda/ scales for.
+fn pool_of(d: &Value) -> &str {
+    match text(d, "kind") {
+        "HorizontalPodAutoscaler" => text(
+            d,
+            "spec.metrics.0.external.metric.selector.matchLabels.pool",
+        ),
+        _ => text(get(d, "spec.triggers.0"), "metadata.pool"),
+    }
+}
+
+/// What `kubectl apply -k deploy/keda/` applies (`applied`) serves only pools the coordinator
+/// creates: the objects for other pools are examples, which KEDA would find no target for and
+/// the scaler no pool, so keda/kustomization.yaml leaves them out.
+fn example_problems(applied: &[(String, Value)], pools: &[String]) -> Vec<String> {
+    applied
+        .iter()
+        .filter(|(_, d)| {
+            matches!(
+                text(d, "kind"),
+                "ScaledObject" | "ScaledJob" | "HorizontalPodAutoscaler"
+            ) && !pools.iter().any(|p| p == pool_of(d))
+        })
+        .map(|(file, d)| {
+            format!(
+                "{file}: {} {} is applied by deploy/keda/ but serves pool {:?}, which the coordinator does not create ({pools:?})",
+                text(d, "kind"),
+                text(d, "metadata.name"),
+                pool_of(d)
+            )
+        })
+        .collect()
+}
+
 /// Every ScaledObject (and HPA) for a pool the coordinator creates scales one of `agents` in
 /// the namespace KEDA's objects go to, and every agent Deployment is scaled by one.
 fn scaling_problems(
@@ -90,33 +124,26 @@ fn scaling_problems(
         .collect();
     let mut targeted = Vec::new();
     for (file, d) in keda {
-        let (target, namespace, pool) = match text(d, "kind") {
+        let (target, namespace) = match text(d, "kind") {
             "ScaledObject" => {
                 let kind = text(d, "spec.scaleTargetRef.kind");
                 if !kind.is_empty() && kind != "Deployment" {
                     continue;
                 }
-                let pool = text(get(d, "spec.triggers.0"), "metadata.pool");
                 // The kustomization puts it in keda_namespace unless the object names another.
                 let ns = Some(text(d, "metadata.namespace")).filter(|n| !n.is_empty());
                 (
                     text(d, "spec.scaleTargetRef.name"),
                     ns.unwrap_or(keda_namespace),
-                    pool,
                 )
             }
             "HorizontalPodAutoscaler" => (
                 text(d, "spec.scaleTargetRef.name"),
                 text(d, "metadata.namespace"),
-                get(
-                    d,
-                    "spec.metrics.0.external.metric.selector.matchLabels.pool",
-                )
-                .as_str()
-                .unwrap_or(""),
             ),
             _ => continue,
         };
+        let pool = pool_of(d);
         if !pools.iter().any(|q| q == pool) {
             continue; // an example for a pool this tree does not set up (e.g. `cpu`)
         }
@@ -175,6 +202,11 @@ fn manifests_agree_with_the_binary_the_pools_and_the_scalers() {
     }
     let mut keda = component("keda");
     assert_none(scaling_problems(&all, &keda, &ns, &coordinator_pools()));
+    // What `kubectl apply -k deploy/keda/` applies scales the agents deploy/ creates, and only
+    // them: scaledobject-cpu.yaml and scaledjob-gpu.yaml are examples it leaves out.
+    let applied = resources(&deploy_dir().join("keda"));
+    assert_none(example_problems(&applied, &coordinator_pools()));
+    assert_none(scaling_problems(&all, &applied, &ns, &coordinator_pools()));
     // The pool `default` has its ScaledObject and its Deployment.
     keda.retain(|(f, _)| f == "scaledobject-default.yaml");
     assert_eq!(
@@ -204,6 +236,40 @@ fn manifests_agree_with_the_binary_the_pools_and_the_scalers() {
             ),
             text(dep, "metadata.name")
         );
+    }
+}
+
+#[test]
+fn network_policy_lets_agents_reach_dns_and_nats_only() {
+    // deploy/agents/networkpolicy.yaml opens no egress for handlers on purpose (its comment):
+    // the echo handler needs none, and a pool's own policy grants what its handlers call.
+    let all = resources(&deploy_dir());
+    let net = Network::of(&all);
+    let ns = keda_namespace();
+    let coordinator = Peer::pod(
+        "taskbus",
+        &[("app.kubernetes.io/name", "taskbus-coordinator")],
+    );
+    let deps: Vec<&Value> = of_kind(&all, "Deployment")
+        .into_iter()
+        .filter(|d| text(d, "metadata.namespace") == ns)
+        .collect();
+    assert!(!deps.is_empty(), "deploy/ applies agents in {ns}");
+    for dep in deps {
+        let name = text(dep, "metadata.name");
+        assert!(
+            !net.egress_allows(dep, &Peer::Outside, 443, "TCP"),
+            "{name}: HTTPS out of the cluster"
+        );
+        assert!(
+            !net.egress_allows(dep, &coordinator, 9464, "TCP"),
+            "{name}: the coordinator's pods"
+        );
+        // A Deployment copied for another pool falls under the same policies.
+        let mut copy = dep.clone();
+        copy["metadata"]["name"] = "taskbus-agent-gpu".into();
+        copy["spec"]["template"]["metadata"]["labels"]["taskbus.dev/pool"] = "gpu".into();
+        assert_none(network_problems(&all, &copy));
     }
 }
 
@@ -238,6 +304,8 @@ fn checks_report_a_broken_agent() {
         &keda_namespace(),
         &coordinator_pools(),
     ));
+    // Every file of deploy/keda/ applied, the examples included.
+    problems.extend(example_problems(&component("keda"), &coordinator_pools()));
     assert_reported(
         &problems,
         &[
@@ -251,6 +319,8 @@ fn checks_report_a_broken_agent() {
             "--concurrency Some(4)",
             "scales Deployment taskbus-agent-default in taskbus-agents, which deploy/agents/ does not have",
             "Deployment agents: no ScaledObject",
+            "scaledobject-cpu.yaml: ScaledObject taskbus-agent-cpu is applied by deploy/keda/ but serves pool \"cpu\"",
+            "scaledjob-gpu.yaml: ScaledJob taskbus-agent-gpu is applied by deploy/keda/ but serves pool \"gpu\"",
         ],
     );
 }

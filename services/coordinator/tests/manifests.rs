@@ -73,6 +73,87 @@ fn top_level_kustomization_applies_everything_once() {
     }
 }
 
+#[test]
+fn network_policies_cover_every_deployment() {
+    let all = resources(&deploy_dir());
+    assert_none(stray_policy_problems(&all));
+    let deps = of_kind(&all, "Deployment");
+    assert_eq!(deps.len(), 4, "the four Deployments of deploy/");
+    for dep in deps {
+        assert_none(network_problems(&all, dep));
+    }
+}
+
+/// The NetworkPolicy `name` of `namespace` among `all`.
+fn policy_mut<'a>(all: &'a mut [(String, Value)], namespace: &str, name: &str) -> &'a mut Value {
+    let found = all.iter_mut().find(|(_, d)| {
+        text(d, "kind") == "NetworkPolicy"
+            && text(d, "metadata.namespace") == namespace
+            && text(d, "metadata.name") == name
+    });
+    &mut found
+        .unwrap_or_else(|| panic!("NetworkPolicy {namespace}/{name}"))
+        .1
+}
+
+#[test]
+fn network_checks_report_broken_policies() {
+    let mut all = resources(&deploy_dir());
+    // The agents' default deny narrowed to one pool that has no Deployment, and their own
+    // policy gone.
+    policy_mut(&mut all, "taskbus-agents", "taskbus-default-deny-ingress")["spec"]["podSelector"] =
+        parse("", "{matchLabels: {taskbus.dev/pool: gpu}}").unwrap()[0].clone();
+    all.retain(|(_, d)| {
+        !(text(d, "kind") == "NetworkPolicy" && text(d, "metadata.name") == "taskbus-agent")
+    });
+    // The coordinator: DNS over UDP only, ingress to a port it does not have.
+    let coordinator = policy_mut(&mut all, "taskbus", "taskbus-coordinator");
+    coordinator["spec"]["egress"][0]["ports"]
+        .as_sequence_mut()
+        .unwrap()
+        .pop();
+    coordinator["spec"]["ingress"][0]["ports"][0]["port"] = "metrics".into();
+    // The ledger: another NATS release, no PostgreSQL.
+    let ledger = policy_mut(&mut all, "taskbus", "taskbus-ledger");
+    ledger["spec"]["egress"][1]["to"][0]["podSelector"]["matchLabels"]
+        ["app.kubernetes.io/instance"] = "nats-other".into();
+    ledger["spec"]["egress"].as_sequence_mut().unwrap().pop();
+    // The scaler: egress left open.
+    policy_mut(&mut all, "taskbus", "taskbus-scaler")["spec"]["policyTypes"] =
+        parse("", "[Ingress]").unwrap()[0].clone();
+    // A policy that locks out NATS.
+    all.push((
+        "extra.yaml".into(),
+        parse(
+            "",
+            "{apiVersion: networking.k8s.io/v1, kind: NetworkPolicy, \
+             metadata: {name: nats-lockdown, namespace: taskbus}, \
+             spec: {podSelector: {matchLabels: {app.kubernetes.io/name: nats}}, policyTypes: [Ingress]}}",
+        )
+        .unwrap()[0]
+            .clone(),
+    ));
+    let mut problems = stray_policy_problems(&all);
+    for dep in of_kind(&all, "Deployment") {
+        problems.extend(network_problems(&all, dep));
+    }
+    assert_reported(
+        &problems,
+        &[
+            "NetworkPolicy taskbus-default-deny-ingress: selects no Deployment's pods",
+            "NetworkPolicy nats-lockdown: selects the NATS server pods",
+            "Deployment taskbus-agent-default: no default-deny ingress NetworkPolicy of namespace \"taskbus-agents\"",
+            "Deployment taskbus-agent-default: no NetworkPolicy of its own",
+            "Deployment taskbus-coordinator: egress to the cluster DNS on TCP 53 is not allowed",
+            "NetworkPolicy taskbus-coordinator: ingress port metrics is not a container port",
+            "Deployment taskbus-coordinator: Prometheus may not scrape",
+            "Deployment taskbus-ledger: egress to the NATS pods",
+            "Deployment taskbus-ledger: egress to PostgreSQL",
+            "Deployment taskbus-scaler: no NetworkPolicy limits its egress",
+        ],
+    );
+}
+
 const BROKEN: &str = r#"
 apiVersion: apps/v1
 kind: Deployment
@@ -90,6 +171,9 @@ spec:
     spec:
       serviceAccountName: nobody
       securityContext: {runAsNonRoot: true, runAsUser: 0, seccompProfile: {type: RuntimeDefault}}
+      topologySpreadConstraints:
+        - {maxSkew: 1, topologyKey: kubernetes.io/hostname, whenUnsatisfiable: ScheduleAnyway,
+           labelSelector: {matchLabels: {app.kubernetes.io/name: other}}}
       containers:
         - name: coordinator
           image: ghcr.io/taskbus/taskbus-coordinator:latest
@@ -127,6 +211,16 @@ metadata: {name: broken, namespace: default}
 spec:
   minAvailable: 1
   selector: {matchLabels: {app.kubernetes.io/name: broken}}
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: broken, namespace: taskbus}
+spec:
+  podSelector: {matchLabels: {app.kubernetes.io/name: someone-else}}
+  ingress:
+    - from: [{namespaceSelector: {}}]
+      ports: [{port: metrics}]
+    - from: [{namespaceSelector: {}}]
 "#;
 
 #[test]
@@ -161,6 +255,11 @@ fn checks_report_broken_manifests() {
             "PodDisruptionBudget of broken: minAvailable",
             "is not in namespace taskbus",
             "secretKeyRef taskbus-postgres/url",
+            "a topologySpreadConstraint's labelSelector does not select exactly its pods",
+            "NetworkPolicy broken: podSelector does not select the pods of Deployment broken",
+            "NetworkPolicy broken: no policyTypes",
+            "NetworkPolicy broken: ingress port metrics is not a container port",
+            "NetworkPolicy broken: an ingress rule without ports",
         ],
     );
 

@@ -89,6 +89,16 @@ fn checks_report_a_broken_ledger() {
         }
     }
     dep["spec"]["replicas"] = 1.into();
+    // Spread counted over every taskbus pod, not the ledger's.
+    dep["spec"]["template"]["spec"]["topologySpreadConstraints"][0]["labelSelector"] =
+        parse("", "{matchLabels: {app.kubernetes.io/part-of: taskbus}}").unwrap()[0].clone();
+    // The policy names the port by number, 9466, which the container above no longer declares.
+    let np = &mut all
+        .iter_mut()
+        .find(|(_, d)| text(d, "kind") == "NetworkPolicy")
+        .unwrap()
+        .1;
+    np["spec"]["ingress"][0]["ports"][0]["port"] = 9466.into();
     let dep = one_of_kind(&all, "Deployment");
     let mut problems = deployment_problems(dep, "taskbus-ledger", &help);
     problems.extend(database_secret_problems(dep));
@@ -100,6 +110,7 @@ fn checks_report_a_broken_ledger() {
         dep,
         one_of_kind(&all, "PodDisruptionBudget"),
     ));
+    problems.extend(policy_problems(one_of_kind(&all, "NetworkPolicy"), dep));
     assert_reported(
         &problems,
         &[
@@ -108,6 +119,8 @@ fn checks_report_a_broken_ledger() {
             "secretKeyRef taskbus-postgres/url",
             "TASKBUS_STREAM_REPLICAS: ledger Some(\"3\")",
             "1 replica(s)",
+            "labelSelector does not select exactly its pods",
+            "NetworkPolicy taskbus-ledger: ingress port 9466 is not a container port",
         ],
     );
 }

@@ -9,7 +9,10 @@ mod manifest_checks;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
-use manifest_checks::{assert_none, docs, get, kind_of, kustomization_problems, s};
+use manifest_checks::{
+    assert_none, assert_reported, docs, get, kind_of, kustomization_problems, network_problems,
+    of_kind, prometheus, resources, s, spread_problems, stray_policy_problems, Network, Peer,
+};
 use serde_yaml::Value;
 use taskbus_scaler::extapi;
 
@@ -47,7 +50,15 @@ fn every_document_has_identity() {
             assert!(!name.is_empty() && name.len() <= 253, "{file}: {name}");
         }
     }
-    check_kustomization(&root().join("keda"), &["hpa-external.yaml"]);
+    // The examples for pools deploy/ does not set up stay out (the agents' test checks why).
+    check_kustomization(
+        &root().join("keda"),
+        &[
+            "hpa-external.yaml",
+            "scaledobject-cpu.yaml",
+            "scaledjob-gpu.yaml",
+        ],
+    );
     check_kustomization(&root().join("scaler"), &["direct", "external-metrics"]);
     check_kustomization(&root().join("scaler/base"), &[]);
     check_kustomization(&root().join("scaler/external-metrics"), &["https.yaml"]);
@@ -418,4 +429,63 @@ fn apiservice_and_rbac_point_at_the_scaler() {
             );
         }
     }
+}
+
+/// Everything `kubectl apply -k deploy/` applies, with the scaler of `variant` (`scaler`,
+/// `scaler/direct` or `scaler/external-metrics`) in place of deploy/scaler/.
+fn deployed_with(variant: &str) -> Vec<(String, Value)> {
+    let scaler = root().join("scaler");
+    let mut all = resources(&root());
+    all.retain(|(file, _)| !Path::new(file).starts_with(&scaler));
+    all.extend(resources(&root().join(variant)));
+    all
+}
+
+#[test]
+fn network_policies_and_spread_of_each_variant() {
+    let keda = Peer::pod("keda", &[("app", "keda-operator")]);
+    for variant in ["scaler", "scaler/direct", "scaler/external-metrics"] {
+        let all = deployed_with(variant);
+        assert_none(stray_policy_problems(&all));
+        let scalers: Vec<&Value> = of_kind(&all, "Deployment")
+            .into_iter()
+            .filter(|d| s(d, "metadata.name") == "taskbus-scaler")
+            .collect();
+        let [dep] = scalers[..] else {
+            panic!("{variant}: one scaler Deployment, not {}", scalers.len());
+        };
+        assert_none(network_problems(&all, dep));
+        assert_none(spread_problems(dep));
+        let net = Network::of(&all);
+        assert!(
+            net.ingress_allows(dep, &keda, "grpc"),
+            "{variant}: the KEDA operator reaches the gRPC port"
+        );
+        assert!(
+            !net.ingress_allows(dep, &prometheus(), "grpc"),
+            "{variant}: only KEDA reaches the gRPC port"
+        );
+        // The API server is no pod: it may reach the HTTP(S) listener from anywhere where that
+        // serves the external metrics API, and the scaler may reach it only in direct mode.
+        assert_eq!(
+            net.ingress_allows(dep, &Peer::Outside, "http"),
+            variant == "scaler/external-metrics",
+            "{variant}: the HTTP port open to the API server"
+        );
+        for port in [443, 6443] {
+            assert_eq!(
+                net.egress_allows(dep, &Peer::Outside, port, "TCP"),
+                variant == "scaler/direct",
+                "{variant}: egress to the Kubernetes API on {port}"
+            );
+        }
+    }
+    // Two replicas need the spread constraint.
+    let all = docs(&root().join("scaler/base"));
+    let mut dep = of_kind(&all, "Deployment")[0].clone();
+    dep["spec"]["template"]["spec"]["topologySpreadConstraints"] = Value::Null;
+    assert_reported(
+        &spread_problems(&dep),
+        &["2 replicas and no topologySpreadConstraint over kubernetes.io/hostname"],
+    );
 }
