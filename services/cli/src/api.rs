@@ -17,8 +17,8 @@ pub async fn connect(url: &str, auth: &NatsAuth) -> anyhow::Result<async_nats::C
         .await
         .map_err(|e| match e {
             NatsError::Url(..) => anyhow!("--nats-url: {e}"),
-            NatsError::Connect { ref source, .. } if e.unreachable() => anyhow!(
-                "cannot reach NATS at {}: {source}; start one with `taskbus dev` or pass \
+            NatsError::Connect { ref cause, .. } if e.unreachable() => anyhow!(
+                "cannot reach NATS at {}: {cause}; start one with `taskbus dev` or pass \
                  --nats-url / TASKBUS_NATS_URL",
                 redact_url(url)
             ),

@@ -16,13 +16,14 @@ pub enum NatsError {
     Url(String, String),
     #[error("NATS settings: {0}")]
     Auth(#[from] AuthError),
-    #[error("cannot connect to NATS at {url}: {source}; {hint}")]
+    /// The client's error is part of the message (and not a `source`, so that printing the
+    /// error chain does not repeat it).
+    #[error("cannot connect to NATS at {url}: {cause}; {hint}")]
     Connect {
         /// With any password or token replaced by `***`.
         url: String,
         hint: &'static str,
-        #[source]
-        source: async_nats::ConnectError,
+        cause: async_nats::ConnectError,
     },
     #[error("cannot create or update stream {stream}: {message}; is JetStream enabled on the server (nats-server -js)?")]
     Stream { stream: String, message: String },
@@ -80,10 +81,10 @@ pub async fn connect_with(
     let opts = auth.apply(opts, &addrs).await?;
     opts.connect(addrs.as_slice())
         .await
-        .map_err(|source| NatsError::Connect {
+        .map_err(|cause| NatsError::Connect {
             url: redact_url(url),
-            hint: auth.hint(&source),
-            source,
+            hint: auth.hint(&cause),
+            cause,
         })
 }
 
