@@ -10,11 +10,14 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 use manifest_checks::{
-    assert_none, assert_reported, docs, get, kind_of, kustomization_problems, network_problems,
-    of_kind, prometheus, resources, s, spread_problems, stray_policy_problems, Network, Peer,
+    assert_none, assert_reported, availability_problems, deployment_problems, docs, get, kind_of,
+    kustomization_problems, network_problems, of_kind, one_of_kind, prometheus, resources, s,
+    spread_problems, stray_policy_problems, Help, Network, Peer,
 };
 use serde_yaml::Value;
 use taskbus_scaler::extapi;
+
+const BIN: &str = env!("CARGO_BIN_EXE_taskbus-scaler");
 
 fn root() -> PathBuf {
     manifest_checks::deploy_dir()
@@ -487,5 +490,25 @@ fn network_policies_and_spread_of_each_variant() {
     assert_reported(
         &spread_problems(&dep),
         &["2 replicas and no topologySpreadConstraint over kubernetes.io/hostname"],
+    );
+}
+
+/// The scaler's Deployment passes the checks every taskbus Deployment does (flags, variables and
+/// values its `--help` knows, image, probes, security context), and a node drain leaves one of
+/// its two replicas running.
+#[test]
+fn deployment_agrees_with_the_binary_and_keeps_a_replica_through_drains() {
+    let all = docs(&root().join("scaler/base"));
+    let dep = one_of_kind(&all, "Deployment");
+    assert_none(deployment_problems(dep, "taskbus-scaler", &Help::of(BIN)));
+    assert_none(availability_problems(
+        dep,
+        one_of_kind(&all, "PodDisruptionBudget"),
+    ));
+    let mut broken = one_of_kind(&all, "PodDisruptionBudget").clone();
+    broken["spec"]["minAvailable"] = Value::from(2);
+    assert!(
+        !availability_problems(dep, &broken).is_empty(),
+        "a PDB that blocks every drain is reported"
     );
 }
