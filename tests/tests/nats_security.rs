@@ -201,66 +201,107 @@ fn jwt(issuer: &nkeys::KeyPair, subject: &str, name: &str, nats: serde_json::Val
     format!("{input}.{sig}")
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn creds_file_in_operator_mode() {
-    let operator = nkeys::KeyPair::new_operator();
-    let account = nkeys::KeyPair::new_account();
-    let user = nkeys::KeyPair::new_user();
-    let op_jwt = jwt(
-        &operator,
-        &operator.public_key(),
-        "test-operator",
-        serde_json::json!({"type": "operator", "version": 2}),
-    );
-    let unlimited = serde_json::json!({
-        "subs": -1, "conn": -1, "leaf": -1, "imports": -1, "exports": -1,
-        "data": -1, "payload": -1, "wildcards": true,
-        "mem_storage": -1, "disk_storage": -1, "streams": -1, "consumer": -1,
-    });
-    let acc_jwt = jwt(
-        &operator,
-        &account.public_key(),
-        "taskbus",
-        serde_json::json!({"limits": unlimited, "type": "account", "version": 2}),
-    );
-    let user_jwt = jwt(
-        &account,
-        &user.public_key(),
-        "taskbus-svc",
-        serde_json::json!({
-            "pub": {}, "sub": {}, "subs": -1, "data": -1, "payload": -1,
-            "type": "user", "version": 2,
-        }),
-    );
-    // JetStream in operator mode needs a system account.
-    let system = nkeys::KeyPair::new_account();
-    let sys_jwt = jwt(
-        &operator,
-        &system.public_key(),
-        "SYS",
-        serde_json::json!({"type": "account", "version": 2}),
-    );
-    let nats = server(format!(
-        "operator: {op_jwt}\nsystem_account: {sys}\nresolver: MEMORY\n\
-         resolver_preload: {{\n  {sys}: {sys_jwt}\n  {acc}: {acc_jwt}\n}}\n",
-        sys = system.public_key(),
-        acc = account.public_key(),
-    ))
-    .await;
-    let creds = temp_file(&format!(
-        "-----BEGIN NATS USER JWT-----\n{user_jwt}\n------END NATS USER JWT------\n\n\
-         ************************* IMPORTANT *************************\n\
-         NKEY Seed printed below can be used to sign and prove identity.\n\n\
-         -----BEGIN USER NKEY SEED-----\n{}\n------END USER NKEY SEED------\n",
-        user.seed().unwrap()
-    ));
-    let auth = |p: &std::path::Path| NatsAuth {
+/// A server in operator (JWT) mode: an operator, a system account, and account `taskbus` whose
+/// users the tests create.
+struct OperatorMode {
+    operator: nkeys::KeyPair,
+    system: nkeys::KeyPair,
+    account: nkeys::KeyPair,
+}
+
+impl OperatorMode {
+    fn new() -> Self {
+        Self {
+            operator: nkeys::KeyPair::new_operator(),
+            system: nkeys::KeyPair::new_account(),
+            account: nkeys::KeyPair::new_account(),
+        }
+    }
+
+    /// The server's configuration, with `revoked` users of the account revoked.
+    fn config(&self, revoked: &[&nkeys::KeyPair]) -> String {
+        let op = &self.operator;
+        let op_jwt = jwt(
+            op,
+            &op.public_key(),
+            "test-operator",
+            serde_json::json!({"type": "operator", "version": 2}),
+        );
+        // JetStream in operator mode needs a system account.
+        let sys_jwt = jwt(
+            op,
+            &self.system.public_key(),
+            "SYS",
+            serde_json::json!({"type": "account", "version": 2}),
+        );
+        let unlimited = serde_json::json!({
+            "subs": -1, "conn": -1, "leaf": -1, "imports": -1, "exports": -1,
+            "data": -1, "payload": -1, "wildcards": true,
+            "mem_storage": -1, "disk_storage": -1, "streams": -1, "consumer": -1,
+        });
+        // A revocation holds for the user's JWTs issued up to the given time.
+        let until = chrono::Utc::now().timestamp() + 3600;
+        let revocations: serde_json::Map<String, serde_json::Value> = revoked
+            .iter()
+            .map(|u| (u.public_key(), until.into()))
+            .collect();
+        let acc_jwt = jwt(
+            op,
+            &self.account.public_key(),
+            "taskbus",
+            serde_json::json!({
+                "limits": unlimited, "revocations": revocations,
+                "type": "account", "version": 2,
+            }),
+        );
+        format!(
+            "operator: {op_jwt}\nsystem_account: {sys}\nresolver: MEMORY\n\
+             resolver_preload: {{\n  {sys}: {sys_jwt}\n  {acc}: {acc_jwt}\n}}\n",
+            sys = self.system.public_key(),
+            acc = self.account.public_key(),
+        )
+    }
+
+    /// The text of a `.creds` file for `user`, signed by `signer` (the account, unless a test
+    /// wants a stranger).
+    fn creds(user: &nkeys::KeyPair, signer: &nkeys::KeyPair) -> String {
+        let user_jwt = jwt(
+            signer,
+            &user.public_key(),
+            "taskbus-svc",
+            serde_json::json!({
+                "pub": {}, "sub": {}, "subs": -1, "data": -1, "payload": -1,
+                "type": "user", "version": 2,
+            }),
+        );
+        format!(
+            "-----BEGIN NATS USER JWT-----\n{user_jwt}\n------END NATS USER JWT------\n\n\
+             ************************* IMPORTANT *************************\n\
+             NKEY Seed printed below can be used to sign and prove identity.\n\n\
+             -----BEGIN USER NKEY SEED-----\n{}\n------END USER NKEY SEED------\n",
+            user.seed().unwrap()
+        )
+    }
+}
+
+fn creds_auth(p: &std::path::Path) -> NatsAuth {
+    NatsAuth {
         creds: Some(p.into()),
         ..Default::default()
-    };
-    works(&nats.url(), &auth(creds.path())).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn creds_file_in_operator_mode() {
+    let op = OperatorMode::new();
+    let nats = server(op.config(&[])).await;
+    let user = nkeys::KeyPair::new_user();
+    let creds = temp_file(&OperatorMode::creds(&user, &op.account));
+    works(&nats.url(), &creds_auth(creds.path())).await;
     // JetStream works for the account, so every service can run with such credentials.
-    let c = connect(&nats.url(), &auth(creds.path())).await.unwrap();
+    let c = connect(&nats.url(), &creds_auth(creds.path()))
+        .await
+        .unwrap();
     let js = jetstream::new(c);
     taskbus_runtime::nats::ensure_streams(
         &js,
@@ -270,20 +311,15 @@ async fn creds_file_in_operator_mode() {
     .await
     .expect("streams in operator mode");
 
-    // A user signed by a key the server does not know.
-    let stranger = nkeys::KeyPair::new_user();
-    let bad_jwt = jwt(
-        &nkeys::KeyPair::new_account(),
-        &stranger.public_key(),
-        "x",
-        serde_json::json!({"type": "user", "version": 2}),
-    );
-    let bad = temp_file(&format!(
-        "-----BEGIN NATS USER JWT-----\n{bad_jwt}\n------END NATS USER JWT------\n\n\
-         -----BEGIN USER NKEY SEED-----\n{}\n------END USER NKEY SEED------\n",
-        stranger.seed().unwrap()
-    ));
-    refused(&nats.url(), &auth(bad.path()), &["refused the credentials"]).await;
+    // A user signed by an account the server does not know.
+    let stranger = OperatorMode::creds(&nkeys::KeyPair::new_user(), &nkeys::KeyPair::new_account());
+    let bad = temp_file(&stranger);
+    refused(
+        &nats.url(),
+        &creds_auth(bad.path()),
+        &["refused the credentials"],
+    )
+    .await;
     refused(
         &nats.url(),
         &NatsAuth::default(),
@@ -293,10 +329,48 @@ async fn creds_file_in_operator_mode() {
     let garbage = temp_file("hello\n");
     refused(
         &nats.url(),
-        &auth(garbage.path()),
+        &creds_auth(garbage.path()),
         &["--nats-creds", "not a NATS credentials file"],
     )
     .await;
+    // A JWT block without a seed block.
+    let half = temp_file(&OperatorMode::creds(&user, &op.account).replace("USER NKEY SEED", "X"));
+    refused(&nats.url(), &creds_auth(half.path()), &["no seed"]).await;
+}
+
+/// Rotating credentials by replacing the `.creds` file (as an updated Kubernetes Secret does)
+/// takes effect at the next reconnect, without a restart: the file is read at every connect.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replaced_creds_file_is_used_at_the_next_reconnect() {
+    let op = OperatorMode::new();
+    let mut nats = server(op.config(&[])).await;
+    let (old, new) = (nkeys::KeyPair::new_user(), nkeys::KeyPair::new_user());
+    let file = temp_file(&OperatorMode::creds(&old, &op.account));
+    let client = connect(&nats.url(), &creds_auth(file.path()))
+        .await
+        .unwrap();
+    client.flush().await.unwrap();
+    let connected = || client.connection_state() == async_nats::connection::State::Connected;
+
+    // The old user is revoked and the server restarts: with the old file still in place the
+    // client cannot get back in...
+    nats.rewrite_config(&op.config(&[&old])).unwrap();
+    nats.restart().await.unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(!connected(), "reconnected with revoked credentials");
+
+    // ...and once the file holds the new user's credentials, it reconnects by itself.
+    std::fs::write(file.path(), OperatorMode::creds(&new, &op.account)).unwrap();
+    eventually(
+        "a reconnect with the new credentials",
+        Duration::from_secs(20),
+        || async { connected().then_some(()) },
+    )
+    .await;
+    tokio::time::timeout(Duration::from_secs(5), client.flush())
+        .await
+        .expect("flush after the reconnect")
+        .unwrap();
 }
 
 fn tls_block(extra: &str) -> String {

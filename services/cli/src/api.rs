@@ -9,11 +9,12 @@ use taskbus_proto::Subjects;
 use taskbus_runtime::nats::{redact_url, NatsAuth, NatsError};
 
 pub async fn connect(url: &str, auth: &NatsAuth) -> anyhow::Result<async_nats::Client> {
-    let opts = async_nats::ConnectOptions::new()
-        .name("taskbus-cli")
-        .connection_timeout(Duration::from_secs(3))
-        .request_timeout(Some(Duration::from_secs(10)));
-    taskbus_runtime::nats::connect_with(url, auth, opts)
+    let tune = |o: async_nats::ConnectOptions| {
+        o.name("taskbus-cli")
+            .connection_timeout(Duration::from_secs(3))
+            .request_timeout(Some(Duration::from_secs(10)))
+    };
+    taskbus_runtime::nats::connect_with(url, auth, tune)
         .await
         .map_err(|e| match e {
             NatsError::Url(..) => anyhow!("--nats-url: {e}"),

@@ -186,6 +186,19 @@ impl NatsServer {
         }
     }
 
+    /// Replace the configuration file the server was started with (see
+    /// [`NatsOptions::config`]); it takes effect at the next [`restart`](Self::restart).
+    pub fn rewrite_config(&self, text: &str) -> Result<(), DevServerError> {
+        let file = self.dir.path().join("nats.conf");
+        if !file.is_file() {
+            return Err(DevServerError::Failed {
+                what: "rewriting nats-server's config",
+                detail: "it was started without a config file".into(),
+            });
+        }
+        Ok(std::fs::write(file, text)?)
+    }
+
     /// Start it again on the same port with the same store.
     pub async fn restart(&mut self) -> Result<(), DevServerError> {
         self.kill().await;

@@ -62,23 +62,24 @@ pub async fn connect(
     auth: &NatsAuth,
     name: &str,
 ) -> Result<async_nats::Client, NatsError> {
-    let opts = async_nats::ConnectOptions::new()
-        .name(name)
-        .connection_timeout(Duration::from_secs(5))
-        .request_timeout(Some(Duration::from_secs(10)))
-        .client_capacity(65_536)
-        .subscription_capacity(262_144);
-    connect_with(url, auth, opts).await
+    connect_with(url, auth, |o| {
+        o.name(name)
+            .connection_timeout(Duration::from_secs(5))
+            .request_timeout(Some(Duration::from_secs(10)))
+            .client_capacity(65_536)
+            .subscription_capacity(262_144)
+    })
+    .await
 }
 
-/// Connect with `opts` (name, timeouts...) plus `auth`'s credentials and TLS settings.
+/// Connect with `auth`'s credentials and TLS settings, plus what `tune` adds (name, timeouts...).
 pub async fn connect_with(
     url: &str,
     auth: &NatsAuth,
-    opts: async_nats::ConnectOptions,
+    tune: impl FnOnce(async_nats::ConnectOptions) -> async_nats::ConnectOptions,
 ) -> Result<async_nats::Client, NatsError> {
     let addrs = server_addrs(url).map_err(|e| NatsError::Url(redact_url(url), e))?;
-    let opts = auth.apply(opts, &addrs).await?;
+    let opts = tune(auth.options(&addrs).await?);
     opts.connect(addrs.as_slice())
         .await
         .map_err(|cause| NatsError::Connect {

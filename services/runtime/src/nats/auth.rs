@@ -245,19 +245,106 @@ pub fn redact_url(url: &str) -> String {
         .join(",")
 }
 
+/// The text of the first line of the `-----BEGIN <what>-----` block of a `.creds` file.
+fn creds_block<'a>(text: &'a str, what: &str) -> Option<&'a str> {
+    let mut lines = text.lines().map(str::trim);
+    lines.find(|l| l.starts_with("-----BEGIN") && l.contains(what))?;
+    lines
+        .find(|l| !l.is_empty())
+        .filter(|l| !l.starts_with("--"))
+}
+
+/// A credential kept in a file and read at each connect.
+#[derive(Clone)]
+enum FileCredential {
+    /// `--nats-creds`: a user JWT and the seed that signs for it.
+    Creds(PathBuf),
+    /// `--nats-nkey`: an nkey seed.
+    Nkey(PathBuf),
+}
+
+impl FileCredential {
+    /// Read and check the file: the user JWT (creds files only) and the key pair.
+    fn load(&self) -> Result<(Option<String>, nkeys::KeyPair), AuthError> {
+        match self {
+            FileCredential::Creds(path) => {
+                let text = read("--nats-creds", path)?;
+                let bad = |what: &str| {
+                    AuthError(format!(
+                        "--nats-creds {}: not a NATS credentials file ({what}); it holds a \
+                         -----BEGIN NATS USER JWT----- block and a -----BEGIN USER NKEY SEED----- \
+                         block, as `nsc generate creds` writes it",
+                        path.display()
+                    ))
+                };
+                let jwt = creds_block(&text, "NATS USER JWT")
+                    .filter(|j| j.split('.').count() == 3)
+                    .ok_or_else(|| bad("no user JWT"))?;
+                let seed = creds_block(&text, "USER NKEY SEED").ok_or_else(|| bad("no seed"))?;
+                let kp = nkeys::KeyPair::from_seed(seed)
+                    .map_err(|e| bad(&format!("the seed is not valid: {e}")))?;
+                Ok((Some(jwt.to_string()), kp))
+            }
+            FileCredential::Nkey(path) => {
+                let text = read("--nats-nkey", path)?;
+                let seed = text
+                    .lines()
+                    .map(str::trim)
+                    .find(|l| l.starts_with('S'))
+                    .unwrap_or_else(|| text.trim());
+                match nkeys::KeyPair::from_seed(seed) {
+                    Ok(kp) => Ok((None, kp)),
+                    Err(e) => {
+                        let public = seed.starts_with('U') || text.trim_start().starts_with('U');
+                        let hint = if public {
+                            "; that is the public key (U...): give the seed (SU...), which stays \
+                             secret"
+                        } else {
+                            ""
+                        };
+                        Err(AuthError(format!(
+                            "--nats-nkey {}: holds no nkey seed ({e}){hint}",
+                            path.display()
+                        )))
+                    }
+                }
+            }
+        }
+    }
+
+    /// Read the file now and answer the server's challenge with it.
+    fn sign(&self, nonce: &[u8]) -> Result<async_nats::Auth, async_nats::AuthError> {
+        let (jwt, kp) = self.load().map_err(|e| {
+            tracing::error!(error = %e, "cannot read NATS credentials for a reconnect");
+            async_nats::AuthError::new(e)
+        })?;
+        let signature = kp
+            .sign(nonce)
+            .map_err(|e| async_nats::AuthError::new(format!("signing the server's nonce: {e}")))?;
+        let mut auth = async_nats::Auth::new();
+        auth.signature = Some(signature);
+        match jwt {
+            Some(jwt) => auth.jwt = Some(jwt),
+            None => auth.nkey = Some(kp.public_key()),
+        }
+        Ok(auth)
+    }
+}
+
 impl NatsAuth {
     /// Whether any credential flag is set (URL credentials not counted).
     fn has_credentials(&self) -> bool {
         self.creds.is_some() || self.nkey.is_some() || self.token.is_some() || self.user.is_some()
     }
 
-    /// Check the settings and files and apply them (and any credentials in `addrs`' URLs) to
-    /// `opts`.
-    pub async fn apply(
-        &self,
-        mut opts: ConnectOptions,
-        addrs: &[ServerAddr],
-    ) -> Result<ConnectOptions, AuthError> {
+    /// Check the settings and files and build connect options with them (and with any
+    /// credentials in `addrs`' URLs); callers add name, timeouts and the like.
+    ///
+    /// A `.creds` or nkey file is read again at every connect and reconnect (as the Go client
+    /// does), so credentials rotated by replacing the file, e.g. an updated Kubernetes Secret,
+    /// are used from the next reconnect on without a restart. It is also read once here, so
+    /// that a bad file stops the start with a clear error.
+    pub async fn options(&self, addrs: &[ServerAddr]) -> Result<ConnectOptions, AuthError> {
         // Credentials in the URLs: all URLs that carry some must carry the same.
         let mut in_url = None;
         for a in addrs {
@@ -305,42 +392,25 @@ impl NatsAuth {
             ));
         }
 
+        let file = match (&self.creds, &self.nkey) {
+            (Some(p), _) => Some(FileCredential::Creds(p.clone())),
+            (_, Some(p)) => Some(FileCredential::Nkey(p.clone())),
+            _ => None,
+        };
+        let mut opts = match file {
+            Some(cred) => {
+                cred.load()?;
+                ConnectOptions::with_auth_callback(move |nonce: Vec<u8>| {
+                    let cred = cred.clone();
+                    async move { cred.sign(&nonce) }
+                })
+            }
+            None => ConnectOptions::new(),
+        };
         match in_url {
             Some(UrlCredentials::UserPassword(u, p)) => opts = opts.user_and_password(u, p),
             Some(UrlCredentials::Token(t)) => opts = opts.token(t),
             None => {}
-        }
-        if let Some(path) = &self.creds {
-            let text = read("--nats-creds", path)?;
-            opts = opts.credentials(&text).map_err(|e| {
-                AuthError(format!(
-                    "--nats-creds {}: not a NATS credentials file ({e}); it holds a \
-                     -----BEGIN NATS USER JWT----- block and a -----BEGIN USER NKEY SEED----- \
-                     block, as `nsc generate creds` writes it",
-                    path.display()
-                ))
-            })?;
-        }
-        if let Some(path) = &self.nkey {
-            let text = read("--nats-nkey", path)?;
-            let seed = text
-                .lines()
-                .map(str::trim)
-                .find(|l| l.starts_with('S'))
-                .unwrap_or_else(|| text.trim());
-            if let Err(e) = nkeys::KeyPair::from_seed(seed) {
-                let public = seed.starts_with('U') || text.trim_start().starts_with('U');
-                let hint = if public {
-                    "; that is the public key (U...): give the seed (SU...), which stays secret"
-                } else {
-                    ""
-                };
-                return Err(AuthError(format!(
-                    "--nats-nkey {}: holds no nkey seed ({e}){hint}",
-                    path.display()
-                )));
-            }
-            opts = opts.nkey(seed.to_string());
         }
         if let Some(t) = &self.token {
             if t.expose().is_empty() {
@@ -517,7 +587,7 @@ mod tests {
         ];
         for (auth, url, want) in cases {
             let err = auth
-                .apply(ConnectOptions::new(), &addrs(url))
+                .options(&addrs(url))
                 .await
                 .err()
                 .unwrap_or_else(|| panic!("{auth:?} with {url} accepted"));
@@ -525,10 +595,7 @@ mod tests {
         }
         // The same URL credentials on every server are fine.
         NatsAuth::default()
-            .apply(
-                ConnectOptions::new(),
-                &addrs("nats://u:p@h:1,nats://u:p@h:2"),
-            )
+            .options(&addrs("nats://u:p@h:1,nats://u:p@h:2"))
             .await
             .unwrap();
     }
