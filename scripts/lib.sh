@@ -43,6 +43,19 @@ ensure_nats() {
   command -v nats-server >/dev/null || { echo "nats-server still missing" >&2; exit 1; }
 }
 
+# nats-py in the same virtualenv, for the test that runs docs/examples/agent.py.
+ensure_python_nats() {
+  if [ -x "$TASKBUS_VENV/bin/python" ] && "$TASKBUS_VENV/bin/python" -c 'import nats' 2>/dev/null; then
+    return
+  fi
+  log "installing nats-py (PyPI) into $TASKBUS_VENV"
+  if [ ! -x "$TASKBUS_VENV/bin/python" ] && ! python3 -m venv "$TASKBUS_VENV" 2>/dev/null; then
+    apt_install python3-venv
+    python3 -m venv "$TASKBUS_VENV"
+  fi
+  "$TASKBUS_VENV/bin/pip" install -q --upgrade nats-py
+}
+
 # Starts Debian's PostgreSQL cluster and makes a superuser role taskbus/taskbus.
 # Sets TASKBUS_TEST_DATABASE_URL.
 ensure_postgres() {

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole test suite on a fresh Debian/Ubuntu machine with a Rust toolchain: installs
-# nats-server and PostgreSQL when missing, starts PostgreSQL, then runs fmt, clippy and every
+# nats-server, nats-py and PostgreSQL when missing, starts PostgreSQL, then runs fmt, clippy and every
 # test (real nats-server per test, a fresh database per test).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -8,6 +8,8 @@ cd "$(dirname "$0")/.."
 
 ensure_nats
 ensure_postgres
+ensure_python_nats
+export TASKBUS_VENV TASKBUS_REQUIRE_PYTHON=1
 prune_target
 export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
 log "nats-server $(nats-server --version | awk '{print $2}'), PostgreSQL at $TASKBUS_TEST_DATABASE_URL"

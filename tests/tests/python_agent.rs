@@ -1,0 +1,95 @@
+//! The Python agent that docs/PROTOCOL.md points producers' colleagues to
+//! (`docs/examples/agent.py`, nats-py) runs against a real coordinator: an echo task succeeds
+//! with its result, a failing task is retried and ends dead, and a task submitted with high
+//! priority is taken too. It needs `python3` with nats-py (scripts/test.sh installs it into
+//! its virtualenv); without them the test says so and passes, unless `TASKBUS_REQUIRE_PYTHON`
+//! is set, as scripts/test.sh does, so that CI cannot skip it silently.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde_json::json;
+use taskbus_tests::stack::Stack;
+
+const T: Duration = Duration::from_secs(30);
+
+/// A Python with nats-py: the test virtualenv's, then `python3` on PATH.
+fn python_with_nats() -> Option<PathBuf> {
+    let venv = std::env::var_os("TASKBUS_VENV")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/taskbus-venv")));
+    let candidates = venv
+        .map(|v| v.join("bin/python"))
+        .into_iter()
+        .chain([PathBuf::from("python3")]);
+    candidates.into_iter().find(|py| {
+        std::process::Command::new(py)
+            .args(["-c", "import nats"])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_documented_python_agent_runs_tasks() {
+    let Some(python) = python_with_nats() else {
+        assert!(
+            std::env::var_os("TASKBUS_REQUIRE_PYTHON").is_none(),
+            "TASKBUS_REQUIRE_PYTHON is set but no python with nats-py was found"
+        );
+        eprintln!("skipped: no python3 with nats-py (pip install nats-py)");
+        return;
+    };
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../docs/examples/agent.py");
+    let s = Stack::new(5_000).await;
+    let (_coord, _ct) = s.coordinator().await;
+    let mut agent = tokio::process::Command::new(&python)
+        .arg(&script)
+        .arg("default")
+        .env("TASKBUS_NATS_URL", s.nats.url())
+        .env("TASKBUS_AGENT_ID", "py-test")
+        .stdout(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start the Python agent");
+
+    s.submit(
+        "default",
+        json!({"kind": "echo", "id": "py-echo", "payload": {"x": 1}}),
+    )
+    .await;
+    s.submit(
+        "default",
+        json!({"kind": "echo", "id": "py-high", "priority": "high", "payload": [1, 2]}),
+    )
+    .await;
+    s.submit(
+        "default",
+        json!({"kind": "fail", "id": "py-fail", "max_attempts": 2, "payload": null}),
+    )
+    .await;
+
+    let echo = s.wait_status("py-echo", "succeeded", T).await;
+    assert_eq!(echo.agent_id.as_deref(), Some("py-test"));
+    assert_eq!(
+        echo.result,
+        Some(json!({"echo": {"x": 1}, "by": "python"})),
+        "the handler's result is recorded"
+    );
+    let high = s.wait_status("py-high", "succeeded", T).await;
+    assert_eq!(high.result, Some(json!({"echo": [1, 2], "by": "python"})));
+    let dead = s.wait_status("py-fail", "dead", T).await;
+    assert_eq!(dead.attempt, 2, "both attempts ran: {dead:?}");
+    assert!(
+        dead.error
+            .as_deref()
+            .unwrap_or("")
+            .contains("asked to fail"),
+        "{dead:?}"
+    );
+    assert!(
+        agent.try_wait().unwrap().is_none(),
+        "the agent is still serving"
+    );
+    agent.kill().await.unwrap();
+}
