@@ -5,12 +5,16 @@
 
 It pulls from the pool's three durable consumers in priority order (high, normal, low; every
 tenth task low while low tasks wait), reports `started`, runs the handler while extending its
-lease, publishes the outcome with JetStream and then acks the work message.
+lease, publishes the outcome with JetStream and then acks the work message. On SIGTERM (a pod
+being scaled down) it takes no new work, finishes the tasks it holds and exits; give the pod a
+terminationGracePeriodSeconds longer than your longest task, or what is cut off is redelivered
+to another agent after its lease runs out.
 """
 import asyncio
 import datetime
 import json
 import os
+import signal
 import sys
 import time
 
@@ -30,6 +34,8 @@ async def handle(kind, payload):
     """Your work goes here. Raise to fail the attempt."""
     if kind == "fail":
         raise RuntimeError("asked to fail")
+    if kind == "sleep":
+        await asyncio.sleep((payload or {}).get("ms", 0) / 1000)
     return {"echo": payload, "by": "python"}
 
 
@@ -95,11 +101,19 @@ async def main():
     js = nc.jetstream()
     stream = f"{PREFIX.upper()}_WORK"
     subs = {b: await js.pull_subscribe_bind(durable=f"work-{POOL}-{b}", stream=stream) for b in BANDS}
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        asyncio.get_running_loop().add_signal_handler(sig, stop.set)
     print(f"{AGENT_ID} serving pool {POOL}", flush=True)
     state = {"since_low": 0}
-    while True:
+    while not stop.is_set():
         msgs = await next_batch(subs, 4, state)
         await asyncio.gather(*(run_one(nc, js, m) for m in msgs))
+    # Every outcome was published with an ack and every work message acked: flush what is
+    # buffered and leave (nats-py's drain() can wait forever on pull subscriptions).
+    await nc.flush()
+    await nc.close()
+    print(f"{AGENT_ID} stopped: in-flight tasks finished", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 //! The Python agent that docs/PROTOCOL.md points producers' colleagues to
 //! (`docs/examples/agent.py`, nats-py) runs against a real coordinator: an echo task succeeds
-//! with its result, a failing task is retried and ends dead, and a task submitted with high
-//! priority is taken too. It needs `python3` with nats-py (scripts/test.sh installs it into
+//! with its result, a failing task is retried and ends dead, a task submitted with high
+//! priority is taken too, and on SIGTERM it finishes the task it holds before exiting. It needs `python3` with nats-py (scripts/test.sh installs it into
 //! its virtualenv); without them the test says so and passes, unless `TASKBUS_REQUIRE_PYTHON`
 //! is set, as scripts/test.sh does, so that CI cannot skip it silently.
 
@@ -48,7 +48,6 @@ async fn the_documented_python_agent_runs_tasks() {
         .arg("default")
         .env("TASKBUS_NATS_URL", s.nats.url())
         .env("TASKBUS_AGENT_ID", "py-test")
-        .stdout(std::process::Stdio::null())
         .kill_on_drop(true)
         .spawn()
         .expect("start the Python agent");
@@ -91,5 +90,26 @@ async fn the_documented_python_agent_runs_tasks() {
         agent.try_wait().unwrap().is_none(),
         "the agent is still serving"
     );
-    agent.kill().await.unwrap();
+
+    // SIGTERM while a task runs: the task still succeeds, on this agent, and the agent exits.
+    s.submit(
+        "default",
+        json!({"kind": "sleep", "id": "py-drain", "payload": {"ms": 1500}}),
+    )
+    .await;
+    s.wait_status("py-drain", "running", T).await;
+    let pid = agent.id().expect("agent pid") as i32;
+    // SAFETY: plain kill(2) on our own child.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    let status = tokio::time::timeout(T, agent.wait())
+        .await
+        .expect("the agent exits after draining")
+        .unwrap();
+    assert!(status.success(), "exit after SIGTERM: {status}");
+    let drained = s.wait_status("py-drain", "succeeded", T).await;
+    assert_eq!(
+        drained.agent_id.as_deref(),
+        Some("py-test"),
+        "finished by the draining agent before it exited"
+    );
 }
