@@ -419,6 +419,8 @@ async fn agent_killed_mid_task_is_redelivered_and_completed_once() {
             "doomed",
             "--nats-url",
             &s.nats.url(),
+            "--http-listen",
+            "127.0.0.1:0",
         ])
         .kill_on_drop(true)
         .spawn()
@@ -480,6 +482,7 @@ async fn sigterm_drain_finishes_in_flight_and_hands_back_nothing_lost() {
             "2",
         ])
         .args(["--grace-seconds", "10", "--nats-url", &s.nats.url()])
+        .args(["--http-listen", "127.0.0.1:0"])
         .kill_on_drop(true)
         .spawn()
         .expect("spawn agent");

@@ -28,12 +28,14 @@
 //!   at once. Nothing is lost when a pod is scaled down.
 
 pub mod handlers;
+mod metrics;
 mod pull;
 
 pub use pull::LOW_EVERY;
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -69,6 +71,9 @@ pub struct AgentConfig {
     /// Heartbeat period (`taskbus.agents.<pool>.<agent>.heartbeat`).
     pub heartbeat_every: Duration,
     pub version: String,
+    /// Serve `/healthz`, `/readyz` and `/metrics` here (see the `metrics` module); `None`
+    /// serves nothing.
+    pub http_listen: Option<SocketAddr>,
 }
 
 impl AgentConfig {
@@ -84,6 +89,7 @@ impl AgentConfig {
             pull_expiry: Duration::from_secs(1),
             heartbeat_every: Duration::from_secs(5),
             version: env!("CARGO_PKG_VERSION").into(),
+            http_listen: None,
         }
     }
 }
@@ -150,6 +156,12 @@ pub enum AgentError {
     Nats(#[from] taskbus_runtime::nats::NatsError),
     #[error("invalid agent settings: {0}")]
     Config(String),
+    #[error("cannot serve HTTP on {addr}: {source}")]
+    Http {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// Counters of one agent run.
@@ -162,6 +174,8 @@ pub struct AgentStats {
     pub cancelled: AtomicU64,
     /// Tasks not started because their deadline had passed.
     pub expired: AtomicU64,
+    /// Tasks running now.
+    pub in_flight: AtomicU32,
 }
 
 /// The per-agent circuit breaker: after `threshold` consecutive failures the agent stops
@@ -243,6 +257,7 @@ pub struct Agent<H> {
     config: AgentConfig,
     handler: Arc<H>,
     stats: Arc<AgentStats>,
+    durations: prometheus_client::metrics::histogram::Histogram,
 }
 
 struct Shared<H> {
@@ -253,11 +268,12 @@ struct Shared<H> {
     client: async_nats::Client,
     js: jetstream::Context,
     ack_wait: Duration,
+    /// Handler run times, for `/metrics`.
+    durations: prometheus_client::metrics::histogram::Histogram,
     /// Cancelled when the grace period is over.
     hard: CancellationToken,
     cancelled: Mutex<CancelSet>,
     running: Mutex<HashMap<String, CancellationToken>>,
-    in_flight: AtomicU32,
     breaker: Mutex<Breaker>,
     settings: Mutex<PoolSettings>,
     reputation: Mutex<Option<String>>,
@@ -273,6 +289,7 @@ impl<H: Handler> Agent<H> {
             config,
             handler: Arc::new(handler),
             stats: Arc::default(),
+            durations: metrics::duration_histogram(),
         }
     }
 
@@ -306,8 +323,39 @@ impl<H: Handler> Agent<H> {
             &format!("taskbus-agent {}", c.agent_id),
         )
         .await?;
+        // The HTTP server outlives the drain, so that liveness probes keep passing while
+        // in-flight tasks finish.
+        let http = taskbus_runtime::TaskTracker::new();
+        let http_stop = CancellationToken::new();
+        let health = match c.http_listen {
+            Some(addr) => {
+                let health = taskbus_runtime::http::Health::new(metrics::registry(
+                    &c.pool,
+                    self.stats.clone(),
+                    self.durations.clone(),
+                ));
+                health.watch_nats(&client);
+                let bound = taskbus_runtime::http::spawn_health(
+                    &http,
+                    addr,
+                    health.clone(),
+                    http_stop.clone(),
+                )
+                .await
+                .map_err(|source| AgentError::Http { addr, source })?;
+                info!(http = %bound, "serving /healthz, /readyz and /metrics");
+                Some(health)
+            }
+            None => None,
+        };
+        http.close();
+        let stop_http = || async {
+            http_stop.cancel();
+            http.wait().await;
+        };
         let js = jetstream::new(client.clone());
         let Some(bands) = wait_for_consumers(&js, &subjects, &c.pool, &shutdown).await else {
+            stop_http().await;
             return Ok(());
         };
         let ack_wait = bands
@@ -325,10 +373,10 @@ impl<H: Handler> Agent<H> {
             client,
             js,
             ack_wait,
+            durations: self.durations.clone(),
             hard: CancellationToken::new(),
             cancelled: Mutex::default(),
             running: Mutex::default(),
-            in_flight: AtomicU32::new(0),
             breaker: Mutex::default(),
             settings: Mutex::new(PoolSettings::default()),
             reputation: Mutex::new(None),
@@ -342,9 +390,15 @@ impl<H: Handler> Agent<H> {
         aux.spawn(watch_reputation(shared.clone(), aux_stop.clone()));
         aux.close();
         let tracker = taskbus_runtime::TaskTracker::new();
+        if let Some(h) = &health {
+            h.set_ready(true);
+        }
         pull::pull_loop(&shared, &bands, &tracker, &shutdown).await;
 
         // Drain: in-flight tasks get the grace period, then are cancelled and handed back.
+        if let Some(h) = &health {
+            h.set_ready(false);
+        }
         tracker.close();
         info!(in_flight = tracker.len(), grace = ?shared.config.grace, "agent draining");
         if tokio::time::timeout(shared.config.grace, tracker.wait())
@@ -361,6 +415,7 @@ impl<H: Handler> Agent<H> {
         aux_stop.cancel();
         aux.wait().await;
         shared.client.flush().await.ok();
+        stop_http().await;
         info!("agent stopped");
         Ok(())
     }
@@ -512,6 +567,9 @@ async fn process<H: Handler>(shared: &Shared<H>, msg: jetstream::Message) {
     }
     lock(&shared.running).remove(&task_id);
     let duration_ms = t0.elapsed().as_millis() as u64;
+    if matches!(end, End::Done(_) | End::TimedOut) {
+        shared.durations.observe(t0.elapsed().as_secs_f64());
+    }
     let at = Utc::now();
     let outcome = match end {
         End::HandBack => {
@@ -705,7 +763,7 @@ async fn heartbeats<H>(shared: Arc<Shared<H>>, stop: CancellationToken) {
             pool: shared.config.pool.clone(),
             at: Utc::now(),
             capacity: shared.config.concurrency as u32,
-            in_flight: shared.in_flight.load(Ordering::Relaxed),
+            in_flight: shared.stats.in_flight.load(Ordering::Relaxed),
             version: shared.config.version.clone(),
             breaker,
             consecutive_failures: consecutive,

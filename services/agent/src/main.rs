@@ -9,7 +9,7 @@ use taskbus_runtime::telemetry::{self, LogFormat};
 ///
 /// Handlers: `echo` (result = payload), `sleep` (payload `{"ms": N}`), `fail` (fails every
 /// attempt). On SIGTERM it stops pulling, finishes in-flight tasks within --grace-seconds and
-/// hands the rest back to the queue.
+/// hands the rest back to the queue. Health and Prometheus metrics are served on --http-listen.
 #[derive(Parser, Debug)]
 #[command(version, about, long_about)]
 struct Args {
@@ -40,6 +40,10 @@ struct Args {
     /// Seconds in-flight tasks may run after SIGTERM before they are handed back.
     #[arg(long, env = "TASKBUS_GRACE_SECONDS", default_value_t = 25)]
     grace_seconds: u64,
+    /// Address for /healthz, /readyz (ready while serving the pool, not while draining) and
+    /// /metrics (tasks by outcome, in flight, handler durations).
+    #[arg(long, env = "TASKBUS_HTTP_LISTEN", default_value = "0.0.0.0:9467")]
+    http_listen: std::net::SocketAddr,
     #[arg(long, env = "TASKBUS_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
 }
@@ -56,6 +60,7 @@ async fn main() -> anyhow::Result<()> {
     }
     config.concurrency = args.concurrency;
     config.grace = Duration::from_secs(args.grace_seconds);
+    config.http_listen = Some(args.http_listen);
     let handler = args.handler;
     let shutdown = CancellationToken::new();
     let agent = Agent::new(config, move |t| handler.run(t));

@@ -137,7 +137,7 @@ pub(crate) async fn pull_loop<H: Handler>(
         let state = lock(&shared.breaker).state(Instant::now());
         let pause = match state {
             BreakerState::Open(until) => Some(until.saturating_duration_since(Instant::now())),
-            BreakerState::HalfOpen if shared.in_flight.load(Ordering::Relaxed) > 0 => {
+            BreakerState::HalfOpen if shared.stats.in_flight.load(Ordering::Relaxed) > 0 => {
                 Some(Duration::from_millis(50))
             }
             _ => None,
@@ -346,7 +346,7 @@ impl<H: Handler> Puller<'_, H> {
         };
         let allowed = match lock(&self.shared.breaker).state(Instant::now()) {
             BreakerState::Closed => true,
-            BreakerState::HalfOpen => self.shared.in_flight.load(Ordering::Relaxed) == 0,
+            BreakerState::HalfOpen => self.shared.stats.in_flight.load(Ordering::Relaxed) == 0,
             BreakerState::Open(_) => false,
         };
         match self.slots.clone().try_acquire_owned() {
@@ -365,10 +365,10 @@ impl<H: Handler> Puller<'_, H> {
 
     fn start(&self, msg: jetstream::Message, permit: OwnedSemaphorePermit) {
         let shared = self.shared.clone();
-        shared.in_flight.fetch_add(1, Ordering::Relaxed);
+        shared.stats.in_flight.fetch_add(1, Ordering::Relaxed);
         self.tracker.spawn(async move {
             process(&shared, msg).await;
-            shared.in_flight.fetch_sub(1, Ordering::Relaxed);
+            shared.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
             drop(permit);
         });
     }

@@ -240,7 +240,7 @@ fn manifests_agree_with_the_binary_the_pools_and_the_scalers() {
 }
 
 #[test]
-fn network_policy_lets_agents_reach_dns_and_nats_only() {
+fn network_policy_lets_agents_reach_dns_and_nats_only_and_prometheus_in() {
     // deploy/agents/networkpolicy.yaml opens no egress for handlers on purpose (its comment):
     // the echo handler needs none, and a pool's own policy grants what its handlers call.
     let all = resources(&deploy_dir());
@@ -264,6 +264,15 @@ fn network_policy_lets_agents_reach_dns_and_nats_only() {
         assert!(
             !net.egress_allows(dep, &coordinator, 9464, "TCP"),
             "{name}: the coordinator's pods"
+        );
+        // In: Prometheus scrapes the metrics port, nobody else gets in.
+        assert!(
+            net.ingress_allows(dep, &prometheus(), "http"),
+            "{name}: Prometheus reaches /metrics"
+        );
+        assert!(
+            !net.ingress_allows(dep, &coordinator, "http"),
+            "{name}: only Prometheus reaches /metrics"
         );
         // A Deployment copied for another pool falls under the same policies.
         let mut copy = dep.clone();
@@ -310,7 +319,7 @@ fn checks_report_a_broken_agent() {
         &problems,
         &[
             "--handler \"ech\" is not one of",
-            "serves no HTTP, yet ports or probes are declared",
+            "container port `http` is Some(9464), the binary's default --http-listen port is Some(9467)",
             "name it taskbus-agent-gpu",
             "pods lack the label taskbus.dev/pool: gpu",
             "pool \"gpu\" is not created by the coordinator",

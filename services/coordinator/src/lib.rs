@@ -199,6 +199,7 @@ pub async fn start(
     let mut registry = prometheus_client::registry::Registry::with_prefix("taskbus_coordinator");
     metrics.register(&mut registry);
     let health = taskbus_runtime::http::Health::new(registry);
+    health.watch_nats(&client);
 
     let tracker = TaskTracker::new();
     let kv = taskbus_runtime::nats::pools_bucket(&js, &subjects, config.streams.replicas).await?;

@@ -159,6 +159,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
     let mut registry = prometheus_client::registry::Registry::with_prefix("taskbus_ledger");
     metrics.register(&mut registry);
     let health = taskbus_runtime::http::Health::new(registry);
+    health.watch_nats(&client);
 
     let ctx = Arc::new(Ctx {
         subjects,

@@ -2,7 +2,7 @@
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use axum::extract::State;
 use axum::http::{header, StatusCode};
@@ -13,10 +13,12 @@ use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-/// Shared health state: services flip `ready` once their dependencies are up.
+/// Shared health state: services flip `ready` once their dependencies are up; with
+/// [`Health::watch_nats`] readiness also follows the NATS connection.
 #[derive(Clone)]
 pub struct Health {
     ready: Arc<AtomicBool>,
+    nats: Arc<OnceLock<async_nats::Client>>,
     registry: Arc<Mutex<Registry>>,
 }
 
@@ -24,14 +26,26 @@ impl Health {
     pub fn new(registry: Registry) -> Self {
         Self {
             ready: Arc::new(AtomicBool::new(false)),
+            nats: Arc::default(),
             registry: Arc::new(Mutex::new(registry)),
         }
     }
     pub fn set_ready(&self, ready: bool) {
         self.ready.store(ready, Ordering::Relaxed);
     }
+    /// Report not ready while `client` is disconnected (it reconnects by itself; readiness
+    /// comes back with it). The first client given is the one watched.
+    pub fn watch_nats(&self, client: &async_nats::Client) {
+        let _ = self.nats.set(client.clone());
+    }
+    /// Whether the NATS connection, if watched, is up.
+    pub fn nats_connected(&self) -> bool {
+        self.nats
+            .get()
+            .is_none_or(|c| c.connection_state() == async_nats::connection::State::Connected)
+    }
     pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::Relaxed)
+        self.ready.load(Ordering::Relaxed) && self.nats_connected()
     }
     /// Register more metrics after construction.
     pub fn with_registry<R>(&self, f: impl FnOnce(&mut Registry) -> R) -> R {
@@ -59,7 +73,12 @@ pub fn router(health: Health) -> Router {
 }
 
 async fn readyz(State(h): State<Health>) -> impl IntoResponse {
-    if h.is_ready() {
+    if !h.nats_connected() {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: the NATS connection is down (reconnecting)\n",
+        )
+    } else if h.is_ready() {
         (StatusCode::OK, "ready\n")
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
