@@ -2,8 +2,8 @@
 //!
 //! Everything two taskbus processes (or a taskbus process and a foreign NATS client) must agree
 //! on lives here: the task envelope a producer publishes, the validation rules applied to it,
-//! the events every service emits, subject names, stream and consumer specs, pool settings kept
-//! in the JetStream KV bucket, and the request/reply API bodies. The JSON Schemas under
+//! the events every service emits, subject names, stream and consumer specs, pool settings and
+//! schedules kept in JetStream KV buckets, and the request/reply API bodies. The JSON Schemas under
 //! `proto/schema/` are generated from these types (`cargo run -p taskbus-proto --example
 //! gen-schemas`) and a test fails when they drift.
 
@@ -12,6 +12,7 @@ pub mod envelope;
 pub mod events;
 pub mod ids;
 pub mod pool;
+pub mod schedule;
 pub mod schema;
 pub mod streams;
 pub mod subjects;
@@ -20,6 +21,7 @@ pub mod validate;
 pub use envelope::{Priority, Resources, TaskEnvelope, WorkItem};
 pub use events::{Event, EventKind};
 pub use pool::PoolSettings;
+pub use schedule::{CompiledSchedule, Schedule, ScheduleError};
 pub use subjects::Subjects;
 pub use validate::{Limits, RejectReason, Rejection, ValidTask};
 

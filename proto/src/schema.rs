@@ -36,6 +36,7 @@ pub fn all() -> Vec<(String, Value)> {
             "pool-settings.schema.json".to_string(),
             of::<crate::PoolSettings>(),
         ),
+        ("schedule.schema.json".to_string(), of::<crate::Schedule>()),
     ];
     let per_event = [
         (Admitted, event::<events::Admitted>(Admitted)),

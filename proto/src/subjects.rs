@@ -64,6 +64,15 @@ impl Subjects {
         )
     }
 
+    /// KV bucket holding schedules (recurring tasks; key = schedule name).
+    pub fn schedules_bucket(&self) -> String {
+        format!(
+            "{}_schedules",
+            self.prefix
+                .replace(|c: char| !c.is_ascii_alphanumeric(), "_")
+        )
+    }
+
     /// KV bucket holding each agent's reputation multiplier (key = agent id), written by the
     /// coordinator and watched by agents, which stamp it into their `succeeded` events.
     pub fn reputation_bucket(&self) -> String {

@@ -76,6 +76,32 @@ fn envelopes_validate() {
 }
 
 #[test]
+fn schedules_validate() {
+    let s: taskbus_proto::Schedule = serde_json::from_value(json!({
+        "cron": "*/10 * * * * *", "timezone": "Europe/Berlin", "pool": "default",
+        "task": {"kind": "report", "payload": {"day": 1}, "priority": "low", "labels": {"team": "a"}},
+        "paused": true, "misfire_grace_s": 30
+    }))
+    .unwrap();
+    s.validate(&Default::default()).unwrap();
+    assert_valid("schedule.schema.json", &serde_json::to_value(&s).unwrap());
+    assert_valid(
+        "schedule.schema.json",
+        &json!({"cron": "0 3 * * *", "task": {"kind": "k"}}),
+    );
+    assert_invalid(
+        "schedule.schema.json",
+        &json!({"cron": "0 3 * * *", "task": {"kind": "k"}, "bogus": 1}),
+    );
+    assert_invalid(
+        "schedule.schema.json",
+        &json!({"cron": "0 3 * * *", "task": {"kind": "k", "bogus": 1}}),
+    );
+    assert_invalid("schedule.schema.json", &json!({"task": {"kind": "k"}}));
+    assert_invalid("schedule.schema.json", &json!({"cron": "0 3 * * *"}));
+}
+
+#[test]
 fn every_event_validates_against_its_schema() {
     let at = Utc::now();
     let (t, p) = ("t1".to_string(), "default".to_string());
