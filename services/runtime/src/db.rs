@@ -10,11 +10,10 @@ use sqlx::PgPool;
 pub enum DbError {
     #[error("database URL is not valid: {0}")]
     Url(#[source] sqlx::Error),
-    #[error("cannot connect to PostgreSQL: {source}; {}", connect_hint(.source))]
-    Connect {
-        #[source]
-        source: sqlx::Error,
-    },
+    /// The driver's error is part of the message (and not a `source`, so that printing the
+    /// error chain does not repeat it).
+    #[error("cannot connect to PostgreSQL: {cause}; {}", connect_hint(.cause))]
+    Connect { cause: sqlx::Error },
     #[error("migrations failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
 }
@@ -82,7 +81,7 @@ pub async fn connect_with(
             ("synchronous_commit", synchronous_commit),
         ]))
         .await
-        .map_err(|source| DbError::Connect { source })
+        .map_err(|cause| DbError::Connect { cause })
 }
 
 const TLS_FAILED: &str = "the TLS handshake failed: with `sslmode=verify-ca`/`verify-full` the \
