@@ -7,6 +7,7 @@ mod ledger;
 mod local;
 mod ops;
 mod output;
+mod schedules;
 mod submit;
 
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
@@ -83,6 +84,12 @@ enum Command {
     Pools {
         #[command(subcommand)]
         cmd: ops::PoolsCmd,
+    },
+    /// Recurring tasks on a cron schedule (JetStream KV bucket taskbus_schedules).
+    #[command(long_about = schedules::ABOUT)]
+    Schedules {
+        #[command(subcommand)]
+        cmd: schedules::SchedulesCmd,
     },
     /// Push N no-op tasks through submit → agent → succeeded and print throughput and
     /// latency, beside a raw JetStream publish+consume baseline from the same run.
@@ -174,6 +181,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Pools { cmd } => {
             ops::pools(
+                &api::connect(&cli.nats_url, &cli.nats_auth).await?,
+                &cli.prefix,
+                cmd,
+            )
+            .await
+        }
+        Command::Schedules { cmd } => {
+            // Refuse a bad schedule before connecting anywhere.
+            schedules::check(&cmd)?;
+            schedules::run(
                 &api::connect(&cli.nats_url, &cli.nats_auth).await?,
                 &cli.prefix,
                 cmd,

@@ -1,6 +1,6 @@
 //! The taskbus coordinator: admits, validates, routes and tracks tasks.
 //!
-//! A coordinator replica runs four loops, all under one shutdown token:
+//! A coordinator replica runs these loops, all under one shutdown token:
 //! - **admission** ([`admission`]): pulls raw producer messages from `TASKBUS_SUBMIT` in
 //!   batches, validates each, records the batch in PostgreSQL with one statement, puts the admitted
 //!   tasks on `taskbus.work.<pool>.<priority>` and the refused ones on the events stream as
@@ -13,6 +13,9 @@
 //!   outbox (attempts whose work message was never confirmed are re-sent) and, when a
 //!   [`retention`] is set, deleting the records of tasks finished long enough ago;
 //! - the agent **registry** (heartbeats) and reputation (EWMA per agent, published to KV);
+//! - **schedules** (`schedules.rs`): recurring tasks from the `taskbus_schedules` KV bucket,
+//!   submitted at each cron tick under a per-tick id, so every replica may fire every tick
+//!   and each tick still runs once;
 //! - the **API** ([`api`]): a NATS services-framework service (`taskbus-coordinator`) answering
 //!   `taskbus.api.task.get`, `tasks.list`, `task.cancel`, `dlq.replay` and `agents.list`.
 //!
@@ -31,6 +34,7 @@ mod pipeline;
 pub mod pools;
 mod registry;
 pub mod retention;
+mod schedules;
 pub mod store;
 
 use std::net::SocketAddr;
@@ -204,6 +208,8 @@ pub async fn start(
     let tracker = TaskTracker::new();
     let kv = taskbus_runtime::nats::pools_bucket(&js, &subjects, config.streams.replicas).await?;
     let pools = pools::Pools::load(kv, js.clone(), subjects.clone(), &config.ensure_pools).await?;
+    let schedules_kv =
+        taskbus_runtime::nats::schedules_bucket(&js, &subjects, config.streams.replicas).await?;
     let registry =
         registry::Registry::new(&js, subjects.reputation_bucket(), config.streams.replicas).await?;
 
@@ -247,6 +253,7 @@ pub async fn start(
         shutdown.clone(),
     ));
     tracker.spawn(maintenance::run(ctx.clone(), shutdown.clone()));
+    tracker.spawn(schedules::run(ctx.clone(), schedules_kv, shutdown.clone()));
 
     let mut http_addr = None;
     if let Some(addr) = config.http_listen {

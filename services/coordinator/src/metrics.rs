@@ -21,6 +21,11 @@ pub struct StatusLabel {
     pub status: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ScheduleLabel {
+    pub schedule: String,
+}
+
 #[derive(Clone)]
 pub struct Metrics {
     pub admitted: Counter,
@@ -30,6 +35,13 @@ pub struct Metrics {
     pub batch_size: Histogram,
     pub errors: Family<OutcomeLabel, Counter>,
     pub pruned: Family<StatusLabel, Counter>,
+    /// Schedule ticks this replica submitted (every replica submits every tick; the copies are
+    /// dropped as duplicates).
+    pub schedule_fired: Family<ScheduleLabel, Counter>,
+    /// Schedule ticks passed over because they were older than the misfire grace.
+    pub schedule_skipped: Family<ScheduleLabel, Counter>,
+    /// Invalid revisions seen in the schedules bucket.
+    pub schedule_invalid: Counter,
 }
 
 impl Default for Metrics {
@@ -42,6 +54,9 @@ impl Default for Metrics {
             batch_size: Histogram::new(exponential_buckets(1.0, 2.0, 12)),
             errors: Family::default(),
             pruned: Family::default(),
+            schedule_fired: Family::default(),
+            schedule_skipped: Family::default(),
+            schedule_invalid: Counter::default(),
         }
     }
 }
@@ -74,6 +89,23 @@ impl Metrics {
             "tasks_pruned",
             "Finished task records deleted by the retention settings, by status",
             self.pruned.clone(),
+        );
+        r.register(
+            "schedule_ticks_fired",
+            "Schedule ticks submitted by this replica (each replica submits every tick; \
+             admission keeps one), by schedule",
+            self.schedule_fired.clone(),
+        );
+        r.register(
+            "schedule_ticks_skipped",
+            "Schedule ticks not submitted because they were older than the misfire grace, \
+             by schedule",
+            self.schedule_skipped.clone(),
+        );
+        r.register(
+            "schedule_invalid_entries",
+            "Invalid entries (revisions) seen in the schedules bucket and ignored",
+            self.schedule_invalid.clone(),
         );
     }
 

@@ -135,14 +135,44 @@ pub async fn pools_bucket(
     subjects: &Subjects,
     replicas: usize,
 ) -> Result<jetstream::kv::Store, NatsError> {
-    let bucket = subjects.pools_bucket();
+    kv_bucket(
+        js,
+        subjects.pools_bucket(),
+        "taskbus pool settings",
+        replicas,
+    )
+    .await
+}
+
+/// The schedules KV bucket (recurring tasks, key = schedule name), created when missing.
+pub async fn schedules_bucket(
+    js: &jetstream::Context,
+    subjects: &Subjects,
+    replicas: usize,
+) -> Result<jetstream::kv::Store, NatsError> {
+    kv_bucket(
+        js,
+        subjects.schedules_bucket(),
+        "taskbus schedules (recurring tasks)",
+        replicas,
+    )
+    .await
+}
+
+/// Open `bucket`, creating it (5 revisions per key) when missing; a concurrent creator wins.
+async fn kv_bucket(
+    js: &jetstream::Context,
+    bucket: String,
+    description: &str,
+    replicas: usize,
+) -> Result<jetstream::kv::Store, NatsError> {
     if let Ok(kv) = js.get_key_value(&bucket).await {
         return Ok(kv);
     }
     match js
         .create_key_value(jetstream::kv::Config {
             bucket: bucket.clone(),
-            description: "taskbus pool settings".into(),
+            description: description.into(),
             history: 5,
             num_replicas: replicas,
             ..Default::default()
