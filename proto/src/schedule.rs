@@ -53,8 +53,8 @@ pub struct Schedule {
     /// A paused schedule fires nothing until resumed.
     #[serde(default)]
     pub paused: bool,
-    /// After a restart or a resume, the latest missed tick still fires when it is at most this
-    /// many seconds old; older ticks are skipped. 1 to 604800.
+    /// After a coordinator restart, the latest missed tick still fires when it is at most this
+    /// many seconds old (and not older than the entry); older ticks are skipped. 1 to 604800.
     #[serde(default = "default_grace")]
     pub misfire_grace_s: u64,
 }

@@ -59,7 +59,8 @@ pub enum SchedulesCmd {
     Delete { name: String },
     /// Stop firing a schedule until it is resumed.
     Pause { name: String },
-    /// Fire a paused schedule again; its latest missed tick fires when within the misfire grace.
+    /// Fire a paused schedule again, from its next tick on (ticks missed while paused are not
+    /// caught up).
     Resume { name: String },
 }
 
@@ -99,7 +100,7 @@ pub struct SetArgs {
     pub payer: Option<String>,
     #[arg(long)]
     pub currency: Option<String>,
-    /// After a restart or a resume, fire the latest missed tick if it is at most this old.
+    /// After a coordinator restart, fire the latest missed tick if it is at most this old.
     #[arg(long, default_value_t = DEFAULT_MISFIRE_GRACE_S)]
     pub misfire_grace_s: u64,
     /// Save the schedule paused (it fires nothing until `taskbus schedules resume`).

@@ -14,7 +14,9 @@
 //! Rules:
 //! - **Misfires.** When a schedule is (re)armed — the coordinator starts, the watch restarts,
 //!   the entry is written or resumed — the latest tick at or before now fires if it is at most
-//!   `misfire_grace_s` old; older ticks are skipped. When the loop wakes late and several ticks
+//!   `misfire_grace_s` old and not older than the entry's revision (so writing, changing or
+//!   resuming a schedule never fires a tick from before that write, as with a new CronJob,
+//!   while a coordinator that restarts catches up the tick it missed); older ticks are skipped. When the loop wakes late and several ticks
 //!   are due at once, only the latest fires, and only within the grace; the others are counted
 //!   as skipped.
 //! - **Overlap.** A tick fires whether or not the previous tick's task has finished (Kubernetes
@@ -60,11 +62,14 @@ pub(crate) struct Plan {
     pub next: Option<DateTime<Utc>>,
 }
 
-/// A schedule (re)armed at `now`: the latest tick at or before `now` fires when it is within
-/// the grace (a restart or a resume catches up one tick, never more), and the first tick
-/// after `now` is planned.
-pub(crate) fn arm(c: &CompiledSchedule, now: DateTime<Utc>) -> Plan {
-    let fire = c.latest_at_or_before(now).filter(|t| now - *t <= c.grace);
+/// A schedule whose entry was written at `written`, (re)armed at `now`: the latest tick at or
+/// before `now` fires when it is within the grace and not before `written` (a restart catches
+/// up one tick, never more; a new, changed or resumed entry catches up none), and the first
+/// tick after `now` is planned.
+pub(crate) fn arm(c: &CompiledSchedule, written: DateTime<Utc>, now: DateTime<Utc>) -> Plan {
+    let fire = c
+        .latest_at_or_before(now)
+        .filter(|t| now - *t <= c.grace && *t >= written);
     Plan {
         fire,
         skipped: 0,
@@ -210,7 +215,7 @@ impl State {
             }
             return;
         }
-        let plan = arm(&compiled, now);
+        let plan = arm(&compiled, entry.created, now);
         info!(
             schedule = key,
             cron = %schedule.cron,
@@ -376,9 +381,10 @@ mod tests {
     #[test]
     fn arming_catches_up_the_latest_tick_within_the_grace_only() {
         let hourly = compiled("0 * * * *", 60);
+        let written = t("2025-01-01T08:15:00Z");
         // 30 s after the 10:00 tick: it fires, and 11:00 is next.
         assert_eq!(
-            arm(&hourly, t("2025-01-01T10:00:30Z")),
+            arm(&hourly, written, t("2025-01-01T10:00:30Z")),
             Plan {
                 fire: Some(t("2025-01-01T10:00:00Z")),
                 skipped: 0,
@@ -386,14 +392,23 @@ mod tests {
             }
         );
         // 61 s after: too old; nothing fires (and the 09:00 tick never would).
-        let p = arm(&hourly, t("2025-01-01T10:01:01Z"));
+        let p = arm(&hourly, written, t("2025-01-01T10:01:01Z"));
         assert_eq!(p.fire, None);
         assert_eq!(p.next, Some(t("2025-01-01T11:00:00Z")));
         // Exactly at a tick: that tick fires now.
         assert_eq!(
-            arm(&hourly, t("2025-01-01T10:00:00Z")).fire,
+            arm(&hourly, written, t("2025-01-01T10:00:00Z")).fire,
             Some(t("2025-01-01T10:00:00Z"))
         );
+        // An entry written (created, changed or resumed) after the tick: no catch-up, even
+        // within the grace; the next tick is planned as usual.
+        let p = arm(
+            &hourly,
+            t("2025-01-01T10:00:10Z"),
+            t("2025-01-01T10:00:30Z"),
+        );
+        assert_eq!(p.fire, None);
+        assert_eq!(p.next, Some(t("2025-01-01T11:00:00Z")));
     }
 
     #[test]
