@@ -336,6 +336,42 @@ pub mod stack {
                 .await
         }
 
+        /// An in-process echo agent on pool `default` (5 s grace) that counts its runs; it
+        /// stops when the token is cancelled.
+        pub fn echo_agent(
+            &self,
+            id: &str,
+            concurrency: usize,
+        ) -> (
+            tokio::task::JoinHandle<()>,
+            CancellationToken,
+            std::sync::Arc<std::sync::atomic::AtomicU64>,
+        ) {
+            use std::sync::atomic::{AtomicU64, Ordering};
+            use std::sync::Arc;
+            use taskbus_agent::{Agent, AgentConfig, TaskContext, TaskError};
+
+            let mut cfg = AgentConfig::new(self.nats.url(), "default");
+            cfg.agent_id = id.into();
+            cfg.concurrency = concurrency;
+            cfg.grace = Duration::from_secs(5);
+            let runs = Arc::new(AtomicU64::new(0));
+            let r = runs.clone();
+            let agent = Agent::new(cfg, move |t: TaskContext| {
+                let r = r.clone();
+                async move {
+                    r.fetch_add(1, Ordering::Relaxed);
+                    Ok::<_, TaskError>(t.payload)
+                }
+            });
+            let token = CancellationToken::new();
+            let t = token.clone();
+            let handle = tokio::spawn(async move {
+                agent.run(t).await.expect("agent runs");
+            });
+            (handle, token, runs)
+        }
+
         /// `(status, attempt, agent_id, result, reason)` of a task.
         pub async fn task(&self, id: &str) -> Option<TaskRow> {
             sqlx::query_as::<_, TaskRow>(

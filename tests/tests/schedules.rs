@@ -2,39 +2,18 @@
 //! in-process, the `taskbus` binary for the CLI.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use async_nats::jetstream::kv;
 use chrono::Utc;
 use futures::StreamExt;
 use serde_json::{json, Value};
-use taskbus_agent::{Agent, AgentConfig, CancellationToken, TaskContext, TaskError};
+use taskbus_agent::CancellationToken;
 use taskbus_tests::stack::Stack;
 use taskbus_tests::{eventually, http_get, workspace_bin};
 
 const T: Duration = Duration::from_secs(30);
-
-/// An in-process echo agent on pool `default` that counts its runs.
-fn echo_agent(s: &Stack) -> (CancellationToken, Arc<AtomicU64>) {
-    let mut cfg = AgentConfig::new(s.nats.url(), "default");
-    cfg.agent_id = "sched-agent".into();
-    cfg.concurrency = 8;
-    let runs = Arc::new(AtomicU64::new(0));
-    let r = runs.clone();
-    let agent = Agent::new(cfg, move |t: TaskContext| {
-        let r = r.clone();
-        async move {
-            r.fetch_add(1, Ordering::Relaxed);
-            Ok::<_, TaskError>(t.payload)
-        }
-    });
-    let token = CancellationToken::new();
-    let t = token.clone();
-    tokio::spawn(async move { agent.run(t).await.expect("agent runs") });
-    (token, runs)
-}
 
 async fn bucket(s: &Stack) -> kv::Store {
     taskbus_runtime::nats::schedules_bucket(&s.js, &s.subjects, 1)
@@ -107,7 +86,7 @@ async fn metrics(addr: SocketAddr) -> String {
 async fn a_schedule_every_second_runs_tasks_named_after_their_ticks() {
     let s = Stack::new(30_000).await;
     let (_coord, _ct) = s.coordinator().await;
-    let (_at, runs) = echo_agent(&s);
+    let (_a, _at, runs) = s.echo_agent("sched-agent", 8);
     let kv = bucket(&s).await;
     let before = Utc::now().timestamp();
     put(&kv, "heartbeat", every_second("echo")).await;
@@ -132,7 +111,7 @@ async fn two_replicas_run_each_tick_exactly_once() {
     let s = Stack::new(30_000).await;
     let (_c1, _t1) = s.coordinator().await;
     let (_c2, _t2) = s.coordinator().await;
-    let (_at, runs) = echo_agent(&s);
+    let (_a, _at, runs) = s.echo_agent("sched-agent", 8);
     let kv = bucket(&s).await;
 
     let start = Utc::now().timestamp();
@@ -175,7 +154,7 @@ async fn two_replicas_run_each_tick_exactly_once() {
 async fn pause_and_delete_stop_firing_and_resume_starts_again() {
     let s = Stack::new(30_000).await;
     let (_coord, _ct) = s.coordinator().await;
-    let (_at, _runs) = echo_agent(&s);
+    let (_a, _at, _runs) = s.echo_agent("sched-agent", 8);
     let kv = bucket(&s).await;
     put(&kv, "pulse", every_second("echo")).await;
     wait_ticks(&s, "pulse", 2).await;
@@ -230,7 +209,7 @@ async fn hostile_bucket_entries_are_counted_and_ignored() {
         .await
         .expect("coordinator starts");
     let addr = coord.http_addr.expect("serves metrics");
-    let (_at, _runs) = echo_agent(&s);
+    let (_a, _at, _runs) = s.echo_agent("sched-agent", 8);
 
     put(&kv, "good", every_second("echo")).await;
     put(

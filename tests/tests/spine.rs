@@ -13,33 +13,6 @@ use tokio::task::JoinHandle;
 
 const T: Duration = Duration::from_secs(30);
 
-/// An in-process echo agent that counts its executions.
-fn echo_agent(
-    stack: &Stack,
-    id: &str,
-    concurrency: usize,
-) -> (JoinHandle<()>, CancellationToken, Arc<AtomicU64>) {
-    let mut cfg = AgentConfig::new(stack.nats.url(), "default");
-    cfg.agent_id = id.into();
-    cfg.concurrency = concurrency;
-    cfg.grace = Duration::from_secs(5);
-    let runs = Arc::new(AtomicU64::new(0));
-    let r = runs.clone();
-    let agent = Agent::new(cfg, move |t: TaskContext| {
-        let r = r.clone();
-        async move {
-            r.fetch_add(1, Ordering::Relaxed);
-            Ok::<_, TaskError>(t.payload)
-        }
-    });
-    let token = CancellationToken::new();
-    let t = token.clone();
-    let handle = tokio::spawn(async move {
-        agent.run(t).await.expect("agent runs");
-    });
-    (handle, token, runs)
-}
-
 /// Publish `n` echo tasks `<prefix><i>` to pool `default`, pausing `pause` after every
 /// `every` of them, then wait for every publish ack.
 fn produce(
@@ -89,7 +62,7 @@ async fn all_succeeded_none_invented(s: &Stack, n: usize) {
 async fn happy_path_with_events() {
     let s = Stack::new(30_000).await;
     let (_coord, _ct) = s.coordinator().await;
-    let (_a, _at, runs) = echo_agent(&s, "agent-1", 4);
+    let (_a, _at, runs) = s.echo_agent("agent-1", 4);
     let mut events = s
         .client
         .subscribe("taskbus.events.default.t-happy.>")
@@ -307,7 +280,7 @@ async fn duplicate_ids_run_once_and_a_fixed_rejection_is_admitted() {
         )
         .await;
     }
-    let (_a, _at, runs) = echo_agent(&s, "agent-d", 4);
+    let (_a, _at, runs) = s.echo_agent("agent-d", 4);
     let row = s.wait_status("dup", "succeeded", T).await;
     assert_eq!(row.result, Some(json!(0)), "the first submission wins");
     // Long after JetStream's duplicate window would matter, the id is still known.
@@ -509,7 +482,7 @@ async fn sigterm_drain_finishes_in_flight_and_hands_back_nothing_lost() {
         .unwrap();
     assert!(status.success(), "clean exit, got {status}");
     // Another agent picks up the rest; every task completes.
-    let (_b, _bt, _) = echo_agent(&s, "after-drain", 4);
+    let (_b, _bt, _) = s.echo_agent("after-drain", 4);
     for i in 0..6 {
         s.wait_status(&format!("d{i}"), "succeeded", T).await;
     }
@@ -544,7 +517,7 @@ async fn coordinator_killed_mid_load_loses_nothing() {
             .expect("spawn coordinator")
     };
     let mut coord = spawn_coord();
-    let (_a, _at, runs) = echo_agent(&s, "load-agent", 64);
+    let (_a, _at, runs) = s.echo_agent("load-agent", 64);
     const N: usize = 3000;
     let producer = produce(&s, "L", N, 500, Duration::from_millis(100));
     eventually("some progress", T, || async {
@@ -590,7 +563,7 @@ async fn disrupted_twice_under_load(
     mut disrupt: impl AsyncFnMut(),
 ) {
     let (_c, _ct) = s.coordinator().await;
-    let (_a, _at, runs) = echo_agent(s, &format!("{prefix}-agent"), 64);
+    let (_a, _at, runs) = s.echo_agent(&format!("{prefix}-agent"), 64);
     const N: usize = 2000;
     let producer = produce(s, prefix, N, 200, Duration::from_millis(50));
     for at_least in [200, 800] {
@@ -644,7 +617,7 @@ async fn two_coordinator_replicas_share_the_work() {
     let s = Stack::new(30_000).await;
     let (_c1, _t1) = s.coordinator().await;
     let (_c2, _t2) = s.coordinator().await;
-    let (_a, _at, runs) = echo_agent(&s, "shared-agent", 32);
+    let (_a, _at, runs) = s.echo_agent("shared-agent", 32);
     const N: usize = 1000;
     let mut acks = Vec::new();
     for i in 0..N {
@@ -674,7 +647,7 @@ async fn two_coordinator_replicas_share_the_work() {
 async fn request_reply_api_get_list_and_bad_requests() {
     let s = Stack::new(30_000).await;
     let (_coord, _ct) = s.coordinator().await;
-    let (_a, _at, _) = echo_agent(&s, "api-agent", 4);
+    let (_a, _at, _) = s.echo_agent("api-agent", 4);
     s.submit(
         "default",
         json!({"kind": "echo", "id": "api-1", "payload": 5}),
@@ -750,7 +723,7 @@ async fn a_burst_of_repeated_ids_across_concurrent_batches_runs_each_once() {
     let _coord = taskbus_coordinator::start(cfg, shutdown.clone())
         .await
         .expect("coordinator starts");
-    let (_a, _at, runs) = echo_agent(&s, "agent-burst", 32);
+    let (_a, _at, runs) = s.echo_agent("agent-burst", 32);
     let mut acks = Vec::new();
     // Ten ids, each repeated every ten messages: with batches of 7 and 4 batches in progress,
     // every id is in several concurrent batches.

@@ -9,6 +9,7 @@ mod ops;
 mod output;
 mod schedules;
 mod submit;
+mod task_flags;
 
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use taskbus_runtime::telemetry::{self, LogFormat};
@@ -240,7 +241,7 @@ impl Cli {
     fn parse_args() -> Self {
         let cmd = Self::command().mut_args(|a| {
             if a.get_id().as_str().starts_with("nats_") {
-                a.global(true)
+                a.global(true).help_heading("NATS connection")
             } else {
                 a
             }

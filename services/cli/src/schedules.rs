@@ -1,16 +1,15 @@
 //! `taskbus schedules`: recurring tasks in the JetStream KV bucket `<prefix>_schedules`.
 
-use std::collections::BTreeMap;
-
 use anyhow::{bail, Context};
 use async_nats::jetstream::kv;
 use chrono::Utc;
 use futures::StreamExt;
 use serde::Serialize;
 use taskbus_proto::schedule::{is_valid_schedule_name, DEFAULT_MISFIRE_GRACE_S};
-use taskbus_proto::{Limits, Priority, Schedule, Subjects, TaskEnvelope};
+use taskbus_proto::{Limits, Schedule, Subjects};
 
 use crate::output;
+use crate::task_flags::TaskFlags;
 
 /// Cron syntax, shown by `taskbus schedules --help`.
 pub const ABOUT: &str = "\
@@ -74,49 +73,15 @@ pub struct SetArgs {
     /// IANA time zone the expression is read in, e.g. Europe/Berlin.
     #[arg(long, default_value = "UTC")]
     pub timezone: String,
-    /// Pool the tasks are submitted to.
-    #[arg(long, default_value = "default")]
-    pub pool: String,
-    /// Task kind (what the agent should do).
-    #[arg(long)]
-    pub kind: String,
-    /// JSON payload of every tick's task, or @FILE to read it from a file.
-    #[arg(long, default_value = "null")]
-    pub payload: String,
-    #[arg(long, value_parser = parse_priority)]
-    pub priority: Option<Priority>,
-    #[arg(long)]
-    pub max_attempts: Option<u32>,
-    /// Per-attempt timeout, milliseconds.
-    #[arg(long)]
-    pub timeout_ms: Option<u64>,
-    /// Label KEY=VALUE (repeatable).
-    #[arg(long = "label", value_parser = parse_label)]
-    pub labels: Vec<(String, String)>,
-    /// Price of each tick's task, a decimal string (needs --payer).
-    #[arg(long)]
-    pub price: Option<String>,
-    #[arg(long)]
-    pub payer: Option<String>,
-    #[arg(long)]
-    pub currency: Option<String>,
+    /// What each tick submits.
+    #[command(flatten)]
+    pub task: TaskFlags,
     /// After a coordinator restart, fire the latest missed tick if it is at most this old.
     #[arg(long, default_value_t = DEFAULT_MISFIRE_GRACE_S)]
     pub misfire_grace_s: u64,
     /// Save the schedule paused (it fires nothing until `taskbus schedules resume`).
     #[arg(long)]
     pub paused: bool,
-}
-
-fn parse_priority(s: &str) -> Result<Priority, String> {
-    s.parse()
-}
-
-fn parse_label(s: &str) -> Result<(String, String), String> {
-    match s.split_once('=') {
-        Some((k, v)) if !k.is_empty() => Ok((k.into(), v.into())),
-        _ => Err(format!("label {s:?} must look like KEY=VALUE")),
-    }
 }
 
 fn check_name(name: &str) -> anyhow::Result<()> {
@@ -129,35 +94,11 @@ fn check_name(name: &str) -> anyhow::Result<()> {
 /// The schedule `set` would write, checked like a coordinator checks it.
 pub fn build(a: &SetArgs) -> anyhow::Result<Schedule> {
     check_name(&a.name)?;
-    let raw = match a.payload.strip_prefix('@') {
-        Some(path) => std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read payload file {path}"))?,
-        None => a.payload.clone(),
-    };
-    let payload: serde_json::Value = serde_json::from_str(&raw)
-        .context("--payload is not valid JSON (quote strings: '\"text\"')")?;
-    let labels: BTreeMap<String, String> = a.labels.iter().cloned().collect();
     let s = Schedule {
         cron: a.cron.clone(),
         timezone: a.timezone.clone(),
-        pool: a.pool.clone(),
-        task: TaskEnvelope {
-            v: None,
-            kind: a.kind.clone(),
-            payload,
-            id: None,
-            priority: a.priority,
-            max_attempts: a.max_attempts,
-            timeout_ms: a.timeout_ms,
-            deadline: None,
-            not_before: None,
-            price: a.price.clone(),
-            payer: a.payer.clone(),
-            currency: a.currency.clone(),
-            resources: None,
-            labels: (!labels.is_empty()).then_some(labels),
-            retry: None,
-        },
+        pool: a.task.pool.clone(),
+        task: a.task.envelope()?,
         paused: a.paused,
         misfire_grace_s: a.misfire_grace_s,
     };
@@ -399,6 +340,7 @@ pub async fn run(
 mod tests {
     use super::*;
     use clap::Parser;
+    use taskbus_proto::Priority;
 
     #[derive(Parser)]
     struct T {

@@ -1,50 +1,27 @@
 //! `taskbus submit`.
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
 use futures::StreamExt;
 use taskbus_proto::events::{Event, EventKind};
-use taskbus_proto::{Priority, Subjects, TaskEnvelope};
+use taskbus_proto::{Subjects, TaskEnvelope};
+
+use crate::task_flags::TaskFlags;
 
 #[derive(clap::Args, Debug)]
 pub struct SubmitArgs {
-    /// Task kind (what the agent should do), e.g. echo.
-    #[arg(long)]
-    pub kind: String,
-    /// Pool (DNS label).
-    #[arg(long, default_value = "default")]
-    pub pool: String,
-    /// JSON payload, or @FILE to read it from a file.
-    #[arg(long, default_value = "{}")]
-    pub payload: String,
+    #[command(flatten)]
+    pub task: TaskFlags,
     /// Task id (idempotency key); a ULID is generated when absent.
     #[arg(long)]
     pub id: Option<String>,
-    #[arg(long, value_parser = parse_priority)]
-    pub priority: Option<Priority>,
-    #[arg(long)]
-    pub max_attempts: Option<u32>,
     /// Not started by then ⇒ expired (RFC 3339, e.g. 2026-12-01T10:00:00Z, or +SECONDS).
     #[arg(long, value_parser = parse_time)]
     pub deadline: Option<chrono::DateTime<chrono::Utc>>,
     /// Not handed to an agent before then (RFC 3339 or +SECONDS).
     #[arg(long, value_parser = parse_time)]
     pub not_before: Option<chrono::DateTime<chrono::Utc>>,
-    /// Per-attempt timeout, milliseconds.
-    #[arg(long)]
-    pub timeout_ms: Option<u64>,
-    /// Price as a decimal string (needs --payer).
-    #[arg(long)]
-    pub price: Option<String>,
-    #[arg(long)]
-    pub payer: Option<String>,
-    #[arg(long)]
-    pub currency: Option<String>,
-    /// Label KEY=VALUE (repeatable).
-    #[arg(long = "label", value_parser = parse_label)]
-    pub labels: Vec<(String, String)>,
     /// Wait for the outcome and print it (exit status 1 unless it succeeded).
     #[arg(long)]
     pub wait: bool,
@@ -54,10 +31,6 @@ pub struct SubmitArgs {
     /// Print the outcome event as JSON.
     #[arg(long)]
     pub json: bool,
-}
-
-fn parse_priority(s: &str) -> Result<Priority, String> {
-    s.parse()
 }
 
 /// RFC 3339, or `+N` seconds from now.
@@ -78,27 +51,13 @@ fn parse_time(s: &str) -> Result<chrono::DateTime<chrono::Utc>, String> {
         })
 }
 
-fn parse_label(s: &str) -> Result<(String, String), String> {
-    match s.split_once('=') {
-        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
-        _ => Err(format!("label {s:?} must look like KEY=VALUE")),
-    }
-}
-
 pub fn build(args: &SubmitArgs) -> anyhow::Result<TaskEnvelope> {
-    if !taskbus_proto::ids::is_valid_pool(&args.pool) {
+    if !taskbus_proto::ids::is_valid_pool(&args.task.pool) {
         bail!(
             "pool {:?} is not a DNS label (lower-case letters, digits, '-')",
-            args.pool
+            args.task.pool
         );
     }
-    let raw = match args.payload.strip_prefix('@') {
-        Some(path) => std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read payload file {path}"))?,
-        None => args.payload.clone(),
-    };
-    let payload: serde_json::Value = serde_json::from_str(&raw)
-        .with_context(|| "--payload is not valid JSON (quote strings: '\"text\"')")?;
     let id = args
         .id
         .clone()
@@ -106,24 +65,11 @@ pub fn build(args: &SubmitArgs) -> anyhow::Result<TaskEnvelope> {
     if !taskbus_proto::ids::is_valid_task_id(&id) {
         bail!("--id {id:?} must be 1 to 128 characters from A-Z a-z 0-9 _ -");
     }
-    let labels: BTreeMap<String, String> = args.labels.iter().cloned().collect();
-    Ok(TaskEnvelope {
-        v: None,
-        kind: args.kind.clone(),
-        payload,
-        id: Some(id),
-        priority: args.priority,
-        max_attempts: args.max_attempts,
-        timeout_ms: args.timeout_ms,
-        deadline: args.deadline,
-        not_before: args.not_before,
-        price: args.price.clone(),
-        payer: args.payer.clone(),
-        currency: args.currency.clone(),
-        resources: None,
-        labels: (!labels.is_empty()).then_some(labels),
-        retry: None,
-    })
+    let mut env = args.task.envelope()?;
+    env.id = Some(id);
+    env.deadline = args.deadline;
+    env.not_before = args.not_before;
+    Ok(env)
 }
 
 pub async fn run(
@@ -138,7 +84,7 @@ pub async fn run(
     let mut events = if args.wait {
         Some(
             client
-                .subscribe(subjects.task_events(&args.pool, &id))
+                .subscribe(subjects.task_events(&args.task.pool, &id))
                 .await?,
         )
     } else {
@@ -146,7 +92,7 @@ pub async fn run(
     };
     let js = async_nats::jetstream::new(client.clone());
     let ack = js
-        .publish(subjects.submit(&args.pool), serde_json::to_vec(&env)?.into())
+        .publish(subjects.submit(&args.task.pool), serde_json::to_vec(&env)?.into())
         .await
         .context("publish failed")?
         .await
@@ -209,6 +155,7 @@ pub async fn run(
 mod tests {
     use super::*;
     use clap::Parser;
+    use taskbus_proto::Priority;
 
     #[derive(Parser)]
     struct T {

@@ -49,6 +49,7 @@ impl FromStr for Secret {
 /// At most one of creds file, nkey, token and user/password may be given (or credentials in the
 /// URL instead of all four).
 #[derive(clap::Args, Debug, Clone, Default, PartialEq, Eq)]
+#[command(next_help_heading = "NATS credentials and TLS")]
 pub struct NatsAuth {
     /// NATS credentials file (user JWT and nkey seed, as `nsc generate creds` writes it), for
     /// servers in operator/JWT mode.
