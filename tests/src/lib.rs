@@ -159,6 +159,13 @@ mod tests {
     }
 }
 
+/// A file of the test certificates in `tests/fixtures/tls/` (see its README).
+pub fn tls_fixture(name: &str) -> std::path::PathBuf {
+    std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures/tls")
+        .join(name)
+}
+
 /// Path of a workspace binary built beside the test executable (`target/<profile>/<name>`).
 /// scripts/test.sh builds them first (`cargo build --workspace --bins`): cargo builds a
 /// package's binaries only for that package's own integration tests.

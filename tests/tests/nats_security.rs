@@ -3,7 +3,6 @@
 //! mutual TLS, TLS-first), and the whole spine (coordinator, agent, producer) over mutual TLS
 //! with a token. Each refusal must come back as an error that names what to check.
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use async_nats::jetstream;
@@ -14,16 +13,10 @@ use taskbus_agent::{Agent, AgentConfig};
 use taskbus_runtime::devservers::{NatsOptions, NatsServer};
 use taskbus_runtime::nats::{NatsAuth, NatsError, Secret};
 use taskbus_runtime::CancellationToken;
-use taskbus_tests::{eventually, workspace_bin, TestDb};
-
-fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("fixtures/tls")
-        .join(name)
-}
+use taskbus_tests::{eventually, tls_fixture, workspace_bin, TestDb};
 
 fn path_str(name: &str) -> String {
-    fixture(name).display().to_string()
+    tls_fixture(name).display().to_string()
 }
 
 async fn server(config: String) -> NatsServer {
@@ -384,9 +377,9 @@ fn tls_block(extra: &str) -> String {
 
 fn mtls() -> NatsAuth {
     NatsAuth {
-        tls_ca: Some(fixture("ca.pem")),
-        tls_cert: Some(fixture("client.pem")),
-        tls_key: Some(fixture("client.key")),
+        tls_ca: Some(tls_fixture("ca.pem")),
+        tls_cert: Some(tls_fixture("client.pem")),
+        tls_key: Some(tls_fixture("client.key")),
         ..Default::default()
     }
 }
@@ -397,7 +390,7 @@ async fn tls_with_own_ca_client_certificates_and_tls_first() {
     let nats = server(tls_block("")).await;
     let url = nats.url();
     let ca = NatsAuth {
-        tls_ca: Some(fixture("ca.pem")),
+        tls_ca: Some(tls_fixture("ca.pem")),
         ..Default::default()
     };
     works(&url, &ca).await;
@@ -405,7 +398,7 @@ async fn tls_with_own_ca_client_certificates_and_tls_first() {
     // The system store does not know the test CA: the hint says to pass --nats-tls-ca.
     refused(&url, &NatsAuth::default(), &["--nats-tls-ca"]).await;
     let other = NatsAuth {
-        tls_ca: Some(fixture("other-ca.pem")),
+        tls_ca: Some(tls_fixture("other-ca.pem")),
         ..Default::default()
     };
     refused(&url, &other, &["TLS", "--nats-tls-ca"]).await;
@@ -417,7 +410,7 @@ async fn tls_with_own_ca_client_certificates_and_tls_first() {
     };
     refused(&url, &bad_ca, &["--nats-tls-ca", "no PEM certificate"]).await;
     let bad_key = NatsAuth {
-        tls_key: Some(fixture("client.pem")),
+        tls_key: Some(tls_fixture("client.pem")),
         ..mtls()
     };
     refused(&url, &bad_key, &["--nats-tls-key", "no PEM private key"]).await;

@@ -5,30 +5,22 @@
 //! on such a database.
 
 use std::os::unix::fs::PermissionsExt;
-use std::path::PathBuf;
 use std::time::Duration;
 
 use serde_json::json;
-use taskbus_agent::{Agent, AgentConfig, CancellationToken, TaskContext, TaskError};
 use taskbus_runtime::db;
 use taskbus_runtime::devservers::{PgOptions, PgTls};
 use taskbus_tests::stack::Stack;
-use taskbus_tests::{PgServer, TestDb};
-
-fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("fixtures/tls")
-        .join(name)
-}
+use taskbus_tests::{tls_fixture, PgServer, TestDb};
 
 /// A private PostgreSQL that takes TCP connections over TLS only (and, with `client_ca`, only
 /// from clients whose certificate `ca.pem` signed).
 async fn tls_only_server(client_ca: bool) -> PgServer {
     PgServer::start_with(PgOptions {
         tls: Some(PgTls {
-            cert: fixture("server.pem"),
-            key: fixture("server.key"),
-            client_ca: client_ca.then(|| fixture("ca.pem")),
+            cert: tls_fixture("server.pem"),
+            key: tls_fixture("server.key"),
+            client_ca: client_ca.then(|| tls_fixture("ca.pem")),
             require: true,
         }),
     })
@@ -117,7 +109,7 @@ async fn sslmode_require_connects_over_tls_without_checking_the_certificate() {
     assert!(version.starts_with("TLSv1."), "{version}");
     // `require` checks nothing, even where `sslrootcert` names a CA that did not sign the
     // server's certificate (libpq would verify the chain here; sqlx does not).
-    let other = fixture("other-ca.pem");
+    let other = tls_fixture("other-ca.pem");
     let pool = connect(&url(
         &pg,
         "127.0.0.1",
@@ -131,7 +123,7 @@ async fn sslmode_require_connects_over_tls_without_checking_the_certificate() {
 #[tokio::test]
 async fn verify_full_checks_the_chain_and_the_host_name() {
     let pg = tls_only_server(false).await;
-    let ca = fixture("ca.pem");
+    let ca = tls_fixture("ca.pem");
     for (host, mode) in [
         ("localhost", "verify-full"),
         ("127.0.0.1", "verify-full"), // the certificate names the IP address too
@@ -146,7 +138,7 @@ async fn verify_full_checks_the_chain_and_the_host_name() {
         assert!(ssl_in_use(&pool).await, "{u}");
     }
     // A CA that signed nothing here.
-    let other = fixture("other-ca.pem");
+    let other = tls_fixture("other-ca.pem");
     let e = refused(&url(
         &pg,
         "localhost",
@@ -169,7 +161,7 @@ async fn verify_full_checks_the_chain_and_the_host_name() {
 #[tokio::test]
 async fn mutual_tls_needs_a_client_certificate_signed_by_the_servers_ca() {
     let pg = tls_only_server(true).await;
-    let ca = fixture("ca.pem");
+    let ca = tls_fixture("ca.pem");
     let verify = format!("sslmode=verify-full&sslrootcert={}", ca.display());
     let e = refused(&url(&pg, "localhost", &verify)).await;
     assert!(
@@ -183,9 +175,9 @@ async fn mutual_tls_needs_a_client_certificate_signed_by_the_servers_ca() {
 
     // sqlx reads the key whatever its mode (libpq insists on 0600): a world-readable copy.
     let key = std::env::temp_dir().join(format!("taskbus-client-{}.key", ulid::Ulid::new()));
-    std::fs::copy(fixture("client.key"), &key).unwrap();
+    std::fs::copy(tls_fixture("client.key"), &key).unwrap();
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
-    let cert = fixture("client.pem");
+    let cert = tls_fixture("client.pem");
     // A certificate without its key is a configuration error caught before any connection.
     let e = refused(&url(
         &pg,
@@ -226,7 +218,7 @@ async fn coordinator_and_agent_on_a_tls_only_database() {
         "localhost",
         &format!(
             "sslmode=verify-full&sslrootcert={}",
-            fixture("ca.pem").display()
+            tls_fixture("ca.pem").display()
         ),
     );
     let s = Stack::on_database(30_000, TestDb::new_on(&admin).await).await;
@@ -238,15 +230,7 @@ async fn coordinator_and_agent_on_a_tls_only_database() {
     );
     let (_coord, _coord_token) = s.coordinator().await;
 
-    let mut cfg = AgentConfig::new(s.nats.url(), "default");
-    cfg.agent_id = "tls-agent".into();
-    cfg.grace = Duration::from_secs(5);
-    let agent = Agent::new(cfg, |t: TaskContext| async move {
-        Ok::<_, TaskError>(t.payload)
-    });
-    let agent_token = CancellationToken::new();
-    let t = agent_token.clone();
-    let _agent = tokio::spawn(async move { agent.run(t).await.expect("agent runs") });
+    let (_agent, agent_token, _runs) = s.echo_agent("tls-agent", 4);
 
     s.submit(
         "default",

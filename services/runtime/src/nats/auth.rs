@@ -333,11 +333,6 @@ impl FileCredential {
 }
 
 impl NatsAuth {
-    /// Whether any credential flag is set (URL credentials not counted).
-    fn has_credentials(&self) -> bool {
-        self.creds.is_some() || self.nkey.is_some() || self.token.is_some() || self.user.is_some()
-    }
-
     /// Check the settings and files and build connect options with them (and with any
     /// credentials in `addrs`' URLs); callers add name, timeouts and the like.
     ///
@@ -363,21 +358,25 @@ impl NatsAuth {
                 }
             }
         }
-        if in_url.is_some() && self.has_credentials() {
+        // Credential flags given (URL credentials not counted). Direct callers (not through
+        // clap) get the same rules as the flags.
+        let methods = [
+            self.creds.is_some(),
+            self.nkey.is_some(),
+            self.token.is_some(),
+            self.user.is_some(),
+        ]
+        .into_iter()
+        .filter(|m| *m)
+        .count();
+        if in_url.is_some() && methods > 0 {
             return Err(AuthError(
                 "the NATS URL carries credentials (user:password@ or token@) and --nats-creds, \
                  --nats-nkey, --nats-token or --nats-user is given too; use one of them"
                     .into(),
             ));
         }
-        // Direct callers (not through clap) get the same rules as the flags.
-        let methods = [
-            self.creds.is_some(),
-            self.nkey.is_some(),
-            self.token.is_some(),
-            self.user.is_some(),
-        ];
-        if methods.iter().filter(|m| **m).count() > 1 {
+        if methods > 1 {
             return Err(AuthError(
                 "give only one of --nats-creds, --nats-nkey, --nats-token and --nats-user".into(),
             ));
