@@ -773,3 +773,29 @@ async fn a_burst_of_repeated_ids_across_concurrent_batches_runs_each_once() {
     );
     shutdown.cancel();
 }
+
+/// The first task a fresh coordinator sees shows `running` while it runs: the `started`
+/// writer does not wait for an outcome to be recorded first when none is pending (it used to
+/// wait 5 s, so a short first task went from `queued` straight to `succeeded`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fresh_coordinator_records_running_promptly() {
+    let s = Stack::new(30_000).await;
+    let (_c, _ct) = s.coordinator().await;
+    let mut cfg = AgentConfig::new(s.nats.url(), "default");
+    cfg.agent_id = "slow".into();
+    let agent = Agent::new(cfg, |_t: TaskContext| async move {
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        Ok::<_, TaskError>(json!(null))
+    });
+    let token = CancellationToken::new();
+    let run = tokio::spawn(agent.run(token.clone()));
+    s.submit("default", json!({"kind": "slow", "id": "first"}))
+        .await;
+    let t = s
+        .wait_status("first", "running", Duration::from_millis(2_500))
+        .await;
+    assert_eq!(t.agent_id.as_deref(), Some("slow"));
+    s.wait_status("first", "succeeded", T).await;
+    token.cancel();
+    run.await.unwrap().unwrap();
+}

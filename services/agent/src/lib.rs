@@ -31,6 +31,7 @@ pub mod handlers;
 mod metrics;
 mod pull;
 
+pub use metrics::stats_collector;
 pub use pull::LOW_EVERY;
 
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -47,9 +48,10 @@ use chrono::Utc;
 use futures::StreamExt;
 use taskbus_proto::api::Heartbeat;
 use taskbus_proto::events::{self, Event, EventKind};
-use taskbus_proto::{PoolSettings, Priority, Subjects, WorkItem};
+use taskbus_proto::{PoolSettings, Priority, Subjects};
 use tracing::{debug, info, warn};
 
+pub use taskbus_proto::WorkItem;
 pub use taskbus_runtime::CancellationToken;
 
 /// Agent settings.
@@ -112,9 +114,20 @@ pub struct TaskContext {
     pub max_attempts: u32,
     pub payload: serde_json::Value,
     pub labels: std::collections::BTreeMap<String, String>,
-    /// Cancelled when the attempt must stop (shutdown grace over, task cancelled); a
-    /// cooperative handler returns promptly when it fires.
+    /// What the task asked for (`resources` of its envelope).
+    pub resources: Option<taskbus_proto::Resources>,
+    /// The attempt's timeout (`timeout_ms`); the agent stops the handler when it is over.
+    pub timeout: Duration,
+    /// What [`Handler::place`] reserved for this attempt (e.g. GPU ids); empty for handlers
+    /// that do not place.
+    pub devices: Vec<String>,
+    /// Cancelled when the attempt must stop (shutdown grace over, task cancelled, timed out);
+    /// a cooperative handler returns promptly when it fires.
     pub cancel: CancellationToken,
+    /// Cancelled (together with `cancel`) when the agent gives up on the attempt at the end of
+    /// its shutdown grace: the task is handed back and runs again elsewhere. A handler whose
+    /// work outlives it (a Kubernetes Job another agent adopts) leaves it running then.
+    pub shutdown: CancellationToken,
 }
 
 /// A handler's failure. `Retryable` failures are retried while attempts remain; `Fatal` ones
@@ -129,11 +142,59 @@ pub enum TaskError {
 
 /// The work an agent does. Closures `Fn(TaskContext) -> impl Future<Output = Result<Value, TaskError>>`
 /// implement it.
+///
+/// Handlers that need scarce resources per task (the GPU dispatcher) also implement
+/// [`Handler::room`] and [`Handler::place`]: the agent then pulls no more tasks than `room`
+/// allows and starts a task only once `place` has reserved what it needs.
 pub trait Handler: Send + Sync + 'static {
     fn handle(
         &self,
         task: TaskContext,
     ) -> impl Future<Output = Result<serde_json::Value, TaskError>> + Send;
+
+    /// How many more tasks this agent may pull now, on top of those it holds (running or
+    /// waiting for `place`). The agent never pulls more than `concurrency` allows either, and
+    /// asks again at least every 100 ms while this is 0. Default: no limit of its own.
+    fn room(&self) -> usize {
+        usize::MAX
+    }
+
+    /// Reserve what `task` needs before it starts. The future may wait (until resources are
+    /// free): meanwhile the agent extends the task's lease, and hands the task back if the agent
+    /// shuts down or the task is cancelled (dropping the future). The [`Slot`] is held until the
+    /// attempt has ended. Default: every task starts at once with nothing reserved.
+    fn place(&self, task: &WorkItem) -> impl Future<Output = Placement> + Send {
+        let _ = task;
+        std::future::ready(Placement::Ready(Slot::default()))
+    }
+}
+
+/// What [`Handler::place`] decided for one task.
+#[derive(Debug)]
+pub enum Placement {
+    /// Start now with this reservation.
+    Ready(Slot),
+    /// This agent can never run the task (it asks for more than exists here): it fails at once
+    /// and for good (`failed`, not retryable), with this sentence as the error.
+    Never(String),
+}
+
+/// A reservation held for one attempt; released (dropped) when the attempt ends.
+#[derive(Default)]
+pub struct Slot {
+    /// Handed to the handler as [`TaskContext::devices`].
+    pub devices: Vec<String>,
+    /// Released when dropped (e.g. GPUs returned to their allocator).
+    pub guard: Option<Box<dyn Send + Sync>>,
+}
+
+impl std::fmt::Debug for Slot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Slot")
+            .field("devices", &self.devices)
+            .field("guard", &self.guard.is_some())
+            .finish()
+    }
 }
 
 impl<F, Fut> Handler for F
@@ -174,8 +235,10 @@ pub struct AgentStats {
     pub cancelled: AtomicU64,
     /// Tasks not started because their deadline had passed.
     pub expired: AtomicU64,
-    /// Tasks running now.
+    /// Tasks held now: running, or waiting for [`Handler::place`].
     pub in_flight: AtomicU32,
+    /// Tasks pulled and waiting for [`Handler::place`] (not counted in `in_flight`).
+    pub waiting: AtomicU32,
 }
 
 /// The per-agent circuit breaker: after `threshold` consecutive failures the agent stops
@@ -272,6 +335,8 @@ struct Shared<H> {
     durations: prometheus_client::metrics::histogram::Histogram,
     /// Cancelled when the grace period is over.
     hard: CancellationToken,
+    /// Cancelled when shutdown starts (tasks still waiting for a placement are handed back).
+    soft: CancellationToken,
     cancelled: Mutex<CancelSet>,
     running: Mutex<HashMap<String, CancellationToken>>,
     breaker: Mutex<Breaker>,
@@ -375,6 +440,7 @@ impl<H: Handler> Agent<H> {
             ack_wait,
             durations: self.durations.clone(),
             hard: CancellationToken::new(),
+            soft: shutdown.clone(),
             cancelled: Mutex::default(),
             running: Mutex::default(),
             breaker: Mutex::default(),
@@ -463,6 +529,7 @@ async fn wait_for_consumers(
 }
 
 async fn process<H: Handler>(shared: &Shared<H>, msg: jetstream::Message) {
+    let waiting = Waiting::counted(&shared.stats);
     let mut item: WorkItem = match serde_json::from_slice(&msg.payload) {
         Ok(w) => w,
         Err(e) => {
@@ -479,24 +546,25 @@ async fn process<H: Handler>(shared: &Shared<H>, msg: jetstream::Message) {
         let _ = msg.ack().await;
         return;
     }
-    if let Some(deadline) = item.task.deadline.filter(|d| *d <= Utc::now()) {
-        // Not started in time: report `expired` instead of running it.
-        let ev = Event::Expired(events::Expired {
-            task_id: task_id.clone(),
-            pool: c.pool.clone(),
-            at: Utc::now(),
-            deadline,
-        });
-        if publish_outcome(shared, &task_id, item.attempt, &ev).await {
-            shared.stats.expired.fetch_add(1, Ordering::Relaxed);
-            let _ = msg.ack().await;
+    let task_cancel = CancellationToken::new();
+    lock(&shared.running).insert(task_id.clone(), task_cancel.clone());
+    let slot = {
+        let slot = if expire_if_due(shared, &msg, &item).await {
+            None
         } else {
-            let _ = msg
-                .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
-                .await;
+            wait_for_placement(shared, &msg, &item, &task_cancel).await
+        };
+        drop(waiting);
+        // Waiting for the placement may have taken until the deadline.
+        match slot {
+            Some(slot) if !expire_if_due(shared, &msg, &item).await => Some(slot),
+            _ => None,
         }
+    };
+    let Some(slot) = slot else {
+        lock(&shared.running).remove(&task_id);
         return;
-    }
+    };
     let started_at = Utc::now();
     let started = Event::Started(events::Started {
         task_id: task_id.clone(),
@@ -514,8 +582,6 @@ async fn process<H: Handler>(shared: &Shared<H>, msg: jetstream::Message) {
         .await;
 
     let cancel = shared.hard.child_token();
-    let task_cancel = CancellationToken::new();
-    lock(&shared.running).insert(task_id.clone(), task_cancel.clone());
     let timeout = Duration::from_millis(item.task.timeout_ms.unwrap_or(300_000));
     let ctx = TaskContext {
         task_id: task_id.clone(),
@@ -526,11 +592,16 @@ async fn process<H: Handler>(shared: &Shared<H>, msg: jetstream::Message) {
         max_attempts: item.task.max_attempts.unwrap_or(1),
         payload: std::mem::take(&mut item.task.payload),
         labels: item.task.labels.take().unwrap_or_default(),
+        resources: item.task.resources.take(),
+        timeout,
+        devices: slot.devices.clone(),
         cancel: cancel.clone(),
+        shutdown: shared.hard.clone(),
     };
     let t0 = Instant::now();
-    let work = shared.handler.handle(ctx);
-    tokio::pin!(work);
+    // Boxed so that it can be dropped (ending what the handler holds, e.g. a child process)
+    // before the slot is released.
+    let mut work = Box::pin(shared.handler.handle(ctx));
     let lease_every = (shared.ack_wait / 3).max(Duration::from_millis(50));
     let mut lease =
         tokio::time::interval_at(tokio::time::Instant::now() + lease_every, lease_every);
@@ -566,6 +637,9 @@ async fn process<H: Handler>(shared: &Shared<H>, msg: jetstream::Message) {
         let _ = tokio::time::timeout(Duration::from_secs(2), &mut work).await;
     }
     lock(&shared.running).remove(&task_id);
+    // The handler is done with what was reserved for it.
+    drop(work);
+    drop(slot);
     let duration_ms = t0.elapsed().as_millis() as u64;
     if matches!(end, End::Done(_) | End::TimedOut) {
         shared.durations.observe(t0.elapsed().as_secs_f64());
@@ -651,6 +725,108 @@ async fn process<H: Handler>(shared: &Shared<H>, msg: jetstream::Message) {
         let _ = msg
             .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
             .await;
+    }
+}
+
+/// Counts a pulled task as waiting for its placement until dropped.
+struct Waiting<'a>(&'a AgentStats);
+
+impl<'a> Waiting<'a> {
+    /// Counted from the moment the pull loop takes the task (see `pull.rs`).
+    fn counted(stats: &'a AgentStats) -> Self {
+        Self(stats)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.waiting.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A task whose deadline has passed is reported `expired` instead of run; true when it was
+/// (the message is then settled).
+async fn expire_if_due<H>(shared: &Shared<H>, msg: &jetstream::Message, item: &WorkItem) -> bool {
+    let Some(deadline) = item.task.deadline.filter(|d| *d <= Utc::now()) else {
+        return false;
+    };
+    let task_id = item.task_id();
+    let ev = Event::Expired(events::Expired {
+        task_id: task_id.to_string(),
+        pool: shared.config.pool.clone(),
+        at: Utc::now(),
+        deadline,
+    });
+    if publish_outcome(shared, task_id, item.attempt, &ev).await {
+        shared.stats.expired.fetch_add(1, Ordering::Relaxed);
+        let _ = msg.ack().await;
+    } else {
+        let _ = msg
+            .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
+            .await;
+    }
+    true
+}
+
+/// Ask the handler to place the task, extending its lease while it waits. `None` when the task
+/// is not to run here (never placeable: failed for good; cancelled; shutdown: handed back); the
+/// message is then settled.
+async fn wait_for_placement<H: Handler>(
+    shared: &Shared<H>,
+    msg: &jetstream::Message,
+    item: &WorkItem,
+    task_cancel: &CancellationToken,
+) -> Option<Slot> {
+    let place = shared.handler.place(item);
+    tokio::pin!(place);
+    let lease_every = (shared.ack_wait / 3).max(Duration::from_millis(50));
+    let mut lease =
+        tokio::time::interval_at(tokio::time::Instant::now() + lease_every, lease_every);
+    let placement = loop {
+        tokio::select! {
+            p = &mut place => break p,
+            _ = lease.tick() => {
+                if let Err(e) = msg.ack_with(AckKind::Progress).await {
+                    debug!(error = %e, "lease extension failed");
+                }
+            }
+            _ = task_cancel.cancelled() => {
+                shared.stats.cancelled.fetch_add(1, Ordering::Relaxed);
+                let _ = msg.ack().await;
+                return None;
+            }
+            _ = shared.soft.cancelled() => {
+                let _ = msg.ack_with(AckKind::Nak(None)).await;
+                shared.stats.handed_back.fetch_add(1, Ordering::Relaxed);
+                return None;
+            }
+        }
+    };
+    match placement {
+        Placement::Ready(slot) => Some(slot),
+        Placement::Never(why) => {
+            let task_id = item.task_id();
+            warn!(task_id, error = %why, "task can never be placed on this agent; failing it");
+            let ev = Event::Failed(events::Failed {
+                task_id: task_id.to_string(),
+                pool: shared.config.pool.clone(),
+                at: Utc::now(),
+                attempt: item.attempt,
+                agent_id: shared.config.agent_id.clone(),
+                retryable: false,
+                error: why,
+                duration_ms: 0,
+            });
+            if publish_outcome(shared, task_id, item.attempt, &ev).await {
+                shared.stats.failed.fetch_add(1, Ordering::Relaxed);
+                let _ = msg.ack().await;
+            } else {
+                let _ = msg
+                    .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
+                    .await;
+            }
+            None
+        }
     }
 }
 

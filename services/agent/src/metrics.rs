@@ -4,7 +4,8 @@
 //!
 //! - `taskbus_agent_tasks_total{outcome}`: tasks this agent finished, by outcome
 //!   (`succeeded`, `failed` — timeouts included —, `handed_back`, `cancelled`, `expired`);
-//! - `taskbus_agent_in_flight`: tasks running now;
+//! - `taskbus_agent_in_flight`: tasks held now (running, or waiting for a placement);
+//! - `taskbus_agent_waiting`: tasks waiting for a placement (GPU dispatcher; 0 otherwise);
 //! - `taskbus_agent_task_duration_seconds`: how long handlers ran (successes, failures and
 //!   timeouts).
 //!
@@ -34,13 +35,19 @@ pub(crate) fn duration_histogram() -> Histogram {
 pub(crate) fn registry(pool: &str, stats: Arc<AgentStats>, durations: Histogram) -> Registry {
     let labels = [(Cow::Borrowed("pool"), Cow::Owned(pool.to_string()))];
     let mut r = Registry::with_prefix_and_labels("taskbus_agent", labels.into_iter());
-    r.register_collector(Box::new(StatsCollector(stats)));
+    r.register_collector(stats_collector(stats));
     r.register(
         "task_duration_seconds",
         "How long handlers ran (successes, failures and timeouts)",
         durations,
     );
     r
+}
+
+/// The counters and gauges of one agent, for a registry labelled with its pool (processes that
+/// run several agents, like the GPU dispatcher, register one per pool).
+pub fn stats_collector(stats: Arc<AgentStats>) -> Box<dyn Collector> {
+    Box::new(StatsCollector(stats))
 }
 
 #[derive(Debug)]
@@ -66,13 +73,22 @@ impl Collector for StatsCollector {
             let family = tasks.encode_family(&labels)?;
             ConstCounter::new(n.load(Ordering::Relaxed)).encode(family)?;
         }
-        let in_flight = ConstGauge::new(i64::from(s.in_flight.load(Ordering::Relaxed)));
-        let enc = encoder.encode_descriptor(
-            "in_flight",
-            "Tasks running on this agent now",
-            None,
-            in_flight.metric_type(),
-        )?;
-        in_flight.encode(enc)
+        for (name, help, n) in [
+            (
+                "in_flight",
+                "Tasks held by this agent now (running, or waiting for a placement)",
+                &s.in_flight,
+            ),
+            (
+                "waiting",
+                "Tasks pulled and waiting for a placement (e.g. free GPUs)",
+                &s.waiting,
+            ),
+        ] {
+            let gauge = ConstGauge::new(i64::from(n.load(Ordering::Relaxed)));
+            let enc = encoder.encode_descriptor(name, help, None, gauge.metric_type())?;
+            gauge.encode(enc)?;
+        }
+        Ok(())
     }
 }

@@ -150,6 +150,15 @@ pub(crate) async fn pull_loop<H: Handler>(
             }
             continue;
         }
+        if room_left(shared) == 0 {
+            // The handler has no room (e.g. no free GPU): take nothing until it has.
+            tokio::select! {
+                _ = shutdown.cancelled() => {}
+                _ = tokio::time::sleep(ROOM_RECHECK) => {}
+                Some(polled) = p.polls.next(), if !p.polls.is_empty() => p.on_polled(polled).await,
+            }
+            continue;
+        }
         if p.poll.iter().all(|b| b.active) {
             // Every band has a long-poll out: arrivals come through them. Fetching as well
             // would only cost requests (what a band holds goes to its poll first).
@@ -175,7 +184,7 @@ pub(crate) async fn pull_loop<H: Handler>(
         let want = if state == BreakerState::HalfOpen {
             1
         } else {
-            1 + p.slots.available_permits()
+            (1 + p.slots.available_permits()).min(room_left(shared).max(1))
         };
         if p.fetch_in_order(want, first, shutdown).await > 0 {
             continue;
@@ -280,7 +289,12 @@ impl<H: Handler> Puller<'_, H> {
     /// Long-poll one band for a third of the free slots (at least one).
     async fn start_poll(&mut self, band: Priority) -> bool {
         let i = band_index(band);
-        let each = self.slots.available_permits().max(1).div_ceil(3);
+        let each = self
+            .slots
+            .available_permits()
+            .min(room_left(self.shared))
+            .max(1)
+            .div_ceil(3);
         let consumer = &self.bands.consumers[i].1;
         match consumer
             .batch()
@@ -348,7 +362,7 @@ impl<H: Handler> Puller<'_, H> {
             BreakerState::Closed => true,
             BreakerState::HalfOpen => self.shared.stats.in_flight.load(Ordering::Relaxed) == 0,
             BreakerState::Open(_) => false,
-        };
+        } && room_left(self.shared) > 0;
         match self.slots.clone().try_acquire_owned() {
             Ok(permit) if allowed => {
                 self.start(msg, permit);
@@ -366,12 +380,26 @@ impl<H: Handler> Puller<'_, H> {
     fn start(&self, msg: jetstream::Message, permit: OwnedSemaphorePermit) {
         let shared = self.shared.clone();
         shared.stats.in_flight.fetch_add(1, Ordering::Relaxed);
+        // Until `process` has its placement (see `Waiting` there).
+        shared.stats.waiting.fetch_add(1, Ordering::Relaxed);
         self.tracker.spawn(async move {
             process(&shared, msg).await;
             shared.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
             drop(permit);
         });
     }
+}
+
+/// How often the pull loop asks a handler without room whether it has some now.
+const ROOM_RECHECK: Duration = Duration::from_millis(100);
+
+/// How many more tasks the handler lets this agent take: its room, less the tasks already
+/// taken and still waiting for a placement.
+fn room_left<H: Handler>(shared: &Shared<H>) -> usize {
+    shared
+        .handler
+        .room()
+        .saturating_sub(shared.stats.waiting.load(Ordering::Relaxed) as usize)
 }
 
 /// Give a task back to the server for immediate redelivery (to any agent).

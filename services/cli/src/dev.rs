@@ -29,6 +29,11 @@ pub struct DevArgs {
     /// Demo tasks per second submitted to pool `default` (0 = none).
     #[arg(long, default_value_t = 5.0)]
     pub demo_rate: f64,
+    /// Run the GPU dispatcher on pool `gpu` with this many declared GPUs (no real GPU needed;
+    /// 0 = none). Its task kinds: `gpu-env` (prints the GPUs the task was given) and `sleep`
+    /// (payload `{"args": ["2"]}` sleeps 2 s on its GPUs).
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=64))]
+    pub gpus: u32,
     /// Stop after this many seconds (default: run until Ctrl-C).
     #[arg(long)]
     pub duration: Option<u64>,
@@ -64,6 +69,9 @@ pub async fn run(
     cfg.nats_auth = auth.clone();
     cfg.prefix = prefix.to_string();
     cfg.http_listen = Some(args.http_listen);
+    if args.gpus > 0 {
+        cfg.ensure_pools.push(DEV_GPU_POOL.into());
+    }
     let coordinator = taskbus_coordinator::start(cfg, shutdown.clone())
         .await
         .context("coordinator failed to start")?;
@@ -117,6 +125,16 @@ pub async fn run(
         });
     }
 
+    if args.gpus > 0 {
+        let dc = dev_gpu_dispatcher(&nats_url, auth, prefix, args.gpus);
+        let sd = shutdown.clone();
+        tracker.spawn(async move {
+            if let Err(e) = taskbus_gpu_dispatcher::dispatcher::run(dc, sd).await {
+                eprintln!("GPU dispatcher stopped: {e}");
+            }
+        });
+    }
+
     let client = taskbus_runtime::nats::connect(&nats_url, auth, "taskbus-dev").await?;
     let js = jetstream::new(client.clone());
     if args.demo_rate > 0.0 {
@@ -139,6 +157,12 @@ pub async fn run(
         eprintln!("  coordinator metrics: http://{h}/metrics");
     }
     eprintln!("  scaler: KEDA external scaler gRPC {scaler_grpc}, lag http://{scaler_http}/v1/lag, metrics http://{scaler_http}/metrics");
+    if args.gpus > 0 {
+        eprintln!(
+            "  GPU dispatcher: pool `{DEV_GPU_POOL}`, {} declared GPU(s); try: taskbus submit --pool {DEV_GPU_POOL} --kind gpu-env --wait",
+            args.gpus
+        );
+    }
     eprintln!("  in another shell:");
     eprintln!("    export TASKBUS_NATS_URL={}", redact_url(&nats_url));
     eprintln!("    nats pub {prefix}.submit.default '{{\"kind\":\"echo\",\"payload\":{{\"x\":1}}}}'   # or: taskbus submit --kind echo --wait");
@@ -166,6 +190,58 @@ pub async fn run(
     eprintln!("\nstopping…");
     tracker.wait().await;
     Ok(())
+}
+
+/// The pool of `taskbus dev --gpus`.
+const DEV_GPU_POOL: &str = "gpu";
+
+/// The GPU dispatcher of `taskbus dev --gpus N`: N declared GPUs, the local backend, and two
+/// harmless programs.
+fn dev_gpu_dispatcher(
+    nats_url: &str,
+    auth: &NatsAuth,
+    prefix: &str,
+    gpus: u32,
+) -> taskbus_gpu_dispatcher::dispatcher::DispatcherConfig {
+    use taskbus_gpu_dispatcher::allocator::PoolQuota;
+    use taskbus_gpu_dispatcher::dispatcher::{Backend, DispatcherConfig, GpuSource};
+    use taskbus_gpu_dispatcher::local::LocalConfig;
+    let programs = [
+        (
+            "gpu-env",
+            &[
+                "printenv",
+                "CUDA_VISIBLE_DEVICES",
+                "TASKBUS_TASK_ID",
+                "TASKBUS_ATTEMPT",
+            ][..],
+        ),
+        ("sleep", &["sleep"][..]),
+    ]
+    .into_iter()
+    .map(|(k, argv)| (k.to_string(), argv.iter().map(|a| a.to_string()).collect()))
+    .collect();
+    let mut c = DispatcherConfig::new(
+        nats_url,
+        vec![PoolQuota {
+            pool: DEV_GPU_POOL.into(),
+            quota: None,
+        }],
+        Backend::Local(LocalConfig {
+            programs,
+            ..LocalConfig::default()
+        }),
+    );
+    c.nats_auth = auth.clone();
+    c.prefix = prefix.to_string();
+    c.agent_id = "dev-gpu-dispatcher".into();
+    c.gpus = GpuSource::Declared(taskbus_gpu_dispatcher::inventory::declared(
+        gpus,
+        Some("dev-gpu"),
+        None,
+    ));
+    c.grace = Duration::from_secs(5);
+    c
 }
 
 async fn demo_load(

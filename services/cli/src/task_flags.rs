@@ -34,6 +34,15 @@ pub struct TaskFlags {
     /// Currency of the price (default: the ledger's).
     #[arg(long)]
     pub currency: Option<String>,
+    /// Whole GPUs the task needs (GPU pools; docs/GPU.md).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub gpus: Option<u32>,
+    /// GPU product, as GPU Feature Discovery spells it (e.g. NVIDIA-H100-80GB-HBM3).
+    #[arg(long)]
+    pub gpu_product: Option<String>,
+    /// Least memory per GPU, MiB.
+    #[arg(long)]
+    pub gpu_memory_mib: Option<u64>,
     /// Label KEY=VALUE (repeatable).
     #[arg(long = "label", value_parser = parse_label)]
     pub labels: Vec<(String, String)>,
@@ -75,7 +84,14 @@ impl TaskFlags {
             price: self.price.clone(),
             payer: self.payer.clone(),
             currency: self.currency.clone(),
-            resources: None,
+            resources: (self.gpus.is_some()
+                || self.gpu_product.is_some()
+                || self.gpu_memory_mib.is_some())
+            .then(|| taskbus_proto::Resources {
+                gpus: self.gpus,
+                gpu_memory_mib: self.gpu_memory_mib,
+                gpu_product: self.gpu_product.clone(),
+            }),
             labels: (!labels.is_empty()).then_some(labels),
             retry: None,
         })

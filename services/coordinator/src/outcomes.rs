@@ -31,13 +31,21 @@ pub(crate) async fn consumer(ctx: &Ctx) -> Result<PullConsumer, CoordinatorError
         .get_stream(ctx.subjects.events_stream())
         .await
         .map_err(CoordinatorError::js)?;
-    stream
+    let consumer: PullConsumer = stream
         .get_or_create_consumer(
             "coordinator-outcomes",
             streams::outcome_consumer(&ctx.subjects),
         )
         .await
-        .map_err(CoordinatorError::js)
+        .map_err(CoordinatorError::js)?;
+    // With no outcome waiting, the `started` writer need not wait for the first one to be
+    // recorded (without this, a fresh coordinator wrote `running` only after STARTED_MAX_WAIT
+    // until some task had finished).
+    let info = consumer.cached_info();
+    if info.num_pending == 0 && info.num_ack_pending == 0 {
+        ctx.outcome_progress.handled(0, true);
+    }
+    Ok(consumer)
 }
 
 pub(crate) async fn run(ctx: Arc<Ctx>, consumer: PullConsumer, shutdown: CancellationToken) {
