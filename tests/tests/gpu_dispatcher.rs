@@ -433,6 +433,40 @@ async fn taskbus_dev_runs_a_gpu_pool() {
         "CUDA_VISIBLE_DEVICES, task id, attempt"
     );
     s.wait_status("dev-g2", "succeeded", T).await;
+    // The CLI's GPU flags: `taskbus submit --gpus 2 --wait` prints the outcome.
+    let out = tokio::process::Command::new(workspace_bin("taskbus"))
+        .args(["--nats-url", &s.nats.url(), "submit", "--pool", "gpu"])
+        .args([
+            "--kind",
+            "gpu-env",
+            "--gpus",
+            "2",
+            "--gpu-product",
+            "dev-gpu",
+            "--wait",
+            "--json",
+        ])
+        .env_remove("TASKBUS_PREFIX")
+        .output()
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains(r#"0,1\n"#), "{text}");
+    let out = tokio::process::Command::new(workspace_bin("taskbus"))
+        .args(["--nats-url", &s.nats.url(), "submit", "--pool", "gpu"])
+        .args(["--kind", "gpu-env", "--gpus", "0"])
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        !out.status.success(),
+        "--gpus 0 is refused before anything is sent"
+    );
     // SIGTERM: everything drains and the process exits 0.
     let pid = dev.id().unwrap() as i32;
     // SAFETY: signalling a child we own.

@@ -15,7 +15,8 @@
 //! - The attempt's cancel token fires (cancel, timeout, hand-back) → the Job is deleted with
 //!   propagation `Background` (its pods go too) and `Retryable("… cancelled …")` returned.
 //!   To leave the Job running for the next dispatcher process instead (so a restart loses no
-//!   work), drop the future of `run` without cancelling.
+//!   work), drop the future of `run` without cancelling: [`JobBackend::run_attempt`] does that
+//!   when the cancel comes from the end of an agent's shutdown grace.
 //!
 //! **Restarts.** The name is deterministic, so when the coordinator redelivers an attempt after
 //! a dispatcher restart, `run` gets `409 AlreadyExists` on create and *adopts* the Job: it
