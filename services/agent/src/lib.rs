@@ -757,15 +757,27 @@ async fn expire_if_due<H>(shared: &Shared<H>, msg: &jetstream::Message, item: &W
         at: Utc::now(),
         deadline,
     });
-    if publish_outcome(shared, task_id, item.attempt, &ev).await {
-        shared.stats.expired.fetch_add(1, Ordering::Relaxed);
+    settle(shared, msg, item, &ev, &shared.stats.expired).await;
+    true
+}
+
+/// Settle a task that ends without running: publish `event` as its outcome, then ack (and
+/// count it in `counter`); if the outcome is not durable, let the task come back instead.
+async fn settle<H>(
+    shared: &Shared<H>,
+    msg: &jetstream::Message,
+    item: &WorkItem,
+    event: &Event,
+    counter: &AtomicU64,
+) {
+    if publish_outcome(shared, item.task_id(), item.attempt, event).await {
+        counter.fetch_add(1, Ordering::Relaxed);
         let _ = msg.ack().await;
     } else {
         let _ = msg
             .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
             .await;
     }
-    true
 }
 
 /// Ask the handler to place the task, extending its lease while it waits. `None` when the task
@@ -817,14 +829,7 @@ async fn wait_for_placement<H: Handler>(
                 error: why,
                 duration_ms: 0,
             });
-            if publish_outcome(shared, task_id, item.attempt, &ev).await {
-                shared.stats.failed.fetch_add(1, Ordering::Relaxed);
-                let _ = msg.ack().await;
-            } else {
-                let _ = msg
-                    .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
-                    .await;
-            }
+            settle(shared, msg, item, &ev, &shared.stats.failed).await;
             None
         }
     }

@@ -9,7 +9,7 @@ use async_nats::jetstream::{self, kv};
 use futures::StreamExt;
 use taskbus_proto::{streams, PoolSettings, Priority, Subjects};
 use taskbus_runtime::CancellationToken;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::CoordinatorError;
 
@@ -20,6 +20,34 @@ pub struct Pools {
     kv: kv::Store,
     js: jetstream::Context,
     subjects: Subjects,
+}
+
+/// Create pool `name` with default settings unless it exists. Any other failure (a fresh
+/// clustered bucket that does not answer yet, a timeout under load) is retried for about 20 s,
+/// then refused: a coordinator that started without its pools would look healthy while no
+/// agent could ever find its work consumers.
+async fn ensure_pool(kv: &kv::Store, name: &str, default: &[u8]) -> Result<(), CoordinatorError> {
+    let mut wait = Duration::from_millis(100);
+    let mut last = None;
+    for _ in 0..12 {
+        match kv.create(name, default.to_vec().into()).await {
+            Ok(_) => return Ok(()),
+            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => return Ok(()),
+            Err(e) => {
+                if let Ok(Some(_)) = kv.get(name).await {
+                    return Ok(());
+                }
+                debug!(pool = name, error = %e, "cannot create the pool yet; retrying");
+                last = Some(e);
+            }
+        }
+        tokio::time::sleep(wait).await;
+        wait = (wait * 2).min(Duration::from_secs(3));
+    }
+    Err(CoordinatorError::Pools(format!(
+        "cannot create pool {name:?} in the pools bucket: {} (is JetStream available?)",
+        last.map_or_else(|| "no answer".to_string(), |e| e.to_string())
+    )))
 }
 
 impl Pools {
@@ -37,8 +65,7 @@ impl Pools {
                     "{pool:?} is not a valid pool name (a DNS label)"
                 )));
             }
-            // `create` fails when the key exists, which is what we want.
-            let _ = kv.create(pool, default.clone().into()).await;
+            ensure_pool(&kv, pool, &default).await?;
         }
         let me = Self {
             inner: Arc::default(),
