@@ -29,10 +29,16 @@ async fn tasks_flow_on_a_three_node_cluster_with_r3_streams() {
                 }
             };
             let js = async_nats::jetstream::new(c.clone());
-            match js.query_account().await {
-                Ok(_) => Some(c),
-                Err(e) => {
+            // Asked with a short limit: before the meta leader is elected the request gets no
+            // answer, and the client's own 10 s limit made the test wait that long for nothing.
+            match tokio::time::timeout(Duration::from_secs(1), js.query_account()).await {
+                Ok(Ok(_)) => Some(c),
+                Ok(Err(e)) => {
                     eprintln!("account: {e}");
+                    None
+                }
+                Err(_) => {
+                    eprintln!("account: no answer yet");
                     None
                 }
             }
