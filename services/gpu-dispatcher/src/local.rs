@@ -9,7 +9,7 @@
 //!   `CUDA_DEVICE_ORDER=PCI_BUS_ID`, and `TASKBUS_TASK_ID`, `TASKBUS_POOL`, `TASKBUS_ATTEMPT`,
 //!   `TASKBUS_KIND`.
 //! - The process runs in its own process group. On cancel or timeout the group gets SIGTERM,
-//!   then SIGKILL after the kill grace; if the dispatcher drops the task (shutdown) the group
+//!   then SIGKILL after the kill grace (2 s); if the dispatcher drops the task (shutdown) the group
 //!   gets SIGKILL at once. No grandchild outlives its task.
 //! - Exit 0 succeeds with `{"exit_code", "gpus", "stdout", "stderr", "truncated"}` (the last
 //!   `output_limit` bytes of each stream) and `"output"` when stdout is one JSON value. Any other
@@ -33,7 +33,9 @@ pub struct LocalConfig {
     pub programs: BTreeMap<String, Vec<String>>,
     /// Bytes kept of the end of stdout and of stderr each.
     pub output_limit: usize,
-    /// Time between SIGTERM and SIGKILL when a task is cancelled or times out.
+    /// Time between SIGTERM and SIGKILL when a task is cancelled or times out. The agent SDK
+    /// waits 2 s for a stopped handler and then drops it (which SIGKILLs the group), so a
+    /// longer grace has no effect inside an agent.
     pub kill_grace: Duration,
 }
 
@@ -42,7 +44,7 @@ impl Default for LocalConfig {
         Self {
             programs: BTreeMap::new(),
             output_limit: 64 * 1024,
-            kill_grace: Duration::from_secs(10),
+            kill_grace: Duration::from_secs(2),
         }
     }
 }
