@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Schema-validate deploy/gpu-dispatcher/ offline: installs the PyPI package kubernetes-validate
+# Schema-validate deploy/gpu-dispatcher/ and deploy/gpu-dispatcher/local/ offline: installs the PyPI package kubernetes-validate
 # into ~/.cache/taskbus-kv-venv (or $TASKBUS_KV_VENV) when missing, then runs the manifest test,
 # which renders the kustomization with `kubectl kustomize` and validates it, and a Job the
 # Kubernetes backend builds, strictly (unknown fields fail) against Kubernetes 1.33, on top of

@@ -354,12 +354,20 @@ async fn binary_refuses_bad_flags_with_advice() {
     let out = tokio::process::Command::new(&bin)
         .env("TASKBUS_POOLS", "gpu,batch=2")
         .env("TASKBUS_EXEC", "a=/bin/true --x;b")
-        .args(["--nats-url", "nats://127.0.0.1:1", "--http-listen", "127.0.0.1:0"])
+        .args([
+            "--nats-url",
+            "nats://127.0.0.1:1",
+            "--http-listen",
+            "127.0.0.1:0",
+        ])
         .output()
         .await
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && err.contains("\"b\" is not KIND=PROGRAM"), "{err}");
+    assert!(
+        !out.status.success() && err.contains("\"b\" is not KIND=PROGRAM"),
+        "{err}"
+    );
     // Without a driver and without --gpus, NVML's absence is explained (on a GPU machine the
     // dispatcher would find its GPUs and then fail to reach NATS instead).
     let out = tokio::process::Command::new(&bin)

@@ -1,10 +1,12 @@
 //! Offline checks of deploy/gpu-dispatcher/ against the taskbus-gpu-dispatcher binary (its
 //! `--help` decides which flags, variables and values the manifest may use) and against the
 //! Kubernetes backend (its Role grants exactly `jobs::RBAC_RULES`, in the namespace the Jobs go
-//! to). Rendered with `kubectl kustomize` and schema-validated with the PyPI package
-//! `kubernetes-validate` (strict) where those are installed, together with a Job the backend
-//! builds; services/gpu-dispatcher/validate-manifests.sh installs the validator. Nothing here
-//! talks to a cluster.
+//! to), and of deploy/gpu-dispatcher/local/ (the local backend as a DaemonSet on GPU nodes)
+//! against the binary and what the local backend needs from its pod. Rendered with `kubectl
+//! kustomize` and schema-validated with the PyPI package `kubernetes-validate` (strict) where
+//! those are installed, together with a Job the backend builds;
+//! services/gpu-dispatcher/validate-manifests.sh installs the validator. Nothing here talks to a
+//! cluster.
 
 #[path = "../../../tests/manifest_checks.rs"]
 mod manifest_checks;
@@ -19,9 +21,15 @@ use taskbus_gpu_dispatcher::jobs::{self, JobBackend, JobTemplate, JobsConfig, RB
 
 const BIN: &str = env!("CARGO_BIN_EXE_taskbus-gpu-dispatcher");
 const NAME: &str = "taskbus-gpu-dispatcher";
+/// The local backend's DaemonSet (and its ServiceAccount and NetworkPolicy).
+const LOCAL: &str = "taskbus-gpu-dispatcher-local";
 
 fn dir() -> PathBuf {
     deploy_dir().join("gpu-dispatcher")
+}
+
+fn local_dir() -> PathBuf {
+    dir().join("local")
 }
 
 /// The dispatcher's Deployment among `all`.
@@ -133,6 +141,62 @@ fn rbac_problems(all: &[(String, Value)]) -> Vec<String> {
     p
 }
 
+/// A pool name in `--pool` (`NAME` or `NAME=QUOTA`), and the pods labelled with it.
+fn pool_problems(workload: &Value, help: &Help) -> Vec<String> {
+    let mut p = Vec::new();
+    let c = get(workload, "spec.template.spec.containers.0");
+    let pool = effective(c, help, "--pool").unwrap_or_default();
+    let pool = pool.split('=').next().unwrap_or_default().to_string();
+    if !taskbus_proto::ids::is_valid_pool(&pool) {
+        p.push(format!("--pool {pool:?} is not a pool name"));
+    }
+    if get(workload, "spec.template.metadata.labels")["taskbus.dev/pool"].as_str() != Some(&pool) {
+        p.push(format!("pods lack the label taskbus.dev/pool: {pool}"));
+    }
+    p
+}
+
+/// The kubelet's kill comes 5 s or more after `--grace-seconds`, so that the dispatcher can
+/// hand back what it could not finish and flush its NATS connection.
+fn grace_problems(workload: &Value, help: &Help) -> Vec<String> {
+    let c = get(workload, "spec.template.spec.containers.0");
+    let grace: Option<u64> = effective(c, help, "--grace-seconds").and_then(|g| g.parse().ok());
+    let kill = get(workload, "spec.template.spec.terminationGracePeriodSeconds")
+        .as_u64()
+        .or(Some(30));
+    if matches!((grace, kill), (Some(g), Some(k)) if k >= g + 5) {
+        return vec![];
+    }
+    vec![format!(
+        "terminationGracePeriodSeconds {kill:?} must exceed --grace-seconds {grace:?} by 5 s or more"
+    )]
+}
+
+/// The container's `command`: absent (the image's entrypoint) unless `init` is required, or
+/// `[<init>, "--", "taskbus-gpu-dispatcher"]`, an init as PID 1 (tini, dumb-init; an absolute
+/// path) that reaps the orphaned children of the tasks and starts the dispatcher.
+fn command_problems(c: &Value, init: bool) -> Vec<String> {
+    let command: Vec<&str> = seq(c, "command")
+        .iter()
+        .map(|v| v.as_str().unwrap_or("?"))
+        .collect();
+    let is_bin = |b: &str| b == NAME || b.ends_with(&format!("/{NAME}"));
+    let ok = match command.as_slice() {
+        [] => !init,
+        [bin] => !init && is_bin(bin),
+        [first, "--", bin] => first.starts_with('/') && !is_bin(first) && is_bin(bin),
+        _ => false,
+    };
+    if ok {
+        return vec![];
+    }
+    vec![format!(
+        "command {command:?}: expected [\"/usr/bin/tini\", \"--\", \"{NAME}\"] (an init as PID 1 \
+         that reaps the orphans of killed tasks){}",
+        if init { "" } else { ", or none" }
+    )]
+}
+
 /// The dispatcher's own checks: the Kubernetes backend, a pool name, Job templates that parse.
 fn dispatcher_problems(dep: &Value, help: &Help) -> Vec<String> {
     let mut p = Vec::new();
@@ -140,30 +204,15 @@ fn dispatcher_problems(dep: &Value, help: &Help) -> Vec<String> {
     if effective(c, help, "--backend").as_deref() != Some("kubernetes") {
         p.push("--backend is not kubernetes".into());
     }
-    // `NAME` or `NAME=QUOTA`.
-    let pool = effective(c, help, "--pool").unwrap_or_default();
-    let pool = pool.split('=').next().unwrap_or_default().to_string();
-    if !taskbus_proto::ids::is_valid_pool(&pool) {
-        p.push(format!("--pool {pool:?} is not a pool name"));
-    }
-    if get(dep, "spec.template.metadata.labels")["taskbus.dev/pool"].as_str() != Some(&pool) {
-        p.push(format!("pods lack the label taskbus.dev/pool: {pool}"));
-    }
+    p.extend(pool_problems(dep, help));
     let gpus = effective(c, help, "--gpus").and_then(|g| g.parse::<u32>().ok());
     if gpus.is_none_or(|g| g == 0) {
         p.push(format!(
             "--gpus {gpus:?}: the Kubernetes backend needs the most GPUs its Jobs may hold"
         ));
     }
-    let grace: Option<u64> = effective(c, help, "--grace-seconds").and_then(|g| g.parse().ok());
-    let kill = get(dep, "spec.template.spec.terminationGracePeriodSeconds")
-        .as_u64()
-        .or(Some(30));
-    if !matches!((grace, kill), (Some(g), Some(k)) if k >= g + 5) {
-        p.push(format!(
-            "terminationGracePeriodSeconds {kill:?} must exceed --grace-seconds {grace:?} by 5 s or more"
-        ));
-    }
+    p.extend(grace_problems(dep, help));
+    p.extend(command_problems(c, false));
     let templates: Vec<String> = args_of(c)
         .into_iter()
         .filter(|(f, _)| f == "--job-template")
@@ -182,7 +231,8 @@ fn dispatcher_problems(dep: &Value, help: &Help) -> Vec<String> {
 
 #[test]
 fn kustomization_lists_exactly_its_files() {
-    assert_none(kustomization_problems(&dir(), &[]));
+    // local/ is the local backend's kustomization, an alternative applied on its own.
+    assert_none(kustomization_problems(&dir(), &["local"]));
     for (file, d) in docs(&dir()) {
         assert!(!text(&d, "apiVersion").is_empty(), "{file}: apiVersion");
         if text(&d, "kind") != "Kustomization" {
@@ -351,22 +401,18 @@ fn validators() -> Option<(PathBuf, PathBuf)> {
     }
 }
 
-/// What `kubectl kustomize deploy/gpu-dispatcher` renders is what the files hold, and it and a
-/// Job built by the backend (every option on) pass the Kubernetes 1.33 schemas, strictly
-/// (unknown fields fail).
-#[tokio::test]
-async fn rendered_manifests_and_a_built_job_are_schema_valid() {
-    let Some((kubectl, validate)) = validators() else {
-        return;
-    };
-    let out = Command::new(&kubectl)
+/// What `kubectl kustomize dir` renders, after checking that it holds the objects of the files
+/// in `dir` (the same kinds, namespaces and names).
+fn render(kubectl: &Path, dir: &Path) -> String {
+    let out = Command::new(kubectl)
         .arg("kustomize")
-        .arg(dir())
+        .arg(dir)
         .output()
         .unwrap();
     assert!(
         out.status.success(),
-        "kubectl kustomize: {}",
+        "kubectl kustomize {}: {}",
+        dir.display(),
         String::from_utf8_lossy(&out.stderr)
     );
     let rendered = String::from_utf8(out.stdout).unwrap();
@@ -383,8 +429,35 @@ async fn rendered_manifests_and_a_built_job_are_schema_valid() {
             })
             .collect()
     };
-    let files: Vec<Value> = docs(&dir()).into_iter().map(|(_, d)| d).collect();
+    let files: Vec<Value> = docs(dir).into_iter().map(|(_, d)| d).collect();
     assert_eq!(ids(parse("rendered", &rendered).unwrap()), ids(files));
+    rendered
+}
+
+/// Runs kubernetes-validate on `files`, strictly (unknown fields fail), against Kubernetes 1.33.
+fn schema_validate(validate: &Path, files: &[PathBuf]) {
+    let out = Command::new(validate)
+        .args(["--strict", "--quiet", "-k", "1.33.0"])
+        .args(files)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "kubernetes-validate:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// What `kubectl kustomize deploy/gpu-dispatcher` renders is what the files hold, and it and a
+/// Job built by the backend (every option on) pass the Kubernetes 1.33 schemas, strictly
+/// (unknown fields fail).
+#[tokio::test]
+async fn rendered_manifests_and_a_built_job_are_schema_valid() {
+    let Some((kubectl, validate)) = validators() else {
+        return;
+    };
+    let rendered = render(&kubectl, &dir());
 
     let mut config = JobsConfig::new("taskbus-agents");
     config.templates.insert(
@@ -427,16 +500,387 @@ async fn rendered_manifests_and_a_built_job_are_schema_valid() {
     let job_path = tmp.path().join("job.json");
     std::fs::write(&rendered_path, rendered).unwrap();
     std::fs::write(&job_path, job).unwrap();
-    let out = Command::new(&validate)
-        .args(["--strict", "--quiet", "-k", "1.33.0"])
-        .arg(&rendered_path)
-        .arg(&job_path)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "kubernetes-validate:\n{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
+    schema_validate(&validate, &[rendered_path, job_path]);
+}
+
+// The local backend as a DaemonSet: deploy/gpu-dispatcher/local/.
+
+/// The object of `kind` named `name` among `all`.
+fn named<'a>(all: &'a [(String, Value)], kind: &str, name: &str) -> &'a Value {
+    of_kind(all, kind)
+        .into_iter()
+        .find(|d| text(d, "metadata.name") == name)
+        .unwrap_or_else(|| panic!("{kind} {name}"))
+}
+
+/// The shared checks (tests/manifest_checks.rs) know Deployments. A DaemonSet keeps its
+/// selector, pod template and labels where a Deployment does and has no `replicas` (read as 1),
+/// so they check it as one: `all` with each DaemonSet's kind read as Deployment.
+fn as_deployments(all: &[(String, Value)]) -> Vec<(String, Value)> {
+    all.iter()
+        .cloned()
+        .map(|(file, mut d)| {
+            if text(&d, "kind") == "DaemonSet" {
+                d["kind"] = "Deployment".into();
+            }
+            (file, d)
+        })
+        .collect()
+}
+
+/// Whether `flag` is given to the container, by argument or by its variable.
+fn given(c: &Value, help: &Help, flag: &str) -> bool {
+    args_of(c).iter().any(|(f, _)| f == flag)
+        || help
+            .flags
+            .get(flag)
+            .and_then(|f| f.env.as_ref())
+            .is_some_and(|e| env_of(c).contains_key(e))
+}
+
+/// A whole number of GPUs: `8` or `"8"`.
+fn count(v: &Value) -> Option<u64> {
+    v.as_u64()
+        .or_else(|| v.as_str().and_then(|s| s.parse().ok()))
+}
+
+/// The volume mounted at `path` in the container, from the pod's `volumes`.
+fn volume_at<'a>(pod: &'a Value, c: &Value, path: &str) -> Option<&'a Value> {
+    let mount = seq(c, "volumeMounts")
+        .iter()
+        .find(|m| text(m, "mountPath") == path)?;
+    seq(pod, "volumes")
+        .iter()
+        .find(|v| text(v, "name") == text(mount, "name"))
+}
+
+/// Flags of the Kubernetes backend only, meaningless to the local one.
+const KUBERNETES_FLAGS: [&str; 6] = [
+    "--job-template",
+    "--namespace",
+    "--job-ttl-seconds",
+    "--shm-size",
+    "--service-account",
+    "--image-pull-secret",
+];
+
+/// What the local backend needs from its DaemonSet among `all`, beyond the shared checks:
+/// - the local backend, the GPUs from NVML (no `--gpus`, `--gpu-product`, `--gpu-memory-mib`),
+///   no Kubernetes-backend flag, `--exec` values that parse, a pool and its pod label;
+/// - an init as PID 1 in front of the dispatcher, and the kill 5 s or more after the grace;
+/// - `nvidia.com/gpu` in the limits, the node's GPU count: GPU Feature Discovery's
+///   `nvidia.com/gpu.present: "true"` and `nvidia.com/gpu.count` (equal to the limit) in the
+///   nodeSelector, the `nvidia.com/gpu` NoSchedule toleration, and NVIDIA_DRIVER_CAPABILITIES
+///   with utility (NVML) and compute (CUDA);
+/// - its three probes on the port named `http`;
+/// - no API token (neither the pod nor its ServiceAccount mounts one);
+/// - a writable `/tmp` (emptyDir) and `/dev/shm` in memory (emptyDir, medium Memory);
+/// - a rolling update of one node at a time, with no surge (a new pod cannot get GPUs the old
+///   one holds).
+fn local_problems(all: &[(String, Value)], help: &Help) -> Vec<String> {
+    let mut p = Vec::new();
+    let ds = named(all, "DaemonSet", LOCAL);
+    let pod = get(ds, "spec.template.spec");
+    let c = get(pod, "containers.0");
+    if kind_of(ds) != "apps/v1/DaemonSet" {
+        p.push(format!("{LOCAL} is a {}", kind_of(ds)));
+    }
+
+    // Flags.
+    let backend = effective(c, help, "--backend");
+    if backend.as_deref() != Some("local") {
+        p.push(format!("--backend {backend:?}: this is the local backend"));
+    }
+    for flag in ["--gpus", "--gpu-product", "--gpu-memory-mib"] {
+        if given(c, help, flag) {
+            p.push(format!(
+                "{flag} declares GPUs: the DaemonSet lists the node's GPUs with NVML"
+            ));
+        }
+    }
+    for flag in KUBERNETES_FLAGS {
+        if given(c, help, flag) {
+            p.push(format!("{flag} is a flag of the Kubernetes backend"));
+        }
+    }
+    let execs: Vec<String> = args_of(c)
+        .into_iter()
+        .filter(|(f, _)| f == "--exec")
+        .map(|(_, v)| v)
+        .collect();
+    if execs.is_empty() {
+        p.push("no --exec: the dispatcher would run no task kind".into());
+    }
+    let mut kinds = BTreeSet::new();
+    for e in &execs {
+        match taskbus_gpu_dispatcher::local::parse_exec(e) {
+            Ok((kind, _)) if !kinds.insert(kind.clone()) => {
+                p.push(format!("--exec: kind {kind:?} twice"))
+            }
+            Ok(_) => {}
+            Err(err) => p.push(format!("--exec {e:?}: {err}")),
+        }
+    }
+    p.extend(pool_problems(ds, help));
+    p.extend(grace_problems(ds, help));
+    p.extend(command_problems(c, true));
+
+    // GPUs and GPU nodes.
+    let gpus = count(&get(c, "resources.limits")["nvidia.com/gpu"]).filter(|&g| g > 0);
+    match gpus {
+        None => p.push(
+            "no nvidia.com/gpu in the container's limits: the dispatcher would see no GPU".into(),
+        ),
+        Some(g) => {
+            let requested = &get(c, "resources.requests")["nvidia.com/gpu"];
+            if !requested.is_null() && count(requested) != Some(g) {
+                p.push(format!(
+                    "nvidia.com/gpu request {requested:?} differs from the limit {g}"
+                ));
+            }
+        }
+    }
+    let selector = get(pod, "nodeSelector");
+    if selector["nvidia.com/gpu.present"].as_str() != Some("true") {
+        p.push("nodeSelector lacks nvidia.com/gpu.present: \"true\" (GPU nodes only)".into());
+    }
+    let per_node = selector["nvidia.com/gpu.count"].as_str();
+    if per_node.and_then(|n| n.parse().ok()) != gpus {
+        p.push(format!(
+            "nodeSelector nvidia.com/gpu.count {per_node:?} is not the {gpus:?} GPUs the pod \
+             asks for: on nodes with fewer it stays Pending, with more the rest sit idle"
+        ));
+    }
+    let tolerates = seq(pod, "tolerations").iter().any(|t| {
+        text(t, "key") == "nvidia.com/gpu"
+            && text(t, "operator") == "Exists"
+            && matches!(text(t, "effect"), "" | "NoSchedule")
+    });
+    if !tolerates {
+        p.push("no toleration of the nvidia.com/gpu taint (Exists, NoSchedule)".into());
+    }
+    let caps = env_of(c)
+        .get("NVIDIA_DRIVER_CAPABILITIES")
+        .cloned()
+        .unwrap_or_default();
+    let caps: Vec<&str> = caps.split(',').map(str::trim).collect();
+    let has = |cap: &str| caps.contains(&cap) || caps.contains(&"all");
+    if !(has("utility") && has("compute")) {
+        p.push(format!(
+            "NVIDIA_DRIVER_CAPABILITIES {caps:?} lacks utility (NVML) or compute (CUDA)"
+        ));
+    }
+
+    // Probes.
+    for probe in ["startupProbe", "readinessProbe", "livenessProbe"] {
+        if text(c, &format!("{probe}.httpGet.port")) != "http" {
+            p.push(format!("{probe} is not an HTTP GET on the port named http"));
+        }
+    }
+
+    // No API token.
+    if get(pod, "automountServiceAccountToken").as_bool() != Some(false) {
+        p.push("the pod mounts an API token, and the local backend calls no API".into());
+    }
+    let sa = text(pod, "serviceAccountName");
+    let quiet = of_kind(all, "ServiceAccount").into_iter().any(|a| {
+        text(a, "metadata.name") == sa
+            && get(a, "automountServiceAccountToken").as_bool() == Some(false)
+    });
+    if !quiet {
+        p.push(format!(
+            "ServiceAccount {sa:?} is not here with automountServiceAccountToken: false"
+        ));
+    }
+
+    // Writable scratch space and shared memory.
+    if volume_at(pod, c, "/tmp").is_none_or(|v| get(v, "emptyDir").is_null()) {
+        p.push("no emptyDir at /tmp: the root filesystem is read-only".into());
+    }
+    if volume_at(pod, c, "/dev/shm").is_none_or(|v| text(v, "emptyDir.medium") != "Memory") {
+        p.push("no in-memory emptyDir (medium: Memory) at /dev/shm".into());
+    }
+
+    // Rolling update.
+    let rolling = get(ds, "spec.updateStrategy.rollingUpdate");
+    let surge = get(rolling, "maxSurge");
+    if text(ds, "spec.updateStrategy.type") != "RollingUpdate"
+        || count(get(rolling, "maxUnavailable")) != Some(1)
+        || (!surge.is_null() && count(surge) != Some(0))
+    {
+        p.push("updateStrategy must be RollingUpdate with maxUnavailable 1 and no maxSurge".into());
+    }
+    p
+}
+
+#[test]
+fn local_kustomization_lists_exactly_its_files() {
+    assert_none(kustomization_problems(&local_dir(), &[]));
+    for (file, d) in docs(&local_dir()) {
+        assert!(!text(&d, "apiVersion").is_empty(), "{file}: apiVersion");
+        if text(&d, "kind") != "Kustomization" {
+            assert_eq!(text(&d, "metadata.name"), LOCAL, "{file}: name");
+            assert_eq!(
+                text(&d, "metadata.namespace"),
+                "taskbus-agents",
+                "{file}: namespace"
+            );
+        }
+    }
+    // Applied on its own: neither deploy/ nor deploy/gpu-dispatcher/ brings it in.
+    for parent in [deploy_dir(), dir()] {
+        assert!(
+            !resources(&parent)
+                .iter()
+                .any(|(_, d)| text(d, "metadata.name") == LOCAL),
+            "{} applies the local dispatcher",
+            parent.display()
+        );
+    }
+}
+
+#[test]
+fn local_manifests_agree_with_the_binary() {
+    let help = Help::of(BIN);
+    let all = docs(&local_dir());
+    assert_none(workload_problems(
+        &as_deployments(&all),
+        NAME,
+        &help,
+        "taskbus-agents",
+    ));
+    assert_none(local_problems(&all, &help));
+}
+
+#[test]
+fn local_network_policy_lets_it_reach_dns_and_nats_only() {
+    let mut all = resources(&deploy_dir());
+    all.extend(resources(&local_dir()));
+    let all = as_deployments(&all);
+    assert_none(namespace_problems(&all));
+    assert_none(stray_policy_problems(&all));
+    let ds = named(&all, "Deployment", LOCAL);
+    assert_none(network_problems(&all, ds));
+    let net = Network::of(&all);
+    for port in [443, 6443, 5432] {
+        assert!(
+            !net.egress_allows(ds, &Peer::Outside, port, "TCP"),
+            "no egress outside the cluster on {port}"
+        );
+    }
+    let coordinator = Peer::pod(
+        "taskbus",
+        &[("app.kubernetes.io/name", "taskbus-coordinator")],
     );
+    let agent = Peer::pod(
+        "taskbus-agents",
+        &[("app.kubernetes.io/name", "taskbus-agent")],
+    );
+    assert!(net.ingress_allows(ds, &prometheus(), "http"));
+    for other in [coordinator, agent] {
+        assert!(
+            !net.ingress_allows(ds, &other, "http"),
+            "only Prometheus reaches /metrics, not {other}"
+        );
+    }
+}
+
+#[test]
+fn checks_report_a_broken_local_daemonset() {
+    let help = Help::of(BIN);
+    let mut all = docs(&local_dir());
+    for (_, d) in all.iter_mut() {
+        match text(d, "kind") {
+            "ServiceAccount" => d["automountServiceAccountToken"] = true.into(),
+            "NetworkPolicy" => {
+                // Drop the NATS rule.
+                d["spec"]["egress"].as_sequence_mut().unwrap().truncate(1);
+            }
+            "DaemonSet" => {
+                d["spec"]["updateStrategy"]["rollingUpdate"]["maxSurge"] = 1.into();
+                let pod = &mut d["spec"]["template"]["spec"];
+                pod["terminationGracePeriodSeconds"] = 26.into();
+                pod["automountServiceAccountToken"] = true.into();
+                pod["tolerations"] = Value::Sequence(vec![]);
+                pod["nodeSelector"]["nvidia.com/gpu.count"] = "4".into();
+                pod["volumes"][1]["emptyDir"] = Value::Mapping(Default::default());
+                let c = &mut pod["containers"][0];
+                c["command"] = Value::Sequence(vec![NAME.into()]);
+                c["readinessProbe"]["httpGet"]["port"] = 9467.into();
+                c["env"].as_sequence_mut().unwrap().truncate(2);
+                let args = c["args"].as_sequence_mut().unwrap();
+                for a in args.iter_mut() {
+                    if a.as_str().is_some_and(|s| s.starts_with("--exec=")) {
+                        *a = "--exec=train".into();
+                    }
+                }
+                args.push("--backend=kubernetes".into());
+                args.push("--gpus=8".into());
+                args.push("--job-template=train=ghcr.io/example/trainer:latest".into());
+            }
+            _ => {}
+        }
+    }
+    let mut problems = local_problems(&all, &help);
+    let mut with_deploy = resources(&deploy_dir());
+    with_deploy.extend(all.iter().cloned());
+    let with_deploy = as_deployments(&with_deploy);
+    problems.extend(network_problems(
+        &with_deploy,
+        named(&with_deploy, "Deployment", LOCAL),
+    ));
+    assert_reported(
+        &problems,
+        &[
+            "--backend Some(\"kubernetes\")",
+            "--gpus declares GPUs",
+            "--job-template is a flag of the Kubernetes backend",
+            "--exec \"train\": \"train\" is not KIND=PROGRAM",
+            "terminationGracePeriodSeconds Some(26) must exceed --grace-seconds Some(25)",
+            "command [\"taskbus-gpu-dispatcher\"]",
+            "nvidia.com/gpu.count Some(\"4\") is not the Some(8) GPUs",
+            "no toleration of the nvidia.com/gpu taint",
+            "NVIDIA_DRIVER_CAPABILITIES",
+            "readinessProbe is not an HTTP GET on the port named http",
+            "the pod mounts an API token",
+            "ServiceAccount \"taskbus-gpu-dispatcher-local\" is not here",
+            "no in-memory emptyDir (medium: Memory) at /dev/shm",
+            "no maxSurge",
+            "egress to the NATS",
+        ],
+    );
+    // And a container with no GPU, no GPU nodes and no init at all.
+    for (_, d) in all.iter_mut() {
+        if text(d, "kind") == "DaemonSet" {
+            let pod = &mut d["spec"]["template"]["spec"];
+            pod["nodeSelector"] = Value::Null;
+            pod["volumes"] = Value::Null;
+            let c = &mut pod["containers"][0];
+            c["resources"]["limits"]["nvidia.com/gpu"] = 0.into();
+            c["command"] = Value::Null;
+        }
+    }
+    assert_reported(
+        &local_problems(&all, &help),
+        &[
+            "no nvidia.com/gpu in the container's limits",
+            "nodeSelector lacks nvidia.com/gpu.present",
+            "command []",
+            "no emptyDir at /tmp",
+        ],
+    );
+}
+
+/// What `kubectl kustomize deploy/gpu-dispatcher/local` renders is what the files hold, and it
+/// passes the Kubernetes 1.33 schemas, strictly.
+#[test]
+fn rendered_local_manifests_are_schema_valid() {
+    let Some((kubectl, validate)) = validators() else {
+        return;
+    };
+    let rendered = render(&kubectl, &local_dir());
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("gpu-dispatcher-local.yaml");
+    std::fs::write(&path, rendered).unwrap();
+    schema_validate(&validate, &[path]);
 }
