@@ -153,8 +153,9 @@ pub trait Handler: Send + Sync + 'static {
     ) -> impl Future<Output = Result<serde_json::Value, TaskError>> + Send;
 
     /// How many more tasks this agent may pull now, on top of those it holds (running or
-    /// waiting for `place`). The agent never pulls more than `concurrency` allows either, and
-    /// asks again at least every 100 ms while this is 0. Default: no limit of its own.
+    /// waiting for `place`). The agent never pulls more than `concurrency` allows either; while
+    /// this is 0 it asks again when one of its attempts ends, and at least every 25 ms.
+    /// Default: no limit of its own.
     fn room(&self) -> usize {
         usize::MAX
     }
@@ -337,6 +338,8 @@ struct Shared<H> {
     hard: CancellationToken,
     /// Cancelled when shutdown starts (tasks still waiting for a placement are handed back).
     soft: CancellationToken,
+    /// Signalled when an attempt ends: a pull loop waiting for [`Handler::room`] looks again.
+    room_freed: tokio::sync::Notify,
     cancelled: Mutex<CancelSet>,
     running: Mutex<HashMap<String, CancellationToken>>,
     breaker: Mutex<Breaker>,
@@ -441,6 +444,7 @@ impl<H: Handler> Agent<H> {
             durations: self.durations.clone(),
             hard: CancellationToken::new(),
             soft: shutdown.clone(),
+            room_freed: tokio::sync::Notify::new(),
             cancelled: Mutex::default(),
             running: Mutex::default(),
             breaker: Mutex::default(),
@@ -640,6 +644,7 @@ async fn process<H: Handler>(shared: &Shared<H>, msg: jetstream::Message) {
     // The handler is done with what was reserved for it.
     drop(work);
     drop(slot);
+    shared.room_freed.notify_one();
     let duration_ms = t0.elapsed().as_millis() as u64;
     if matches!(end, End::Done(_) | End::TimedOut) {
         shared.durations.observe(t0.elapsed().as_secs_f64());

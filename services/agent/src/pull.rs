@@ -154,6 +154,7 @@ pub(crate) async fn pull_loop<H: Handler>(
             // The handler has no room (e.g. no free GPU): take nothing until it has.
             tokio::select! {
                 _ = shutdown.cancelled() => {}
+                _ = shared.room_freed.notified() => {}
                 _ = tokio::time::sleep(ROOM_RECHECK) => {}
                 Some(polled) = p.polls.next(), if !p.polls.is_empty() => p.on_polled(polled).await,
             }
@@ -390,8 +391,10 @@ impl<H: Handler> Puller<'_, H> {
     }
 }
 
-/// How often the pull loop asks a handler without room whether it has some now.
-const ROOM_RECHECK: Duration = Duration::from_millis(100);
+/// How often the pull loop asks a handler without room whether it has some now. One of this
+/// agent's attempts ending wakes it at once; this catches room freed elsewhere (another pool's
+/// agent sharing the handler's resources).
+const ROOM_RECHECK: Duration = Duration::from_millis(25);
 
 /// How many more tasks the handler lets this agent take: its room, less the tasks already
 /// taken and still waiting for a placement.
