@@ -277,6 +277,26 @@ async fn cancel_stops_the_process_and_frees_its_gpu() {
     run.await.unwrap().expect("dispatcher stops cleanly");
 }
 
+/// Run the dispatcher binary with `args` and `env` (and a NATS URL nothing listens on), expect
+/// it to fail, and return what it printed on stderr.
+async fn refused(bin: &Path, args: &[&str], env: &[(&str, &str)]) -> String {
+    let out = tokio::process::Command::new(bin)
+        .args(args)
+        .args([
+            "--nats-url",
+            "nats://127.0.0.1:1",
+            "--http-listen",
+            "127.0.0.1:0",
+        ])
+        .env_remove("TASKBUS_POOLS")
+        .envs(env.iter().copied())
+        .output()
+        .await
+        .unwrap();
+    assert!(!out.status.success(), "{args:?} {env:?} was accepted");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn binary_refuses_bad_flags_with_advice() {
     let bin = workspace_bin("taskbus-gpu-dispatcher");
@@ -334,55 +354,19 @@ async fn binary_refuses_bad_flags_with_advice() {
         ),
     ];
     for (args, text) in cases {
-        let out = tokio::process::Command::new(&bin)
-            .args(*args)
-            .args([
-                "--nats-url",
-                "nats://127.0.0.1:1",
-                "--http-listen",
-                "127.0.0.1:0",
-            ])
-            .env_remove("TASKBUS_POOLS")
-            .output()
-            .await
-            .unwrap();
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success(), "{args:?} was accepted");
+        let err = refused(&bin, args, &[]).await;
         assert!(err.contains(text), "{args:?}: {err}");
     }
     // The variables take several entries, and are checked the same way.
-    let out = tokio::process::Command::new(&bin)
-        .env("TASKBUS_POOLS", "gpu,batch=2")
-        .env("TASKBUS_EXEC", "a=/bin/true --x;b")
-        .args([
-            "--nats-url",
-            "nats://127.0.0.1:1",
-            "--http-listen",
-            "127.0.0.1:0",
-        ])
-        .output()
-        .await
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success() && err.contains("\"b\" is not KIND=PROGRAM"),
-        "{err}"
-    );
+    let env = [
+        ("TASKBUS_POOLS", "gpu,batch=2"),
+        ("TASKBUS_EXEC", "a=/bin/true --x;b"),
+    ];
+    let err = refused(&bin, &[], &env).await;
+    assert!(err.contains("\"b\" is not KIND=PROGRAM"), "{err}");
     // Without a driver and without --gpus, NVML's absence is explained (on a GPU machine the
     // dispatcher would find its GPUs and then fail to reach NATS instead).
-    let out = tokio::process::Command::new(&bin)
-        .args(["--pool", "gpu", "--exec", "x=/bin/true"])
-        .args([
-            "--nats-url",
-            "nats://127.0.0.1:1",
-            "--http-listen",
-            "127.0.0.1:0",
-        ])
-        .output()
-        .await
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
+    let err = refused(&bin, &["--pool", "gpu", "--exec", "x=/bin/true"], &[]).await;
     assert!(
         err.contains("NVML") || err.contains("NATS") || err.contains("nats"),
         "{err}"
