@@ -533,7 +533,7 @@ async fn wait_for_consumers(
 }
 
 async fn process<H: Handler>(shared: &Shared<H>, msg: jetstream::Message) {
-    let waiting = Waiting::counted(&shared.stats);
+    let waiting = Waiting(&shared.stats);
     let mut item: WorkItem = match serde_json::from_slice(&msg.payload) {
         Ok(w) => w,
         Err(e) => {
@@ -733,15 +733,9 @@ async fn process<H: Handler>(shared: &Shared<H>, msg: jetstream::Message) {
     }
 }
 
-/// Counts a pulled task as waiting for its placement until dropped.
+/// Uncounts a pulled task as waiting for its placement when dropped (the pull loop counted it
+/// when it took the task; see `pull.rs`).
 struct Waiting<'a>(&'a AgentStats);
-
-impl<'a> Waiting<'a> {
-    /// Counted from the moment the pull loop takes the task (see `pull.rs`).
-    fn counted(stats: &'a AgentStats) -> Self {
-        Self(stats)
-    }
-}
 
 impl Drop for Waiting<'_> {
     fn drop(&mut self) {

@@ -18,7 +18,7 @@ use taskbus_agent::{
     WorkItem,
 };
 use taskbus_proto::api::{Reply, TaskGet, TaskRecord};
-use taskbus_proto::Subjects;
+use taskbus_proto::{Resources, Subjects};
 use tracing::{info, warn};
 
 use crate::allocator::{Allocator, Gpu, PoolQuota, Request};
@@ -164,9 +164,10 @@ struct GpuHandler {
     runner: Arc<Runner>,
 }
 
-/// What a task asks for (a GPU task without `resources.gpus` gets one GPU).
-pub fn request_of(pool: &str, item: &WorkItem) -> Request {
-    let r = item.task.resources.clone().unwrap_or_default();
+/// What a task with these `resources` asks for (a GPU task without `resources.gpus` gets one
+/// GPU).
+pub fn request_of(pool: &str, resources: Option<&Resources>) -> Request {
+    let r = resources.cloned().unwrap_or_default();
     Request {
         pool: pool.to_string(),
         gpus: r.gpus.unwrap_or(1),
@@ -182,7 +183,7 @@ impl Handler for GpuHandler {
     ) -> impl std::future::Future<Output = Result<Value, TaskError>> + Send {
         let runner = self.runner.clone();
         async move {
-            let r = t.resources.clone().unwrap_or_default();
+            let req = request_of(&t.pool, t.resources.as_ref());
             let shutdown = t.shutdown.clone();
             let l = Launch {
                 task_id: t.task_id,
@@ -191,9 +192,9 @@ impl Handler for GpuHandler {
                 kind: t.kind,
                 payload: t.payload,
                 labels: t.labels,
-                gpus: r.gpus.unwrap_or(1),
-                gpu_memory_mib: r.gpu_memory_mib,
-                gpu_product: r.gpu_product,
+                gpus: req.gpus,
+                gpu_memory_mib: req.memory_mib,
+                gpu_product: req.product,
                 devices: t.devices,
                 timeout: t.timeout,
                 cancel: t.cancel,
@@ -207,7 +208,7 @@ impl Handler for GpuHandler {
     }
 
     fn place(&self, item: &WorkItem) -> impl std::future::Future<Output = Placement> + Send {
-        let req = request_of(&self.pool, item);
+        let req = request_of(&self.pool, item.task.resources.as_ref());
         let alloc = self.alloc.clone();
         async move {
             match alloc.acquire(req).await {
