@@ -56,6 +56,14 @@ ensure_python_nats() {
   "$TASKBUS_VENV/bin/pip" install -q --upgrade nats-py
 }
 
+# Prometheus and promtool (Debian's prometheus package), for the test of deploy/monitoring/
+# (tests/tests/monitoring.rs). The package's service is not started: the test runs its own server.
+ensure_prometheus() {
+  if command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1; then return; fi
+  log "installing Prometheus and promtool (Debian package prometheus)"
+  apt_install prometheus
+}
+
 # Starts Debian's PostgreSQL cluster and makes a superuser role taskbus/taskbus.
 # Sets TASKBUS_TEST_DATABASE_URL.
 ensure_postgres() {

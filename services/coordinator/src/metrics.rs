@@ -17,6 +17,11 @@ pub struct OutcomeLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StageLabel {
+    pub stage: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StatusLabel {
     pub status: String,
 }
@@ -33,7 +38,7 @@ pub struct Metrics {
     pub rejected: Family<ReasonLabel, Counter>,
     pub outcomes: Family<OutcomeLabel, Counter>,
     pub batch_size: Histogram,
-    pub errors: Family<OutcomeLabel, Counter>,
+    pub errors: Family<StageLabel, Counter>,
     pub pruned: Family<StatusLabel, Counter>,
     /// Schedule ticks this replica submitted (every replica submits every tick; the copies are
     /// dropped as duplicates).
@@ -111,8 +116,8 @@ impl Metrics {
 
     pub fn error(&self, stage: &str) {
         self.errors
-            .get_or_create(&OutcomeLabel {
-                outcome: stage.into(),
+            .get_or_create(&StageLabel {
+                stage: stage.into(),
             })
             .inc();
     }

@@ -55,11 +55,12 @@ fn manifests_agree_with_the_binary() {
 
 #[test]
 fn top_level_kustomization_applies_everything_once() {
-    // keda/ needs KEDA's CRDs first and is applied on its own, and gpu-dispatcher/ serves a pool
-    // deploy/ does not create (see the kustomization's comment).
+    // keda/ and monitoring/ need CRDs first (KEDA's, prometheus-operator's) and are applied on
+    // their own, and gpu-dispatcher/ serves a pool deploy/ does not create (see the
+    // kustomization's comment).
     assert_none(kustomization_problems(
         &deploy_dir(),
-        &["keda", "gpu-dispatcher"],
+        &["keda", "gpu-dispatcher", "monitoring"],
     ));
     let all = resources(&deploy_dir());
     assert_none(namespace_problems(&all));

@@ -252,7 +252,7 @@ fn kustomization_lists_exactly_its_files() {
     // The coordinator's manifest test checks the top level with the same list of omissions.
     assert_none(kustomization_problems(
         &deploy_dir(),
-        &["keda", "gpu-dispatcher"],
+        &["keda", "gpu-dispatcher", "monitoring"],
     ));
     let all = resources(&deploy_dir());
     assert!(

@@ -6,21 +6,36 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct Label {
-    pub label: String,
+/// One label set per label name, so each family's label says what its values are:
+/// `holds{status}`, `settlements{outcome}`, `bad_events{reason}`, `errors{stage}`.
+macro_rules! label_set {
+    ($name:ident, $field:ident) => {
+        #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+        pub struct $name {
+            pub $field: String,
+        }
+        impl From<&str> for $name {
+            fn from(v: &str) -> Self {
+                Self { $field: v.into() }
+            }
+        }
+    };
 }
+label_set!(Status, status);
+label_set!(Outcome, outcome);
+label_set!(Reason, reason);
+label_set!(Stage, stage);
 
 #[derive(Clone)]
 pub struct Metrics {
     /// Hold results by status (`new`, `repeat`, `insufficient_funds`, `invalid`).
-    pub holds: Family<Label, Counter>,
+    pub holds: Family<Status, Counter>,
     /// Resolved holds by outcome (`posted`, `voided`).
-    pub settlements: Family<Label, Counter>,
+    pub settlements: Family<Outcome, Counter>,
     /// Events refused by settlement, by reason.
-    pub bad_events: Family<Label, Counter>,
+    pub bad_events: Family<Reason, Counter>,
     /// Transient errors, by stage.
-    pub errors: Family<Label, Counter>,
+    pub errors: Family<Stage, Counter>,
     pub settle_batch: Histogram,
 }
 
@@ -57,12 +72,11 @@ impl Metrics {
         );
     }
 
-    pub fn count(family: &Family<Label, Counter>, label: &str, n: u64) {
-        family
-            .get_or_create(&Label {
-                label: label.into(),
-            })
-            .inc_by(n);
+    pub fn count<L>(family: &Family<L, Counter>, label: &str, n: u64)
+    where
+        L: for<'a> From<&'a str> + Clone + std::hash::Hash + Eq + EncodeLabelSet + std::fmt::Debug,
+    {
+        family.get_or_create(&L::from(label)).inc_by(n);
     }
 
     pub fn error(&self, stage: &str) {

@@ -136,6 +136,8 @@ impl Metrics {
         };
         self.backlog.get_or_create(&l).set(lag.backlog as f64);
         self.in_flight.get_or_create(&l).set(lag.in_flight as f64);
+        self.delayed.get_or_create(&l).set(lag.delayed as f64);
+        self.agents.get_or_create(&l).set(f64::from(lag.agents));
         self.oldest_age
             .get_or_create(&l)
             .set(lag.oldest_age_seconds);

@@ -275,6 +275,11 @@ async fn keda_rpcs_track_the_real_queue() {
         "taskbus_scaler_completion_rate{pool=\"cpu\"}",
         "taskbus_scaler_service_time_seconds{pool=\"cpu\"}",
         "taskbus_scaler_desired_replicas{pool=\"cpu\"}",
+        "taskbus_scaler_published_replicas{pool=\"cpu\"}",
+        "taskbus_scaler_delayed{pool=\"cpu\"} 0",
+        "taskbus_scaler_agents{pool=\"cpu\"} 0",
+        "taskbus_scaler_frozen{pool=\"cpu\"} 0",
+        "taskbus_scaler_last_refresh_timestamp_seconds{pool=\"cpu\"}",
     ] {
         assert!(text.contains(m), "{m} missing from /metrics:\n{text}");
     }
