@@ -484,6 +484,7 @@ struct Prometheus {
 }
 
 impl Prometheus {
+    /// Scraping each `(job, address)` every second, with `rules` loaded.
     async fn start(jobs: &[(&str, SocketAddr)], rules: &Yaml) -> Self {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(
@@ -500,15 +501,18 @@ impl Prometheus {
             })).collect::<Vec<_>>(),
         });
         // JSON is YAML.
-        std::fs::write(dir.path().join("prometheus.yml"), config.to_string()).unwrap();
+        let file = dir.path().join("prometheus.yml");
+        std::fs::write(&file, config.to_string()).unwrap();
+        Self::with_config(dir, &file).await
+    }
+
+    /// With the configuration file `config`, its data in `dir`.
+    async fn with_config(dir: tempfile::TempDir, config: &Path) -> Self {
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port().unwrap())
             .parse()
             .unwrap();
         let child = tokio::process::Command::new(tool("prometheus"))
-            .arg(format!(
-                "--config.file={}",
-                dir.path().join("prometheus.yml").display()
-            ))
+            .arg(format!("--config.file={}", config.display()))
             .arg(format!(
                 "--storage.tsdb.path={}",
                 dir.path().join("data").display()
@@ -1077,4 +1081,107 @@ async fn prometheus_scrapes_the_stack_and_every_dashboard_query_has_data() {
     coordinator.wait().await;
     ledger.wait().await;
     scaler.wait().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn taskbus_dev_writes_a_prometheus_config_that_scrapes_every_service() {
+    let s = Stack::new(30_000).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("prometheus.yml");
+    let _dev = tokio::process::Command::new(taskbus_tests::workspace_bin("taskbus"))
+        .args([
+            "dev",
+            "--nats-url",
+            &s.nats.url(),
+            "--database-url",
+            &s.db.url,
+        ])
+        .args([
+            "--agents",
+            "2",
+            "--demo-rate",
+            "20",
+            "--gpus",
+            "1",
+            "--duration",
+            "120",
+        ])
+        .arg("--prometheus-config")
+        .arg(&config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    eventually(
+        "taskbus dev to write its Prometheus configuration",
+        Duration::from_secs(60),
+        || async { config.is_file().then_some(()) },
+    )
+    .await;
+    let text = std::fs::read_to_string(&config).unwrap();
+    assert!(text.contains("scrape_interval: 5s"), "{text}");
+    // Scrape every second here, so the test need not wait for the 5 s interval.
+    std::fs::write(
+        &config,
+        text.replace("scrape_interval: 5s", "scrape_interval: 1s"),
+    )
+    .unwrap();
+    let prom = Prometheus::with_config(dir, &config).await;
+    let up = eventually(
+        "every service of taskbus dev up",
+        Duration::from_secs(30),
+        || async {
+            let up = prom.query("up == 1").await;
+            (up.len() == 6).then_some(up)
+        },
+    )
+    .await;
+    let mut jobs: Vec<&str> = up
+        .iter()
+        .map(|r| r["metric"]["job"].as_str().unwrap())
+        .collect();
+    jobs.sort();
+    assert_eq!(
+        jobs,
+        [
+            "taskbus-agent",
+            "taskbus-agent",
+            "taskbus-coordinator",
+            "taskbus-gpu-dispatcher",
+            "taskbus-ledger",
+            "taskbus-scaler"
+        ]
+    );
+    // The demo load shows up as admitted tasks and as work of both agents.
+    eventually(
+        "demo tasks admitted and run",
+        Duration::from_secs(30),
+        || async {
+            let admitted = prom.query("taskbus_coordinator_admitted_total > 0").await;
+            let agents = prom
+                .query(r#"taskbus_agent_tasks_total{job="taskbus-agent",outcome="succeeded"} > 0"#)
+                .await;
+            (!admitted.is_empty() && agents.len() == 2).then_some(())
+        },
+    )
+    .await;
+}
+
+#[test]
+fn taskbus_dev_refuses_a_prometheus_config_in_a_missing_directory() {
+    let out = std::process::Command::new(taskbus_tests::workspace_bin("taskbus"))
+        .args([
+            "dev",
+            "--prometheus-config",
+            "/nonexistent-dir/prometheus.yml",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--prometheus-config: directory /nonexistent-dir does not exist"),
+        "{err}"
+    );
 }

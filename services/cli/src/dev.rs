@@ -2,6 +2,7 @@
 
 use std::io::{IsTerminal, Write};
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -46,6 +47,11 @@ pub struct DevArgs {
     /// Scaler's HTTP address (/v1/lag, /metrics, external metrics API).
     #[arg(long, default_value = "127.0.0.1:0")]
     pub scaler_http_listen: SocketAddr,
+    /// Write a Prometheus configuration that scrapes every service of this stack, under the job
+    /// names deploy/monitoring/ expects, to FILE. Then run `prometheus --config.file=FILE` and
+    /// import deploy/monitoring/dashboards/taskbus.json into Grafana (docs/MONITORING.md).
+    #[arg(long, value_name = "FILE")]
+    pub prometheus_config: Option<PathBuf>,
 }
 
 pub async fn run(
@@ -56,6 +62,14 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     if !(args.demo_rate.is_finite() && (0.0..=100_000.0).contains(&args.demo_rate)) {
         anyhow::bail!("--demo-rate must be between 0 and 100000 tasks per second");
+    }
+    if let Some(dir) = args.prometheus_config.as_deref().and_then(|p| p.parent()) {
+        if !(dir.as_os_str().is_empty() || dir.is_dir()) {
+            anyhow::bail!(
+                "--prometheus-config: directory {} does not exist; create it or choose another file",
+                dir.display()
+            );
+        }
     }
     let started = Instant::now();
     let local = crate::local::ensure(nats_url, nats_auth, args.database_url.clone(), true).await?;
@@ -77,10 +91,14 @@ pub async fn run(
         .context("coordinator failed to start")?;
     let http = coordinator.http_addr;
     tracker.spawn(coordinator.wait());
+    // Every service's /metrics, by the job name the alerts and the dashboard expect.
+    let mut scrape: Vec<(&str, SocketAddr)> = Vec::new();
+    scrape.extend(http.map(|a| ("taskbus-coordinator", a)));
 
     let mut lc = taskbus_ledger::Config::new(nats_url.clone(), database_url.clone());
     lc.nats_auth = auth.clone();
     lc.prefix = prefix.to_string();
+    lc.http_listen = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
     let ledger = taskbus_ledger::start(lc, shutdown.clone())
         .await
         .context("payment ledger failed to start")?;
@@ -96,6 +114,7 @@ pub async fn run(
         .await
         .map_err(|e| anyhow::anyhow!("cannot fund the demo payer: {e}"))?;
     let ledger_handle = ledger.ledger().clone();
+    scrape.extend(ledger.http_addr.map(|a| ("taskbus-ledger", a)));
     tracker.spawn(ledger.wait());
 
     let mut sc = taskbus_scaler::Config::new(nats_url.clone());
@@ -107,6 +126,7 @@ pub async fn run(
         .await
         .context("scaler failed to start")?;
     let (scaler_grpc, scaler_http) = (scaler.grpc_addr, scaler.http_addr);
+    scrape.push(("taskbus-scaler", scaler_http));
     tracker.spawn(scaler.wait());
 
     for i in 0..args.agents {
@@ -116,6 +136,9 @@ pub async fn run(
         ac.agent_id = format!("dev-agent-{}", i + 1);
         ac.concurrency = args.agent_concurrency.max(1);
         ac.grace = Duration::from_secs(5);
+        let addr = metrics_port()?;
+        ac.http_listen = Some(addr);
+        scrape.push(("taskbus-agent", addr));
         let agent = Agent::new(ac, |t| Demo::Echo.run(t));
         let sd = shutdown.clone();
         tracker.spawn(async move {
@@ -126,7 +149,10 @@ pub async fn run(
     }
 
     if args.gpus > 0 {
-        let dc = dev_gpu_dispatcher(&nats_url, auth, prefix, args.gpus);
+        let mut dc = dev_gpu_dispatcher(&nats_url, auth, prefix, args.gpus);
+        let addr = metrics_port()?;
+        dc.http_listen = Some(addr);
+        scrape.push(("taskbus-gpu-dispatcher", addr));
         let sd = shutdown.clone();
         tracker.spawn(async move {
             if let Err(e) = taskbus_gpu_dispatcher::dispatcher::run(dc, sd).await {
@@ -153,8 +179,25 @@ pub async fn run(
         args.agents,
         args.demo_rate
     );
-    if let Some(h) = http {
-        eprintln!("  coordinator metrics: http://{h}/metrics");
+    eprintln!(
+        "  metrics: {}",
+        scrape
+            .iter()
+            .map(|(job, a)| format!("{} http://{a}/metrics", job.trim_start_matches("taskbus-")))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    if let Some(path) = &args.prometheus_config {
+        std::fs::write(path, prometheus_config(&scrape)).with_context(|| {
+            format!(
+                "cannot write the Prometheus configuration to {}",
+                path.display()
+            )
+        })?;
+        eprintln!(
+            "  Prometheus: prometheus --config.file={} (then import deploy/monitoring/dashboards/taskbus.json into Grafana)",
+            path.display()
+        );
     }
     eprintln!("  scaler: KEDA external scaler gRPC {scaler_grpc}, lag http://{scaler_http}/v1/lag, metrics http://{scaler_http}/metrics");
     if args.gpus > 0 {
@@ -190,6 +233,37 @@ pub async fn run(
     eprintln!("\nstopping…");
     tracker.wait().await;
     Ok(())
+}
+
+/// A free loopback port for a service that does not report the address it bound (the agents and
+/// the GPU dispatcher).
+fn metrics_port() -> anyhow::Result<SocketAddr> {
+    let port = taskbus_runtime::devservers::free_port().context("no free port for /metrics")?;
+    Ok(SocketAddr::from(([127, 0, 0, 1], port)))
+}
+
+/// A Prometheus configuration scraping `targets` every 5 s, one job per name.
+fn prometheus_config(targets: &[(&str, SocketAddr)]) -> String {
+    let mut jobs: Vec<(&str, Vec<String>)> = Vec::new();
+    for (job, addr) in targets {
+        let target = format!("\"{addr}\"");
+        match jobs.iter_mut().find(|(j, _)| j == job) {
+            Some((_, t)) => t.push(target),
+            None => jobs.push((job, vec![target])),
+        }
+    }
+    let mut out = String::from(
+        "# Written by `taskbus dev --prometheus-config`: every service of that stack, under the\n\
+         # job names of deploy/monitoring/. The ports change with each run.\n\
+         global:\n  scrape_interval: 5s\n  evaluation_interval: 5s\nscrape_configs:\n",
+    );
+    for (job, t) in jobs {
+        out.push_str(&format!(
+            "  - job_name: {job}\n    static_configs:\n      - targets: [{}]\n",
+            t.join(", ")
+        ));
+    }
+    out
 }
 
 /// The pool of `taskbus dev --gpus`.
