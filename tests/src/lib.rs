@@ -379,6 +379,29 @@ pub mod stack {
             (handle, token, runs)
         }
 
+        /// `taskbus dev` on this stack's nats-server and database, with `args` after those, its
+        /// output discarded; killed when dropped. Needs the workspace's binaries built.
+        pub fn taskbus_dev<I, S>(&self, args: I) -> tokio::process::Child
+        where
+            I: IntoIterator<Item = S>,
+            S: AsRef<std::ffi::OsStr>,
+        {
+            tokio::process::Command::new(super::workspace_bin("taskbus"))
+                .args([
+                    "dev",
+                    "--nats-url",
+                    &self.nats.url(),
+                    "--database-url",
+                    &self.db.url,
+                ])
+                .args(args)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .kill_on_drop(true)
+                .spawn()
+                .expect("run taskbus dev")
+        }
+
         /// `(status, attempt, agent_id, result, reason)` of a task.
         pub async fn task(&self, id: &str) -> Option<TaskRow> {
             sqlx::query_as::<_, TaskRow>(

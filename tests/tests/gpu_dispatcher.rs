@@ -392,29 +392,16 @@ async fn binary_refuses_bad_flags_with_advice() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn taskbus_dev_runs_a_gpu_pool() {
     let s = Stack::new(30_000).await;
-    let mut dev = tokio::process::Command::new(workspace_bin("taskbus"))
-        .args([
-            "dev",
-            "--nats-url",
-            &s.nats.url(),
-            "--database-url",
-            &s.db.url,
-        ])
-        .args([
-            "--agents",
-            "1",
-            "--demo-rate",
-            "0",
-            "--gpus",
-            "2",
-            "--duration",
-            "60",
-        ])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
+    let mut dev = s.taskbus_dev([
+        "--agents",
+        "1",
+        "--demo-rate",
+        "0",
+        "--gpus",
+        "2",
+        "--duration",
+        "60",
+    ]);
     s.submit("default", json!({"kind": "echo", "id": "e1", "payload": 1}))
         .await;
     s.submit(

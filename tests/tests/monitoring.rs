@@ -1088,31 +1088,18 @@ async fn taskbus_dev_writes_a_prometheus_config_that_scrapes_every_service() {
     let s = Stack::new(30_000).await;
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("prometheus.yml");
-    let _dev = tokio::process::Command::new(taskbus_tests::workspace_bin("taskbus"))
-        .args([
-            "dev",
-            "--nats-url",
-            &s.nats.url(),
-            "--database-url",
-            &s.db.url,
-        ])
-        .args([
-            "--agents",
-            "2",
-            "--demo-rate",
-            "20",
-            "--gpus",
-            "1",
-            "--duration",
-            "120",
-        ])
-        .arg("--prometheus-config")
-        .arg(&config)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
+    let _dev = s.taskbus_dev([
+        "--agents",
+        "2",
+        "--demo-rate",
+        "20",
+        "--gpus",
+        "1",
+        "--duration",
+        "120",
+        "--prometheus-config",
+        config.to_str().unwrap(),
+    ]);
     eventually(
         "taskbus dev to write its Prometheus configuration",
         Duration::from_secs(60),
