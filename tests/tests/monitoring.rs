@@ -31,6 +31,11 @@ use taskbus_runtime::devservers::free_port;
 use taskbus_tests::stack::Stack;
 use taskbus_tests::{deposit, eventually, http_get};
 
+// The YAML helpers of the services' manifest tests (its `deploy_dir()` is theirs, not used here).
+#[path = "../manifest_checks.rs"]
+mod manifest_checks;
+use manifest_checks::{parse, s as string, selector_matches, seq};
+
 const HINT: &str = "install Debian's `prometheus` package (scripts/test.sh does)";
 
 fn repo() -> PathBuf {
@@ -52,29 +57,16 @@ fn tool(name: &str) -> PathBuf {
 }
 
 fn yaml_docs(path: &Path) -> Vec<Yaml> {
-    use serde::Deserialize;
     let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    serde_yaml::Deserializer::from_str(&text)
-        .map(|d| Yaml::deserialize(d).unwrap_or_else(|e| panic!("{}: {e}", path.display())))
-        .filter(|v| !v.is_null())
-        .collect()
-}
-
-fn text<'a>(v: &'a Yaml, path: &[&str]) -> &'a str {
-    let mut v = v;
-    for k in path {
-        v = &v[*k];
-    }
-    v.as_str()
-        .unwrap_or_else(|| panic!("{path:?} is not a string"))
+    parse(&path.display().to_string(), &text).unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// The PrometheusRule's `spec`: a plain rules file.
 fn rules_spec() -> Yaml {
     let docs = yaml_docs(&monitoring().join("prometheusrule.yaml"));
     assert_eq!(docs.len(), 1);
-    assert_eq!(text(&docs[0], &["apiVersion"]), "monitoring.coreos.com/v1");
-    assert_eq!(text(&docs[0], &["kind"]), "PrometheusRule");
+    assert_eq!(string(&docs[0], "apiVersion"), "monitoring.coreos.com/v1");
+    assert_eq!(string(&docs[0], "kind"), "PrometheusRule");
     docs[0]["spec"].clone()
 }
 
@@ -137,7 +129,7 @@ fn alert_rules_pass_promtool_and_every_alert_is_tested_both_ways() {
     let (mut fires, mut quiet) = (BTreeSet::new(), BTreeSet::new());
     for t in tests["tests"].as_sequence().unwrap() {
         for a in t["alert_rule_test"].as_sequence().unwrap() {
-            let name = text(a, &["alertname"]).to_string();
+            let name = string(a, "alertname").to_string();
             match a["exp_alerts"].as_sequence() {
                 Some(v) if !v.is_empty() => fires.insert(name),
                 _ => quiet.insert(name),
@@ -150,26 +142,26 @@ fn alert_rules_pass_promtool_and_every_alert_is_tested_both_ways() {
     assert!(all.len() >= 10, "{} alerts", all.len());
     let mut names = BTreeSet::new();
     for (_, _, rule) in &all {
-        let name = text(rule, &["alert"]);
+        let name = string(rule, "alert");
         assert!(names.insert(name), "alert {name} defined twice");
         assert!(fires.contains(name), "no unit test shows {name} firing");
         assert!(
             quiet.contains(name),
             "no unit test shows {name} staying quiet"
         );
-        let severity = text(rule, &["labels", "severity"]);
+        let severity = string(rule, "labels.severity");
         assert!(
             ["critical", "warning", "info"].contains(&severity),
             "{name}: severity {severity}"
         );
         for a in ["summary", "description"] {
             assert!(
-                !text(rule, &["annotations", a]).trim().is_empty(),
+                !string(&rule["annotations"], a).trim().is_empty(),
                 "{name}: no {a}"
             );
         }
         assert_eq!(
-            text(rule, &["annotations", "runbook"]),
+            string(rule, "annotations.runbook"),
             format!("docs/MONITORING.md#{}", name.to_lowercase()),
             "{name}: runbook"
         );
@@ -194,30 +186,26 @@ fn alert_rules_pass_promtool_and_every_alert_is_tested_both_ways() {
         assert!(
             !out.status.success(),
             "the unit tests still pass with {} broken",
-            text(rule, &["alert"])
+            string(rule, "alert")
         );
     }
 }
 
-/// The labels of a pod template (Deployment or DaemonSet) and its container ports' names.
-fn pod_template(path: &str) -> (String, BTreeMap<String, String>, BTreeSet<String>) {
+/// The namespace, pod labels and container port names of the Deployment or DaemonSet in `path`.
+fn pod_template(path: &str) -> (String, Yaml, BTreeSet<String>) {
     let docs = yaml_docs(&repo().join("deploy").join(path));
     let d = docs
         .iter()
-        .find(|d| ["Deployment", "DaemonSet"].contains(&text(d, &["kind"])))
+        .find(|d| ["Deployment", "DaemonSet"].contains(&string(d, "kind")))
         .unwrap();
-    let labels =
-        serde_yaml::from_value(d["spec"]["template"]["metadata"]["labels"].clone()).unwrap();
-    let ports = d["spec"]["template"]["spec"]["containers"]
-        .as_sequence()
-        .unwrap()
+    let ports = seq(d, "spec.template.spec.containers")
         .iter()
-        .flat_map(|c| c["ports"].as_sequence().cloned().unwrap_or_default())
-        .map(|p| text(&p, &["name"]).to_string())
+        .flat_map(|c| seq(c, "ports"))
+        .map(|p| string(p, "name").to_string())
         .collect();
     (
-        text(d, &["metadata", "namespace"]).to_string(),
-        labels,
+        string(d, "metadata.namespace").to_string(),
+        d["spec"]["template"]["metadata"]["labels"].clone(),
         ports,
     )
 }
@@ -230,34 +218,28 @@ fn monitors_select_what_deploy_runs_under_the_job_names_the_alerts_use() {
     // The ServiceMonitor: the taskbus Services with a `metrics` port; the job is each one's name.
     let sm = monitors
         .iter()
-        .find(|d| text(d, &["kind"]) == "ServiceMonitor")
+        .find(|d| string(d, "kind") == "ServiceMonitor")
         .unwrap();
-    let ns = text(sm, &["metadata", "namespace"]);
-    let selector: BTreeMap<String, String> =
-        serde_yaml::from_value(sm["spec"]["selector"]["matchLabels"].clone()).unwrap();
-    let port = text(&sm["spec"]["endpoints"][0], &["port"]);
+    let ns = string(sm, "metadata.namespace");
+    let port = string(&sm["spec"]["endpoints"][0], "port");
     for file in [
         "coordinator/service.yaml",
         "ledger/service.yaml",
         "scaler/base/service.yaml",
     ] {
         let svc = &yaml_docs(&repo().join("deploy").join(file))[0];
-        let labels: BTreeMap<String, String> =
-            serde_yaml::from_value(svc["metadata"]["labels"].clone()).unwrap();
-        assert_eq!(text(svc, &["metadata", "namespace"]), ns, "{file}");
+        assert_eq!(string(svc, "metadata.namespace"), ns, "{file}");
         assert!(
-            selector.iter().all(|(k, v)| labels.get(k) == Some(v)),
+            selector_matches(&sm["spec"]["selector"], &svc["metadata"]["labels"]),
             "{file} not selected"
         );
         assert!(
-            svc["spec"]["ports"]
-                .as_sequence()
-                .unwrap()
+            seq(svc, "spec.ports")
                 .iter()
-                .any(|p| text(p, &["name"]) == port),
+                .any(|p| string(p, "name") == port),
             "{file} has no port {port}"
         );
-        jobs.insert(text(svc, &["metadata", "name"]).to_string());
+        jobs.insert(string(svc, "metadata.name").to_string());
     }
 
     // The PodMonitors: each selects its pods in its namespace, on a port they declare; the job is
@@ -277,46 +259,31 @@ fn monitors_select_what_deploy_runs_under_the_job_names_the_alerts_use() {
     ] {
         let pm = monitors
             .iter()
-            .find(|d| {
-                text(d, &["kind"]) == "PodMonitor" && text(d, &["metadata", "name"]) == monitor
-            })
+            .find(|d| string(d, "kind") == "PodMonitor" && string(d, "metadata.name") == monitor)
             .unwrap_or_else(|| panic!("no PodMonitor {monitor}"));
-        assert_eq!(text(pm, &["spec", "jobLabel"]), "app.kubernetes.io/name");
-        let port = text(&pm["spec"]["podMetricsEndpoints"][0], &["port"]);
+        assert_eq!(string(pm, "spec.jobLabel"), "app.kubernetes.io/name");
+        let port = string(&pm["spec"]["podMetricsEndpoints"][0], "port");
         let sel = &pm["spec"]["selector"];
         for t in templates {
             let (tns, labels, ports) = pod_template(t);
-            assert_eq!(tns, text(pm, &["metadata", "namespace"]), "{t}");
-            let by_labels = sel["matchLabels"].as_mapping().is_none_or(|m| {
-                m.iter()
-                    .all(|(k, v)| labels.get(k.as_str().unwrap()).map(String::as_str) == v.as_str())
-            });
-            let by_exprs = sel["matchExpressions"].as_sequence().is_none_or(|v| {
-                v.iter().all(|e| {
-                    assert_eq!(text(e, &["operator"]), "In");
-                    let values: Vec<&str> = e["values"]
-                        .as_sequence()
-                        .unwrap()
-                        .iter()
-                        .map(|v| v.as_str().unwrap())
-                        .collect();
-                    labels
-                        .get(text(e, &["key"]))
-                        .is_some_and(|l| values.contains(&l.as_str()))
-                })
-            });
+            assert_eq!(tns, string(pm, "metadata.namespace"), "{t}");
             assert!(
-                by_labels && by_exprs,
+                selector_matches(sel, &labels),
                 "{monitor} does not select the pods of {t}"
             );
             assert!(ports.contains(port), "{t} has no port {port}");
-            jobs.insert(labels["app.kubernetes.io/name"].clone());
+            jobs.insert(
+                labels["app.kubernetes.io/name"]
+                    .as_str()
+                    .unwrap()
+                    .to_string(),
+            );
         }
     }
 
     // Every job an alert names is one of these, and the regex ones match at least one.
     for (_, _, rule) in alerts(&rules_spec()) {
-        let expr = text(&rule, &["expr"]);
+        let expr = string(&rule, "expr");
         for (label, op, value) in matchers(expr) {
             if label != "job" {
                 continue;
@@ -344,7 +311,7 @@ fn monitors_select_what_deploy_runs_under_the_job_names_the_alerts_use() {
         assert!(monitoring().join(r.as_str().unwrap()).is_file(), "{r:?}");
     }
     let gen = &k["configMapGenerator"][0];
-    assert_eq!(text(gen, &["options", "labels", "grafana_dashboard"]), "1");
+    assert_eq!(string(gen, "options.labels.grafana_dashboard"), "1");
     for f in gen["files"].as_sequence().unwrap() {
         assert!(monitoring().join(f.as_str().unwrap()).is_file(), "{f:?}");
     }
@@ -352,29 +319,13 @@ fn monitors_select_what_deploy_runs_under_the_job_names_the_alerts_use() {
 
 // ----- a little PromQL reading: enough for the expressions of this bundle -----
 
-/// Every `(label, operator, value)` matcher inside `{…}` in `expr`.
+/// Every `(label, operator, value)` matcher inside `{…}` in `expr`, whatever the metric (`up`
+/// included).
 fn matchers(expr: &str) -> Vec<(String, String, String)> {
-    selectors(expr)
-        .into_iter()
-        .flat_map(|(_, m)| m)
-        .chain(bare_braces(expr))
+    expr.split('{')
+        .skip(1)
+        .flat_map(|rest| parse_matchers(&rest[..rest.find('}').unwrap()]))
         .collect()
-}
-
-/// Matchers of selectors with no metric name (`{job="x"}` after `up`), found by `up{`.
-fn bare_braces(expr: &str) -> Vec<(String, String, String)> {
-    let mut out = Vec::new();
-    let mut rest = expr;
-    while let Some(i) = rest.find("up{") {
-        let before = rest[..i].chars().last();
-        rest = &rest[i + 2..];
-        if before.is_some_and(|c| c.is_ascii_alphanumeric() || c == '_') {
-            continue;
-        }
-        let end = rest.find('}').unwrap();
-        out.extend(parse_matchers(&rest[1..end]));
-    }
-    out
 }
 
 fn parse_matchers(inner: &str) -> Vec<(String, String, String)> {
@@ -600,7 +551,6 @@ fn declared(page: &str, into: &mut BTreeSet<String>) {
 /// retention, schedules, direct mode, gRPC) are known too: a family with no series is not on a
 /// service's page.
 fn registered_families() -> BTreeMap<String, BTreeSet<String>> {
-    use prometheus_client::registry::Registry;
     use taskbus_coordinator::metrics as cm;
     use taskbus_ledger::metrics as lm;
     use taskbus_scaler::metrics as sm;
@@ -628,9 +578,7 @@ fn registered_families() -> BTreeMap<String, BTreeSet<String>> {
     c.schedule_fired.get_or_create(&tick).inc();
     c.schedule_skipped.get_or_create(&tick).inc();
     c.schedule_invalid.inc();
-    let mut r = Registry::with_prefix("taskbus_coordinator");
-    c.register(&mut r);
-    prometheus_client::encoding::text::encode(&mut pages, &r).unwrap();
+    prometheus_client::encoding::text::encode(&mut pages, &c.registry()).unwrap();
 
     let l = lm::Metrics::default();
     lm::Metrics::count(&l.holds, "x", 1);
@@ -638,9 +586,7 @@ fn registered_families() -> BTreeMap<String, BTreeSet<String>> {
     lm::Metrics::count(&l.bad_events, "x", 1);
     l.error("x");
     l.settle_batch.observe(1.0);
-    let mut r = Registry::with_prefix("taskbus_ledger");
-    l.register(&mut r);
-    prometheus_client::encoding::text::encode(&mut pages, &r).unwrap();
+    prometheus_client::encoding::text::encode(&mut pages, &l.registry()).unwrap();
 
     let m = sm::Metrics::default();
     let pool = sm::PoolLabel { pool: "x".into() };
@@ -673,9 +619,7 @@ fn registered_families() -> BTreeMap<String, BTreeSet<String>> {
             outcome: "x".into(),
         })
         .inc();
-    let mut r = Registry::with_prefix("taskbus_scaler");
-    m.register(&mut r);
-    prometheus_client::encoding::text::encode(&mut pages, &r).unwrap();
+    prometheus_client::encoding::text::encode(&mut pages, &m.registry()).unwrap();
 
     let mut out: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     for line in pages
@@ -977,7 +921,7 @@ async fn prometheus_scrapes_the_stack_and_every_dashboard_query_has_data() {
     let mut labels_of: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     let alert_exprs: Vec<String> = alerts(&rules)
         .iter()
-        .map(|(_, _, r)| text(r, &["expr"]).to_string())
+        .map(|(_, _, r)| string(r, "expr").to_string())
         .collect();
     for expr in alert_exprs.iter().chain(queries.iter().map(|q| &q.2)) {
         let mut expr_labels = BTreeSet::from(["le".to_string(), "job".into(), "instance".into()]);

@@ -199,7 +199,7 @@ pub async fn run(
             path.display()
         );
     }
-    eprintln!("  scaler: KEDA external scaler gRPC {scaler_grpc}, lag http://{scaler_http}/v1/lag, metrics http://{scaler_http}/metrics");
+    eprintln!("  scaler: KEDA external scaler gRPC {scaler_grpc}, lag http://{scaler_http}/v1/lag");
     if args.gpus > 0 {
         eprintln!(
             "  GPU dispatcher: pool `{DEV_GPU_POOL}`, {} declared GPU(s); try: taskbus submit --pool {DEV_GPU_POOL} --kind gpu-env --wait",

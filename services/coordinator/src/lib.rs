@@ -200,9 +200,7 @@ pub async fn start(
     .await?;
 
     let metrics = metrics::Metrics::default();
-    let mut registry = prometheus_client::registry::Registry::with_prefix("taskbus_coordinator");
-    metrics.register(&mut registry);
-    let health = taskbus_runtime::http::Health::new(registry);
+    let health = taskbus_runtime::http::Health::new(metrics.registry());
     health.watch_nats(&client);
 
     let tracker = TaskTracker::new();

@@ -67,7 +67,14 @@ impl Default for Metrics {
 }
 
 impl Metrics {
-    pub fn register(&self, r: &mut Registry) {
+    /// The service's registry: every family under the prefix `taskbus_coordinator_`.
+    pub fn registry(&self) -> Registry {
+        let mut r = Registry::with_prefix("taskbus_coordinator");
+        self.register(&mut r);
+        r
+    }
+
+    fn register(&self, r: &mut Registry) {
         r.register("admitted", "Tasks admitted", self.admitted.clone());
         r.register(
             "duplicates",

@@ -156,9 +156,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
     let ledger = Ledger::open(db, &config.ledger).await?;
 
     let metrics = metrics::Metrics::default();
-    let mut registry = prometheus_client::registry::Registry::with_prefix("taskbus_ledger");
-    metrics.register(&mut registry);
-    let health = taskbus_runtime::http::Health::new(registry);
+    let health = taskbus_runtime::http::Health::new(metrics.registry());
     health.watch_nats(&client);
 
     let ctx = Arc::new(Ctx {

@@ -52,7 +52,14 @@ impl Default for Metrics {
 }
 
 impl Metrics {
-    pub fn register(&self, r: &mut Registry) {
+    /// The service's registry: every family under the prefix `taskbus_ledger_`.
+    pub fn registry(&self) -> Registry {
+        let mut r = Registry::with_prefix("taskbus_ledger");
+        self.register(&mut r);
+        r
+    }
+
+    fn register(&self, r: &mut Registry) {
         r.register("holds", "Hold results, by status", self.holds.clone());
         r.register(
             "settlements",

@@ -168,9 +168,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
     let kv = taskbus_runtime::nats::pools_bucket(&js, &subjects, config.streams.replicas).await?;
 
     let metrics = metrics::Metrics::default();
-    let mut registry = prometheus_client::registry::Registry::with_prefix("taskbus_scaler");
-    metrics.register(&mut registry);
-    let health = taskbus_runtime::http::Health::new(registry);
+    let health = taskbus_runtime::http::Health::new(metrics.registry());
     let shared = state::Shared::new(metrics);
     collector::load_pools(&kv, &shared).await?;
 

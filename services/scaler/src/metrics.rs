@@ -51,7 +51,14 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    pub fn register(&self, r: &mut Registry) {
+    /// The service's registry: every family under the prefix `taskbus_scaler_`.
+    pub fn registry(&self) -> Registry {
+        let mut r = Registry::with_prefix("taskbus_scaler");
+        self.register(&mut r);
+        r
+    }
+
+    fn register(&self, r: &mut Registry) {
         r.register(
             "backlog",
             "Tasks waiting on the pool's work consumer (num_pending)",
