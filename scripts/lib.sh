@@ -64,6 +64,17 @@ ensure_prometheus() {
   apt_install prometheus
 }
 
+# skopeo (reads and copies the OCI layouts `cargo xtask image` writes) and tini (the GPU
+# dispatcher's image carries it): the image tests use both.
+ensure_image_tools() {
+  local missing=()
+  command -v skopeo >/dev/null 2>&1 || missing+=(skopeo)
+  [ -x /usr/bin/tini-static ] || [ -x /usr/bin/tini ] || missing+=(tini)
+  [ ${#missing[@]} -eq 0 ] && return
+  log "installing ${missing[*]} (Debian packages)"
+  apt_install "${missing[@]}"
+}
+
 # Starts Debian's PostgreSQL cluster and makes a superuser role taskbus/taskbus.
 # Sets TASKBUS_TEST_DATABASE_URL.
 ensure_postgres() {

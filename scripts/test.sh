@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite on a fresh Debian/Ubuntu machine with a Rust toolchain: installs
-# nats-server, nats-py, PostgreSQL and Prometheus when missing, starts PostgreSQL, then runs fmt,
-# clippy and every test (real nats-server per test, a fresh database per test).
+# nats-server, nats-py, PostgreSQL, Prometheus, skopeo and tini when missing, starts PostgreSQL,
+# then runs fmt, clippy and every test (real nats-server per test, a fresh database per test).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
@@ -10,6 +10,7 @@ ensure_nats
 ensure_postgres
 ensure_python_nats
 ensure_prometheus
+ensure_image_tools
 export TASKBUS_VENV TASKBUS_REQUIRE_PYTHON=1
 prune_target
 export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"

@@ -20,7 +20,7 @@ use taskbus_runtime::telemetry::{self, LogFormat};
 /// NATS client (`nats pub taskbus.submit.default '{"kind":"echo","payload":{"x":1}}'`), and
 /// watch it with `taskbus tasks list`.
 #[derive(Parser, Debug)]
-#[command(version, about, long_about, propagate_version = true)]
+#[command(name = "taskbus", version, about, long_about, propagate_version = true)]
 struct Cli {
     /// NATS server URL(s), comma separated.
     #[arg(
