@@ -299,6 +299,46 @@ fn every_image_is_an_oci_layout_that_skopeo_reads_and_deploy_can_run() {
         }
     }
 
+    // The Dockerfile's targets are these images: same user, environment, entrypoint, ports.
+    let stages = dockerfile_stages();
+    let base = &stages["base"];
+    for name in IMAGES {
+        let c = &images[name].config["config"];
+        let stage = stages
+            .get(name)
+            .unwrap_or_else(|| panic!("the Dockerfile has no target {name}"));
+        assert_eq!(one_line(stage, "FROM"), "base AS ".to_string() + name);
+        assert_eq!(
+            one_line(stage, "COPY"),
+            format!("--from=build /rootfs/{name}/ /"),
+            "{name}"
+        );
+        let entry: Json = serde_json::from_str(&one_line(stage, "ENTRYPOINT")).unwrap();
+        assert_eq!(entry, c["Entrypoint"], "{name}");
+        let exposed: BTreeSet<String> = one_line(stage, "EXPOSE")
+            .split_whitespace()
+            .map(String::from)
+            .collect();
+        let ports: BTreeSet<String> = c["ExposedPorts"]
+            .as_object()
+            .map(|m| m.keys().cloned().collect())
+            .unwrap_or_default();
+        assert_eq!(exposed, ports, "{name}");
+        assert_eq!(one_line(base, "USER"), c["User"].as_str().unwrap());
+        assert_eq!(one_line(base, "WORKDIR"), c["WorkingDir"].as_str().unwrap());
+        let env: Vec<String> = one_line(base, "ENV")
+            .split_whitespace()
+            .map(String::from)
+            .collect();
+        assert_eq!(json!(env), c["Env"], "{name}");
+    }
+    assert!(
+        one_line(&stages["build"], "RUN")
+            .contains("cargo xtask image --bin-dir target/release --rootfs /rootfs"),
+        "{:?}",
+        stages["build"]
+    );
+
     // The same binaries give the same images.
     let again = tmp.path().join("again");
     build(&again, &[]);
@@ -309,6 +349,47 @@ fn every_image_is_an_oci_layout_that_skopeo_reads_and_deploy_can_run() {
             "{name} differs between two builds"
         );
     }
+}
+
+fn one_line(stage: &BTreeMap<String, Vec<String>>, k: &str) -> String {
+    stage.get(k).map(|v| v.join(" ")).unwrap_or_default()
+}
+
+/// The repository's Dockerfile as stage name -> instruction -> arguments (continuations
+/// joined, comments dropped; an instruction given twice keeps both, in order).
+fn dockerfile_stages() -> BTreeMap<String, BTreeMap<String, Vec<String>>> {
+    let text = std::fs::read_to_string(deploy_dir().join("../Dockerfile")).unwrap();
+    let mut lines = Vec::new();
+    let mut cur = String::new();
+    for l in text.lines() {
+        let t = l.trim();
+        if t.starts_with('#') || t.is_empty() {
+            continue;
+        }
+        match t.strip_suffix('\\') {
+            Some(part) => cur.push_str(part),
+            None => {
+                cur.push_str(t);
+                lines.push(std::mem::take(&mut cur));
+            }
+        }
+    }
+    let mut stages: BTreeMap<String, BTreeMap<String, Vec<String>>> = BTreeMap::new();
+    let mut name = String::new();
+    for l in lines {
+        let (ins, args) = l.split_once(' ').unwrap_or((&l, ""));
+        let args = args.split_whitespace().collect::<Vec<_>>().join(" ");
+        if ins == "FROM" {
+            name = args.rsplit(' ').next().unwrap().to_string();
+        }
+        stages
+            .entry(name.clone())
+            .or_default()
+            .entry(ins.to_string())
+            .or_default()
+            .push(args);
+    }
+    stages
 }
 
 #[test]
@@ -450,6 +531,32 @@ async fn images_run_their_binaries_as_nonroot_and_carry_a_task() {
         ));
         assert_eq!(v.trim(), format!("{name} {VERSION}"));
     }
+    // --rootfs (what the Dockerfile copies) writes the same files, modes and owners.
+    let rootfs = tmp.path().join("rootfs");
+    let o = xtask(&[
+        "--rootfs",
+        rootfs.to_str().unwrap(),
+        "--only",
+        "taskbus-gpu-dispatcher",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let files = |root: &Path| -> BTreeMap<PathBuf, (u64, u32, u32, u32)> {
+        use std::os::unix::fs::MetadataExt;
+        listing(root)
+            .into_keys()
+            .map(|p| {
+                let m = std::fs::symlink_metadata(&p).unwrap();
+                let rel = p.strip_prefix(root).unwrap().to_path_buf();
+                let size = if m.is_dir() { 0 } else { m.len() };
+                (rel, (size, m.mode(), m.uid(), m.gid()))
+            })
+            .collect()
+    };
+    assert_eq!(
+        files(&rootfs.join("taskbus-gpu-dispatcher")),
+        files(&roots["taskbus-gpu-dispatcher"])
+    );
+
     // The local GPU dispatcher's command: tini finds the dispatcher on PATH.
     let v = run(&mut in_image(
         &roots["taskbus-gpu-dispatcher"],
