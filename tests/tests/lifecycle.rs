@@ -2,6 +2,7 @@
 //! timeouts, cancellation, late and repeated outcomes, dead-letter replay, heartbeats, the
 //! circuit breaker and reputation.
 
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -144,10 +145,21 @@ async fn not_before_delays_the_first_attempt() {
     assert!(ran >= nb, "ran at {ran}, not before {nb}");
 }
 
+/// A coordinator serving /metrics on a free port.
+async fn coordinator_with_metrics(s: &Stack) -> (taskbus_coordinator::Running, SocketAddr) {
+    let mut c = s.coordinator_config();
+    c.http_listen = Some("127.0.0.1:0".parse().unwrap());
+    let running = taskbus_coordinator::start(c, CancellationToken::new())
+        .await
+        .unwrap();
+    let http = running.http_addr.unwrap();
+    (running, http)
+}
+
 #[tokio::test]
 async fn deadline_expires_unstarted_tasks_and_they_never_run() {
     let s = Stack::new(30_000).await;
-    let (_c, _t) = s.coordinator().await;
+    let (_c, http) = coordinator_with_metrics(&s).await;
     let mut expired = s
         .client
         .subscribe("taskbus.events.default.dl.expired")
@@ -172,6 +184,11 @@ async fn deadline_expires_unstarted_tasks_and_they_never_run() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(runs.load(Ordering::Relaxed), 0);
     assert_eq!(s.task("dl").await.unwrap().status, "expired");
+    let (_, text) = taskbus_tests::http_get(http, "/metrics").await;
+    assert!(
+        text.contains(r#"taskbus_coordinator_outcomes_total{outcome="expired"} 1"#),
+        "{text}"
+    );
 }
 
 #[tokio::test]
@@ -450,7 +467,7 @@ async fn publish_outcome(s: &Stack, id: &str, attempt: u32, event: &str, extra: 
 #[tokio::test]
 async fn cancelling_a_queued_task_means_it_never_runs() {
     let s = Stack::new(30_000).await;
-    let (_c, _t) = s.coordinator().await;
+    let (_c, http) = coordinator_with_metrics(&s).await;
     let runs = Arc::new(AtomicU64::new(0));
     let r = runs.clone();
     let _a = agent(&s, "c-agent", move |_t: TaskContext| {
@@ -494,6 +511,12 @@ async fn cancelling_a_queued_task_means_it_never_runs() {
     assert_eq!(
         api(&s, "task.cancel", json!({"nope": 1})).await["error"]["code"],
         400
+    );
+    // Counted once: the refused second cancel is not an outcome.
+    let (_, text) = taskbus_tests::http_get(http, "/metrics").await;
+    assert!(
+        text.contains(r#"taskbus_coordinator_outcomes_total{outcome="cancelled"} 1"#),
+        "{text}"
     );
 }
 

@@ -196,6 +196,7 @@ async fn handle_cancel(ctx: &Ctx, payload: &[u8]) -> Bytes {
                 priced,
                 ..
             } => {
+                crate::outcomes::count(ctx, "cancelled", 1);
                 // Durable event: agents running it cancel the handler; agents that pull it later skip it.
                 let ev = Event::Cancelled(events::Cancelled {
                     task_id: req.id.clone(),

@@ -48,7 +48,9 @@ pub(crate) async fn once(ctx: &Ctx) -> Result<(), sqlx::Error> {
     let now = Utc::now();
     let mut pending = Vec::new();
     let mut terminal = Vec::new();
-    for x in store::expire_overdue(&ctx.db).await? {
+    let expired = store::expire_overdue(&ctx.db).await?;
+    crate::outcomes::count(ctx, "expired", expired.len());
+    for x in expired {
         let ev = Event::Expired(events::Expired {
             task_id: x.id.clone(),
             pool: x.pool.clone(),

@@ -352,7 +352,8 @@ async fn wait_for_row(ctx: &Ctx, m: &async_nats::jetstream::Message, id: &str) {
     }
 }
 
-fn count(ctx: &Ctx, outcome: &str, n: usize) {
+/// Count `n` outcomes of one kind in `taskbus_coordinator_outcomes_total`.
+pub(crate) fn count(ctx: &Ctx, outcome: &str, n: usize) {
     if n > 0 {
         ctx.metrics
             .outcomes
