@@ -745,6 +745,8 @@ async fn prometheus_scrapes_the_stack_and_every_dashboard_query_has_data() {
     let mut lc = taskbus_ledger::Config::new(s.nats.url(), s.db.url.clone());
     lc.http_listen = Some(listen());
     lc.db_max_connections = 4;
+    // A budget far above what the run spends: exported, and TaskbusSpendOverBudget stays quiet.
+    lc.spend_budgets = vec!["USD=1000000".parse().unwrap()];
     let ledger = taskbus_ledger::start(lc, shutdown.clone()).await.unwrap();
     deposit(&s.client, "acme", "100.00", "fund-acme").await;
 

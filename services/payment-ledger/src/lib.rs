@@ -61,6 +61,8 @@ pub struct Config {
     /// from the events stream (with a fresh consumer). A live ledger made its holds itself
     /// and leaves them out (set when the consumer is created).
     pub replay_held: bool,
+    /// Hourly spend per currency exported for the `TaskbusSpendOverBudget` alert.
+    pub spend_budgets: Vec<money::SpendBudget>,
 }
 
 impl Config {
@@ -79,6 +81,7 @@ impl Config {
             ack_wait: Duration::from_secs(10),
             api_concurrency: 8,
             replay_held: false,
+            spend_budgets: Vec::new(),
         }
     }
 }
@@ -94,6 +97,8 @@ pub enum LedgerError {
     Store(#[from] store::StoreError),
     #[error("JetStream: {0}")]
     JetStream(String),
+    #[error("{0}")]
+    Config(String),
     #[error("cannot serve HTTP on {addr}: {source}")]
     Http {
         addr: SocketAddr,
@@ -144,6 +149,8 @@ impl Running {
 /// Connect, migrate, open the ledger, create the consumer and the API, then start the loops.
 /// Returns when the ledger is ready (its API answers and its consumer exists).
 pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Running, LedgerError> {
+    money::check_budgets(&config.spend_budgets, &config.ledger.currencies)
+        .map_err(LedgerError::Config)?;
     let subjects = Subjects::new(&config.prefix);
     let client =
         taskbus_runtime::nats::connect(&config.nats_url, &config.nats_auth, "taskbus-ledger")
@@ -156,6 +163,13 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
     let ledger = Ledger::open(db, &config.ledger).await?;
 
     let metrics = metrics::Metrics::default();
+    for b in &config.spend_budgets {
+        let v = rust_decimal::prelude::ToPrimitive::to_f64(&b.per_hour).unwrap_or(f64::MAX);
+        metrics
+            .spend_budget
+            .get_or_create(&b.currency.as_str().into())
+            .set(v);
+    }
     let health = taskbus_runtime::http::Health::new(metrics.registry());
     health.watch_nats(&client);
 

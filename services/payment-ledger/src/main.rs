@@ -3,7 +3,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use rust_decimal::Decimal;
-use taskbus_ledger::money::CurrencySpec;
+use taskbus_ledger::money::{CurrencySpec, SpendBudget};
 use taskbus_runtime::telemetry::{self, LogFormat};
 use taskbus_runtime::CancellationToken;
 
@@ -73,6 +73,15 @@ struct Args {
     /// Stream replicas (needs a JetStream cluster for more than 1).
     #[arg(long, env = "TASKBUS_STREAM_REPLICAS", default_value_t = 1)]
     stream_replicas: usize,
+    /// Hourly spend per currency as CURRENCY=AMOUNT, comma separated (e.g. USD=250). Exported
+    /// as taskbus_ledger_spend_budget_per_hour for the TaskbusSpendOverBudget alert, which fires
+    /// when the last hour's payouts and fees in that currency exceed it. Nothing is refused.
+    #[arg(
+        long,
+        env = "TASKBUS_LEDGER_SPEND_BUDGET_PER_HOUR",
+        value_delimiter = ','
+    )]
+    spend_budget_per_hour: Vec<SpendBudget>,
     /// Log format.
     #[arg(long, env = "TASKBUS_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -96,6 +105,7 @@ async fn main() -> anyhow::Result<()> {
     config.consumer = args.consumer;
     config.db_max_connections = args.db_connections;
     config.replay_held = args.replay_held;
+    config.spend_budgets = args.spend_budget_per_hour;
     let shutdown = CancellationToken::new();
     let running = taskbus_ledger::start(config, shutdown.clone()).await?;
     taskbus_runtime::cancel_on_signal(shutdown).await;

@@ -39,6 +39,58 @@ impl FromStr for CurrencySpec {
     }
 }
 
+/// An hourly spend above which the `TaskbusSpendOverBudget` alert fires: `CODE=AMOUNT`, e.g.
+/// `USD=250`. The ledger only exports it (`taskbus_ledger_spend_budget_per_hour`); nothing is
+/// refused when it is exceeded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SpendBudget {
+    pub currency: String,
+    pub per_hour: Decimal,
+}
+
+impl FromStr for SpendBudget {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (code, amount) = s.split_once('=').ok_or_else(|| {
+            format!("spend budget {s:?} must look like CURRENCY=AMOUNT, e.g. USD=250")
+        })?;
+        if !is_currency_code(code) {
+            return Err(format!(
+                "currency code {code:?} must be 1 to 12 upper-case letters or digits"
+            ));
+        }
+        let per_hour = Decimal::from_str_exact(amount.trim())
+            .ok()
+            .filter(|a| *a > Decimal::ZERO && *a <= MAX_AMOUNT)
+            .ok_or_else(|| {
+                format!(
+                    "spend budget of {code} must be a positive amount up to 10^18, not {amount:?}"
+                )
+            })?;
+        Ok(Self {
+            currency: code.into(),
+            per_hour,
+        })
+    }
+}
+
+/// Refuse budgets for currencies the ledger does not know, and a currency given twice.
+pub fn check_budgets(budgets: &[SpendBudget], currencies: &[CurrencySpec]) -> Result<(), String> {
+    let mut seen = std::collections::BTreeSet::new();
+    for b in budgets {
+        if !currencies.iter().any(|c| c.code == b.currency) {
+            return Err(format!(
+                "spend budget for {}: not a configured currency (add it to --currencies)",
+                b.currency
+            ));
+        }
+        if !seen.insert(&b.currency) {
+            return Err(format!("spend budget for {} is given twice", b.currency));
+        }
+    }
+    Ok(())
+}
+
 /// `[A-Z0-9]{1,12}` (the coordinator's rule for an envelope's `currency`).
 pub fn is_currency_code(c: &str) -> bool {
     (1..=12).contains(&c.len())
@@ -225,6 +277,41 @@ pub(crate) fn truncate(s: &str, n: usize) -> &str {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn spend_budgets_are_parsed_and_hostile_ones_refused() {
+        let b: SpendBudget = "USD=250.50".parse().unwrap();
+        assert_eq!(b.currency, "USD");
+        assert_eq!(b.per_hour, Decimal::new(25050, 2));
+        for (bad, says) in [
+            ("USD", "CURRENCY=AMOUNT"),
+            ("usd=1", "upper-case"),
+            ("=1", "upper-case"),
+            ("USD=", "positive amount"),
+            ("USD=0", "positive amount"),
+            ("USD=-5", "positive amount"),
+            ("USD=1e3", "positive amount"),
+            ("USD=NaN", "positive amount"),
+            ("USD=1000000000000000001", "positive amount"),
+            ("USD=99999999999999999999999999999999", "positive amount"),
+            ("USD=1=2", "positive amount"),
+            ("US D=1", "upper-case"),
+        ] {
+            let e = bad.parse::<SpendBudget>().unwrap_err();
+            assert!(e.contains(says), "{bad:?}: {e}");
+        }
+        let usd = CurrencySpec {
+            code: "USD".into(),
+            scale: 2,
+        };
+        let ok = |s: &str| s.parse::<SpendBudget>().unwrap();
+        check_budgets(&[ok("USD=1")], std::slice::from_ref(&usd)).unwrap();
+        let e = check_budgets(&[ok("EUR=1")], std::slice::from_ref(&usd)).unwrap_err();
+        assert!(e.contains("--currencies"), "{e}");
+        let e = check_budgets(&[ok("USD=1"), ok("USD=2")], &[usd]).unwrap_err();
+        assert!(e.contains("twice"), "{e}");
+    }
+
     use super::*;
 
     fn d(s: &str) -> Decimal {

@@ -477,6 +477,9 @@ async fn settle_batch(
     let mut records = ctx.ledger.settle(&resolutions).await?;
     for r in &records {
         Metrics::count(&ctx.metrics.settlements, &r.outcome, 1);
+        if r.outcome == "posted" {
+            ctx.metrics.spend(r);
+        }
     }
     if !redelivered.is_empty() {
         let done: HashSet<String> = records.iter().map(|r| r.task_id.clone()).collect();

@@ -3,6 +3,8 @@
 //! step.
 
 mod common;
+#[path = "../../../tests/http_get.rs"]
+mod http_get;
 
 use std::time::Duration;
 
@@ -13,6 +15,7 @@ use taskbus_ledger::api::{
 };
 use taskbus_proto::api::{ApiError, HoldRequest, HoldResponse, HoldStatus};
 use taskbus_proto::events::Event;
+use taskbus_runtime::CancellationToken;
 
 async fn balance(env: &Env, account: &str, currency: &str) -> (String, String) {
     let b: BalanceReply = env
@@ -39,7 +42,18 @@ async fn holds(env: &Env, holds: Vec<taskbus_proto::api::Hold>) -> HoldResponse 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hold_then_post_and_void_move_the_money() {
     let env = Env::new().await;
-    let (running, token) = env.start().await;
+    // A budget in a currency the ledger does not have is refused before anything starts.
+    let mut c = env.config();
+    c.spend_budgets = vec!["EUR=5".parse().unwrap()];
+    match taskbus_ledger::start(c, CancellationToken::new()).await {
+        Err(e) => assert!(e.to_string().contains("--currencies"), "{e}"),
+        Ok(_) => panic!("a budget in an unknown currency was accepted"),
+    }
+    let mut c = env.config();
+    c.http_listen = Some("127.0.0.1:0".parse().unwrap());
+    c.spend_budgets = vec!["USD=250".parse().unwrap(), "SAT=1000000".parse().unwrap()];
+    let (running, token) = env.start_with(c).await;
+    let http = running.http_addr.unwrap();
     env.audit().await;
     env.deposit("alice", "10.00", "USD").await;
     env.audit().await;
@@ -117,6 +131,15 @@ async fn hold_then_post_and_void_move_the_money() {
         balance(&env, "escrow", "USD").await,
         ("0.00".into(), "0.00".into())
     );
+    // What alice paid for t1 (agent and platform shares), and the budgets for the alert.
+    let (_, text) = http_get::http_get(http, "/metrics").await;
+    for line in [
+        r#"taskbus_ledger_spent_total{currency="USD",pool="default"} 0.9"#.to_string(),
+        r#"taskbus_ledger_spend_budget_per_hour{currency="USD"} 250.0"#.to_string(),
+        r#"taskbus_ledger_spend_budget_per_hour{currency="SAT"} 1000000.0"#.to_string(),
+    ] {
+        assert!(text.lines().any(|l| l == line), "no {line} in\n{text}");
+    }
 
     let settled = {
         let env = &env;
