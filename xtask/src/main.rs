@@ -10,7 +10,11 @@ use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "cargo xtask", about = "Build tasks of the taskbus repository")]
+#[command(
+    name = "cargo xtask",
+    bin_name = "cargo xtask",
+    about = "Build tasks of the taskbus repository"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Cmd,
@@ -42,14 +46,15 @@ struct ImageArgs {
     /// there is replaced [default: images/ beside the binaries' profile directory]
     #[arg(long, value_name = "DIR")]
     out: Option<PathBuf>,
-    /// Image tag [default: the workspace version]
+    /// Image tag (the workspace version by default)
     #[arg(long, default_value = env!("CARGO_PKG_VERSION"))]
     tag: String,
-    /// Registry and path the images are named under (`<repository>/<image>:<tag>`, recorded
-    /// in each layout for `docker load`/`ctr import`)
+    /// Registry and path the images are named under: `<repository>/<image>:<tag>` is recorded
+    /// in each layout's index (`io.containerd.image.name`)
     #[arg(long, default_value = "ghcr.io/taskbus")]
     repository: String,
-    /// Keep the binaries' debug information (release builds carry line tables: ~5x larger)
+    /// Keep the binaries' debug information (release builds carry line tables, which make the
+    /// images several times larger)
     #[arg(long)]
     no_strip: bool,
     /// gzip level of the layers, 0 (none) to 9 (smallest)
