@@ -7,9 +7,10 @@
 # Targets: taskbus, taskbus-coordinator, taskbus-agent, taskbus-ledger, taskbus-scaler,
 # taskbus-gpu-dispatcher. Each image's files come from `cargo xtask image --rootfs`, which
 # writes the same files as the OCI layouts of `cargo xtask image` (the way to build images
-# without a container engine; docs/DEPLOY.md, "Container images"). This repository's CI has no
-# container engine and does not build this file; its tests hold the targets below to the
-# images xtask writes (user, environment, entrypoint, ports).
+# without a container engine; docs/DEPLOY.md, "Container images"). The tests hold the targets
+# below to the images xtask writes (user, environment, working directory, entrypoint, ports)
+# and build two of them with buildah, with the compile stage replaced by xtask's files: the
+# compile stage needs the rust image, which the test machines cannot pull.
 
 FROM docker.io/library/rust:1-bookworm AS build
 RUN apt-get update \

@@ -64,11 +64,13 @@ ensure_prometheus() {
   apt_install prometheus
 }
 
-# skopeo (reads and copies the OCI layouts `cargo xtask image` writes) and tini (the GPU
-# dispatcher's image carries it): the image tests use both.
+# skopeo (reads and copies the OCI layouts `cargo xtask image` writes), buildah (builds the
+# Dockerfile's image stages) and tini (the GPU dispatcher's image carries it): the image tests
+# use all three.
 ensure_image_tools() {
   local missing=()
   command -v skopeo >/dev/null 2>&1 || missing+=(skopeo)
+  command -v buildah >/dev/null 2>&1 || missing+=(buildah)
   [ -x /usr/bin/tini-static ] || [ -x /usr/bin/tini ] || missing+=(tini)
   [ ${#missing[@]} -eq 0 ] && return
   log "installing ${missing[*]} (Debian packages)"

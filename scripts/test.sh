@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite on a fresh Debian/Ubuntu machine with a Rust toolchain: installs
-# nats-server, nats-py, PostgreSQL, Prometheus, skopeo and tini when missing, starts PostgreSQL,
-# then runs fmt, clippy and every test (real nats-server per test, a fresh database per test).
+# nats-server, nats-py, PostgreSQL, Prometheus, skopeo, buildah and tini when missing, starts
+# PostgreSQL, then runs fmt, clippy and every test (real nats-server per test, a fresh database
+# per test).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh

@@ -342,7 +342,9 @@ fn base_tree(libs: &[PathBuf]) -> Result<Tree, ImageError> {
         host_file(&format!("/{CA_BUNDLE}"), "ca-certificates")?,
     );
     t.dir("tmp", 0o1777, 0);
-    t.dir("home/nonroot", 0o700, n);
+    // 0755: an image built from these files by a Dockerfile COPY gets them owned by root, and
+    // the user must still be able to enter its working directory.
+    t.dir("home/nonroot", 0o755, n);
     t.dir("root", 0o700, 0);
     t.dir(BIN_DIR, 0o755, 0);
     for lib in libs {
