@@ -16,6 +16,7 @@ pub mod schedule;
 pub mod schema;
 pub mod streams;
 pub mod subjects;
+pub mod trace;
 pub mod validate;
 
 pub use envelope::{Priority, Resources, TaskEnvelope, WorkItem};
@@ -27,5 +28,6 @@ pub use validate::{Limits, RejectReason, Rejection, ValidTask};
 
 /// Header carrying the attempt number on work messages (also in the body).
 pub const HDR_ATTEMPT: &str = "Taskbus-Attempt";
-/// W3C trace context header, forwarded from submit to work to events.
-pub const HDR_TRACEPARENT: &str = "traceparent";
+/// W3C trace context header, forwarded from submit to every attempt's work message and from
+/// there to the attempt's events ([`trace`]).
+pub const HDR_TRACEPARENT: &str = trace::HEADER;

@@ -2,6 +2,7 @@
 //! timeouts, cancellation, late and repeated outcomes, dead-letter replay, heartbeats, the
 //! circuit breaker and reputation.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -1182,4 +1183,104 @@ async fn a_replayed_task_that_dies_again_is_announced_again() {
         (n == 2).then_some(())
     })
     .await;
+}
+
+/// W3C trace context: a valid `traceparent` on the submit message reaches the handler on every
+/// attempt (the retry's work message is built from the task's record) and travels on each
+/// attempt's `started` and outcome events; a malformed one is dropped and the task runs all
+/// the same.
+#[tokio::test]
+async fn a_traceparent_follows_the_task_through_its_attempts_and_events() {
+    const TP: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let s = Stack::new(30_000).await;
+    s.set_pool(
+        "default",
+        PoolSettings {
+            retry_base_ms: 500,
+            retry_max_ms: 1000,
+            ..Default::default()
+        },
+    )
+    .await;
+    let (_c, _t) = s.coordinator().await;
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sn = seen.clone();
+    let _a = agent(&s, "tracer", move |t: TaskContext| {
+        sn.lock()
+            .unwrap()
+            .push((t.task_id.clone(), t.attempt, t.traceparent.clone()));
+        async move {
+            if t.task_id == "traced" && t.attempt == 1 {
+                Err(TaskError::Retryable("first attempt fails".into()))
+            } else {
+                Ok(json!("ok"))
+            }
+        }
+    });
+    let mut events = s
+        .client
+        .subscribe("taskbus.events.default.>")
+        .await
+        .unwrap();
+    let submit = |id: &str, tp: &str| {
+        let mut h = async_nats::HeaderMap::new();
+        h.insert("traceparent", tp);
+        let body = json!({"kind": "x", "id": id, "max_attempts": 2}).to_string();
+        let js = s.js.clone();
+        async move {
+            js.publish_with_headers("taskbus.submit.default", h, body.into())
+                .await
+                .unwrap()
+                .await
+                .unwrap();
+        }
+    };
+    submit("traced", TP).await;
+    submit("garbled", "00-NOT-A-TRACE-01\u{7f}").await;
+    s.wait_status("traced", "succeeded", T).await;
+    s.wait_status("garbled", "succeeded", T).await;
+
+    let mut seen = seen.lock().unwrap().clone();
+    seen.sort();
+    assert_eq!(
+        seen,
+        [
+            ("garbled".to_string(), 1, None),
+            ("traced".to_string(), 1, Some(TP.to_string())),
+            ("traced".to_string(), 2, Some(TP.to_string())),
+        ]
+    );
+    // Every event the agent published, with the header it carried.
+    let key = |id: &str, kind: &str, a: u64| (id.to_string(), kind.to_string(), a);
+    let want: BTreeMap<_, _> = [
+        (key("traced", "started", 1), Some(TP.to_string())),
+        (key("traced", "failed", 1), Some(TP.to_string())),
+        (key("traced", "started", 2), Some(TP.to_string())),
+        (key("traced", "succeeded", 2), Some(TP.to_string())),
+        (key("garbled", "started", 1), None),
+        (key("garbled", "succeeded", 1), None),
+    ]
+    .into();
+    let mut headers = BTreeMap::new();
+    let deadline = Instant::now() + T;
+    while headers.len() < want.len() && Instant::now() < deadline {
+        let Ok(Some(m)) = tokio::time::timeout(Duration::from_secs(5), events.next()).await else {
+            break;
+        };
+        let parts: Vec<&str> = m.subject.split('.').collect();
+        let kind = parts[4];
+        if !["started", "failed", "succeeded"].contains(&kind) {
+            continue;
+        }
+        let attempt = serde_json::from_slice::<Value>(&m.payload).unwrap()["attempt"]
+            .as_u64()
+            .unwrap();
+        let tp = m
+            .headers
+            .as_ref()
+            .and_then(|h| h.get("traceparent"))
+            .map(|v| v.as_str().to_string());
+        headers.insert(key(parts[3], kind, attempt), tp);
+    }
+    assert_eq!(headers, want);
 }

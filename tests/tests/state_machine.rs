@@ -105,7 +105,7 @@ fn every_interleaving_ends_in_exactly_one_terminal_state() {
             store::insert_admitted(&db, &[NewTask {
                 id: id.clone(), pool: "default".into(), kind: "k".into(), priority: "normal".into(),
                 max_attempts, envelope: "{}".into(), submit_seq: n as i64, payer: None,
-                deadline: None, not_before: None, timeout_ms: 1000, held: false, fair_key: None,
+                deadline: None, not_before: None, timeout_ms: 1000, held: false, fair_key: None, traceparent: None,
             }], &mut Default::default()).await.unwrap();
             let mut terminal: Option<(String, i32)> = None;
             // Every op twice in a row (replays), then a final cancel so the task must end.
@@ -150,6 +150,7 @@ async fn the_recorded_success_is_the_current_attempts() {
             timeout_ms: 1000,
             held: false,
             fair_key: None,
+            traceparent: None,
         }],
         &mut Default::default(),
     )

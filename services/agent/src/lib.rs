@@ -128,6 +128,10 @@ pub struct TaskContext {
     /// its shutdown grace: the task is handed back and runs again elsewhere. A handler whose
     /// work outlives it (a Kubernetes Job another agent adopts) leaves it running then.
     pub shutdown: CancellationToken,
+    /// The W3C `traceparent` the producer submitted the task with, when it sent a valid one:
+    /// start the handler's spans as its children to join the producer's trace. The agent puts
+    /// it on the attempt's `started` and outcome events too.
+    pub traceparent: Option<String>,
 }
 
 /// A handler's failure. `Retryable` failures are retried while attempts remain; `Fatal` ones
@@ -577,13 +581,24 @@ async fn process<H: Handler>(shared: &Shared<H>, msg: jetstream::Message) {
         attempt: item.attempt,
         agent_id: c.agent_id.clone(),
     });
-    let _ = shared
-        .client
-        .publish(
-            shared.subjects.event(&c.pool, &task_id, EventKind::Started),
-            started.to_json().into(),
-        )
-        .await;
+    let traceparent = taskbus_proto::trace::from_headers(msg.headers.as_ref());
+    let started_subject = shared.subjects.event(&c.pool, &task_id, EventKind::Started);
+    let _ = match &traceparent {
+        Some(tp) => {
+            let mut h = async_nats::HeaderMap::new();
+            h.insert(taskbus_proto::HDR_TRACEPARENT, tp.as_str());
+            shared
+                .client
+                .publish_with_headers(started_subject, h, started.to_json().into())
+                .await
+        }
+        None => {
+            shared
+                .client
+                .publish(started_subject, started.to_json().into())
+                .await
+        }
+    };
 
     let cancel = shared.hard.child_token();
     let timeout = Duration::from_millis(item.task.timeout_ms.unwrap_or(300_000));
@@ -601,6 +616,7 @@ async fn process<H: Handler>(shared: &Shared<H>, msg: jetstream::Message) {
         devices: slot.devices.clone(),
         cancel: cancel.clone(),
         shutdown: shared.hard.clone(),
+        traceparent: traceparent.clone(),
     };
     let t0 = Instant::now();
     // Boxed so that it can be dropped (ending what the handler holds, e.g. a child process)
@@ -715,7 +731,15 @@ async fn process<H: Handler>(shared: &Shared<H>, msg: jetstream::Message) {
             }
         }
     }
-    if publish_outcome(shared, &task_id, item.attempt, &event).await {
+    if publish_outcome(
+        shared,
+        &task_id,
+        item.attempt,
+        &event,
+        traceparent.as_deref(),
+    )
+    .await
+    {
         let counter = if ok {
             &shared.stats.succeeded
         } else {
@@ -769,7 +793,16 @@ async fn settle<H>(
     event: &Event,
     counter: &AtomicU64,
 ) {
-    if publish_outcome(shared, item.task_id(), item.attempt, event).await {
+    let traceparent = taskbus_proto::trace::from_headers(msg.headers.as_ref());
+    if publish_outcome(
+        shared,
+        item.task_id(),
+        item.attempt,
+        event,
+        traceparent.as_deref(),
+    )
+    .await
+    {
         counter.fetch_add(1, Ordering::Relaxed);
         let _ = msg.ack().await;
     } else {
@@ -834,22 +867,27 @@ async fn wait_for_placement<H: Handler>(
     }
 }
 
-/// Publish the outcome with JetStream, retrying briefly; true once the server acknowledged it.
+/// Publish the outcome with JetStream (with the task's `traceparent`, if any), retrying
+/// briefly; true once the server acknowledged it.
 async fn publish_outcome<H>(
     shared: &Shared<H>,
     task_id: &str,
     attempt: u32,
     event: &Event,
+    traceparent: Option<&str>,
 ) -> bool {
     let subject = shared
         .subjects
         .event(&shared.config.pool, task_id, event.kind());
     let body: bytes::Bytes = event.to_json().into();
     for n in 0..5u32 {
-        let p = PublishMessage::build()
+        let mut p = PublishMessage::build()
             .payload(body.clone())
             .header(taskbus_proto::HDR_ATTEMPT, attempt.to_string())
             .message_id(format!("{task_id}:{attempt}:outcome"));
+        if let Some(tp) = traceparent {
+            p = p.header(taskbus_proto::HDR_TRACEPARENT, tp);
+        }
         match shared.js.send_publish(subject.clone(), p).await {
             Ok(f) => match f.await {
                 Ok(_) => return true,

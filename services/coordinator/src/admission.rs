@@ -14,7 +14,6 @@ use std::time::Duration;
 use async_nats::jetstream::consumer::PullConsumer;
 use async_nats::jetstream::message::PublishMessage as Publish;
 use async_nats::jetstream::{AckKind, Message};
-use async_nats::HeaderMap;
 use chrono::Utc;
 use futures::StreamExt;
 use taskbus_proto::events::{self, Event, EventKind};
@@ -219,6 +218,7 @@ async fn handle_batch(ctx: &Ctx, mut items: Vec<Item>, slot: Slot) -> Result<(),
                 timeout_ms: t.timeout_ms as i64,
                 held: held_by_fairness(ctx, t),
                 fair_key: fair_key(t),
+                traceparent: taskbus_proto::trace::from_headers(it.msg.headers.as_ref()),
             });
         }
     }
@@ -316,8 +316,9 @@ async fn handle_batch(ctx: &Ctx, mut items: Vec<Item>, slot: Slot) -> Result<(),
                     attempt: 1,
                     envelope: envelopes.get(&i).cloned().unwrap_or_else(|| "{}".into()),
                     not_before: t.not_before,
+                    traceparent: taskbus_proto::trace::from_headers(it.msg.headers.as_ref()),
                 };
-                match dispatch::send(ctx, &d, traceparent(&it.msg).as_deref()).await {
+                match dispatch::send(ctx, &d).await {
                     Ok(f) => pending.push((i, f)),
                     Err(e) => {
                         warn!(error = %e, task_id = %t.id, "work publish failed");
@@ -425,13 +426,6 @@ async fn ack_or_hand_back(items: &[Item], ackable: &[bool]) {
         }
     });
     futures::future::join_all(acks).await;
-}
-
-fn traceparent(msg: &Message) -> Option<String> {
-    msg.headers
-        .as_ref()
-        .and_then(|h: &HeaderMap| h.get(taskbus_proto::HDR_TRACEPARENT))
-        .map(|v| v.as_str().to_string())
 }
 
 /// Ask the ledger to hold the price of every priced task in the batch (one request). Held tasks

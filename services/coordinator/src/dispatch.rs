@@ -30,6 +30,8 @@ pub(crate) struct Dispatch {
     pub attempt: u32,
     pub envelope: String,
     pub not_before: Option<DateTime<Utc>>,
+    /// The task's `traceparent`, put on the work message.
+    pub traceparent: Option<String>,
 }
 
 impl From<PendingDispatch> for Dispatch {
@@ -45,22 +47,19 @@ impl From<PendingDispatch> for Dispatch {
             attempt: p.attempt.max(1) as u32,
             envelope: p.envelope.unwrap_or_else(|| "{}".into()),
             not_before: p.not_before,
+            traceparent: p.traceparent,
         }
     }
 }
 
 /// Publish the attempt's work (or schedule) message; the returned future resolves on
 /// JetStream's ack. Message ids make a repeated send a no-op within the duplicate window.
-pub(crate) async fn send(
-    ctx: &Ctx,
-    d: &Dispatch,
-    traceparent: Option<&str>,
-) -> Result<PublishAckFuture, PublishError> {
+pub(crate) async fn send(ctx: &Ctx, d: &Dispatch) -> Result<PublishAckFuture, PublishError> {
     let body = work_item_json(d.attempt, &d.pool, &d.envelope);
     let target = ctx.subjects.work(&d.pool, d.priority);
     let mut p = PublishMessage::build().payload(body.into());
-    if let Some(tp) = traceparent {
-        p = p.header(taskbus_proto::HDR_TRACEPARENT, tp);
+    if let Some(tp) = &d.traceparent {
+        p = p.header(taskbus_proto::HDR_TRACEPARENT, tp.as_str());
     }
     match d.not_before {
         Some(nb) if nb > Utc::now() + chrono::Duration::milliseconds(20) => {
@@ -107,7 +106,7 @@ const CHUNK: usize = 500;
 async fn dispatch_chunk(ctx: &Ctx, items: &[Dispatch]) -> usize {
     let mut pending = Vec::with_capacity(items.len());
     for d in items {
-        match send(ctx, d, None).await {
+        match send(ctx, d).await {
             Ok(f) => pending.push((d, f)),
             Err(e) => {
                 warn!(task_id = %d.id, error = %e, "dispatch failed; the reconciler will retry")

@@ -424,6 +424,7 @@ pub(crate) async fn follow_up_failures(ctx: &Ctx, failed: Vec<store::FailureOutc
                 attempt: f.attempt as u32,
                 envelope: env,
                 not_before: Some(not_before),
+                traceparent: f.traceparent,
             });
         } else {
             count(ctx, "dead", 1);

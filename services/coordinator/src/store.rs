@@ -38,6 +38,8 @@ pub struct NewTask {
     pub held: bool,
     /// The payer, else the `tenant` label: what the fairness limit counts by.
     pub fair_key: Option<String>,
+    /// The submit message's valid `traceparent` header.
+    pub traceparent: Option<String>,
 }
 
 /// Insert admitted tasks; returns the ids that were new. An id whose only record is a
@@ -64,21 +66,22 @@ pub async fn insert_admitted(
     let timeouts: Vec<i64> = rows.iter().map(|r| r.timeout_ms).collect();
     let held: Vec<bool> = rows.iter().map(|r| r.held).collect();
     let fair_keys: Vec<Option<&str>> = rows.iter().map(|r| r.fair_key.as_deref()).collect();
+    let traces: Vec<Option<&str>> = rows.iter().map(|r| r.traceparent.as_deref()).collect();
     let inserted = sqlx::query(
         "INSERT INTO coordinator.tasks
              (task_id, pool, kind, priority, status, attempt, max_attempts, envelope, submit_seq, payer,
-              deadline, not_before, timeout_ms, fair_key)
+              deadline, not_before, timeout_ms, fair_key, traceparent)
          SELECT t.id, t.pool, t.kind, t.prio, CASE WHEN t.held THEN 'admitted' ELSE 'queued' END, 1, t.maxa,
-                t.env::jsonb, t.seq, t.payer, t.dl, t.nb, t.tmo, t.fk
+                t.env::jsonb, t.seq, t.payer, t.dl, t.nb, t.tmo, t.fk, t.tp
          FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::int4[], $6::text[], $7::int8[], $8::text[],
-                     $9::timestamptz[], $10::timestamptz[], $11::int8[], $12::bool[], $13::text[])
-              AS t(id, pool, kind, prio, maxa, env, seq, payer, dl, nb, tmo, held, fk)
+                     $9::timestamptz[], $10::timestamptz[], $11::int8[], $12::bool[], $13::text[], $14::text[])
+              AS t(id, pool, kind, prio, maxa, env, seq, payer, dl, nb, tmo, held, fk, tp)
          ON CONFLICT (task_id) DO UPDATE
          SET pool = EXCLUDED.pool, kind = EXCLUDED.kind, priority = EXCLUDED.priority, status = EXCLUDED.status,
              attempt = 1, max_attempts = EXCLUDED.max_attempts, envelope = EXCLUDED.envelope,
              submit_seq = EXCLUDED.submit_seq, payer = EXCLUDED.payer, reason = NULL, reason_message = NULL,
              deadline = EXCLUDED.deadline, not_before = EXCLUDED.not_before, timeout_ms = EXCLUDED.timeout_ms,
-             fair_key = EXCLUDED.fair_key,
+             fair_key = EXCLUDED.fair_key, traceparent = EXCLUDED.traceparent,
              finished_at = NULL, created_at = now(), updated_at = now()
          WHERE coordinator.tasks.status = 'rejected'
          RETURNING task_id, (SELECT token FROM coordinator.incarnation WHERE id = 1)",
@@ -96,6 +99,7 @@ pub async fn insert_admitted(
     .bind(&timeouts)
     .bind(&held)
     .bind(&fair_keys)
+    .bind(&traces)
     .fetch_all(db)
     .await?;
     Ok(seen.ids(inserted))
@@ -432,6 +436,7 @@ pub struct FailureOutcome {
     pub priority: Option<String>,
     /// The task has a price (a `dead` one gets a `closed` event too).
     pub priced: bool,
+    pub traceparent: Option<String>,
 }
 
 /// Record failures of the current attempt; requeue while attempts remain, else `dead`.
@@ -482,7 +487,7 @@ pub async fn record_failed(db: &PgPool, rows: &[Failure]) -> DbResult<Vec<Failur
            AND ((t.attempt = u.attempt AND (t.status || '') IN ('queued', 'running', 'dead'))
              OR (t.attempt = u.attempt + 1 AND (t.status || '') = 'queued'))
          RETURNING t.task_id, t.pool, t.status, t.attempt, t.envelope::text, t.error, t.priority,
-                   t.payer IS NOT NULL",
+                   t.payer IS NOT NULL, t.traceparent",
     )
     .bind(&ids)
     .bind(&attempts)
@@ -503,6 +508,7 @@ pub async fn record_failed(db: &PgPool, rows: &[Failure]) -> DbResult<Vec<Failur
             error: r.get::<Option<String>, _>(5).unwrap_or_default(),
             priority: r.get(6),
             priced: r.get(7),
+            traceparent: r.get(8),
         })
         .collect())
 }
@@ -598,6 +604,7 @@ pub struct PendingDispatch {
     pub attempt: i32,
     pub envelope: Option<String>,
     pub not_before: Option<DateTime<Utc>>,
+    pub traceparent: Option<String>,
 }
 
 fn pending(r: sqlx::postgres::PgRow) -> PendingDispatch {
@@ -608,6 +615,7 @@ fn pending(r: sqlx::postgres::PgRow) -> PendingDispatch {
         attempt: r.get("attempt"),
         envelope: r.get("envelope"),
         not_before: r.get("not_before"),
+        traceparent: r.get("traceparent"),
     }
 }
 
@@ -648,7 +656,7 @@ pub async fn mark_dispatched(
 /// between the database write and the publish).
 pub async fn stale_dispatches(db: &PgPool, older_than_ms: i64) -> DbResult<Vec<PendingDispatch>> {
     Ok(sqlx::query(
-        "SELECT task_id, pool, priority, attempt, envelope::text AS envelope, not_before FROM coordinator.tasks
+        "SELECT task_id, pool, priority, attempt, envelope::text AS envelope, not_before, traceparent FROM coordinator.tasks
          WHERE dispatch_at IS NOT NULL AND dispatch_at < now() - make_interval(secs => $1 / 1000.0)
            AND status = 'queued'
          ORDER BY dispatch_at LIMIT 500",
@@ -821,7 +829,7 @@ pub async fn replay_dead(
                                AND (cardinality($2::text[]) = 0 OR task_id = ANY($2))
                              ORDER BY updated_at LIMIT $3)
            AND t.status = 'dead'
-         RETURNING t.task_id, t.pool, t.priority, t.attempt, t.envelope::text AS envelope, t.not_before",
+         RETURNING t.task_id, t.pool, t.priority, t.attempt, t.envelope::text AS envelope, t.not_before, t.traceparent",
     )
     .bind(pool)
     .bind(ids)
@@ -977,7 +985,7 @@ pub async fn promote_fair(
          )
          UPDATE coordinator.tasks t SET status = 'queued', dispatch_at = now(), updated_at = now()
          FROM pick WHERE t.task_id = pick.task_id AND t.status = 'admitted'
-         RETURNING t.task_id, t.pool, t.priority, t.attempt, t.envelope::text AS envelope, t.not_before",
+         RETURNING t.task_id, t.pool, t.priority, t.attempt, t.envelope::text AS envelope, t.not_before, t.traceparent",
     )
     .bind(pool)
     .bind(limit)

@@ -198,6 +198,7 @@ impl Handler for GpuHandler {
                 devices: t.devices,
                 timeout: t.timeout,
                 cancel: t.cancel,
+                traceparent: t.traceparent,
             };
             runner.run(l, shutdown).await
         }

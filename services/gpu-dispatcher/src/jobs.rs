@@ -41,7 +41,8 @@
 //!
 //! **Pod.** Container `task`: the template's image, its command (or the image's entrypoint),
 //! `payload.args` as `args`; env `TASKBUS_TASK_ID`, `TASKBUS_POOL`, `TASKBUS_ATTEMPT`,
-//! `TASKBUS_KIND` and the payload as JSON in `TASKBUS_PAYLOAD` (never `NVIDIA_VISIBLE_DEVICES`:
+//! `TASKBUS_KIND`, `TRACEPARENT` when the task has one, and the payload as JSON in
+//! `TASKBUS_PAYLOAD` (never `NVIDIA_VISIBLE_DEVICES`:
 //! the device plugin sets it); `nvidia.com/gpu` in limits; node selector on GFD's
 //! `nvidia.com/gpu.product`, required node affinity `nvidia.com/gpu.memory Gt <MiB-1>`;
 //! toleration of `nvidia.com/gpu:NoSchedule`; `/dev/shm` an in-memory emptyDir;

@@ -37,6 +37,9 @@ pub struct Launch {
     pub timeout: Duration,
     /// Fires when the attempt must stop: cancelled, timed out, or handed back at shutdown.
     pub cancel: CancellationToken,
+    /// The task's W3C `traceparent`, handed to the program as `TRACEPARENT` (OpenTelemetry's
+    /// environment carrier) so that its spans join the producer's trace.
+    pub traceparent: Option<String>,
 }
 
 /// The extra arguments of a task: `payload.args`, which must be an array of strings when
@@ -90,12 +93,16 @@ pub fn payload_text(payload: &Value) -> Result<String, TaskError> {
 
 /// The environment every GPU task gets, whichever the backend.
 pub fn task_env(l: &Launch) -> Vec<(String, String)> {
-    vec![
+    let mut env = vec![
         ("TASKBUS_TASK_ID".into(), l.task_id.clone()),
         ("TASKBUS_POOL".into(), l.pool.clone()),
         ("TASKBUS_ATTEMPT".into(), l.attempt.to_string()),
         ("TASKBUS_KIND".into(), l.kind.clone()),
-    ]
+    ];
+    if let Some(tp) = &l.traceparent {
+        env.push(("TRACEPARENT".into(), tp.clone()));
+    }
+    env
 }
 
 #[cfg(test)]

@@ -7,7 +7,7 @@
 //! - Environment: the dispatcher's own, plus `CUDA_VISIBLE_DEVICES` and
 //!   `NVIDIA_VISIBLE_DEVICES` (the GPUs given to the task, comma separated),
 //!   `CUDA_DEVICE_ORDER=PCI_BUS_ID`, and `TASKBUS_TASK_ID`, `TASKBUS_POOL`, `TASKBUS_ATTEMPT`,
-//!   `TASKBUS_KIND`.
+//!   `TASKBUS_KIND`, and `TRACEPARENT` when the task has one.
 //! - The process runs in its own process group. On cancel or timeout the group gets SIGTERM,
 //!   then SIGKILL after the kill grace (2 s); if the dispatcher drops the task (shutdown) the group
 //!   gets SIGKILL at once. No grandchild outlives its task.
@@ -143,6 +143,10 @@ pub async fn run(config: &LocalConfig, l: Launch) -> Result<Value, TaskError> {
         .stderr(Stdio::piped())
         .process_group(0)
         .kill_on_drop(true);
+    if l.traceparent.is_none() {
+        // Not the dispatcher's own, if it has one: the task is not part of that trace.
+        cmd.env_remove("TRACEPARENT");
+    }
     let mut child = cmd.spawn().map_err(|e| {
         TaskError::Retryable(format!(
             "cannot start {:?} for task kind {:?}: {e} (check --exec on this dispatcher)",
@@ -253,6 +257,7 @@ mod tests {
             devices: devices.iter().map(|d| d.to_string()).collect(),
             timeout: Duration::from_secs(30),
             cancel: CancellationToken::new(),
+            traceparent: None,
         }
     }
 
@@ -294,6 +299,22 @@ mod tests {
         assert_eq!(out["attempt"], 2);
         assert_eq!(out["args"], "a b");
         assert_eq!(out["stdin"], json!({"args": ["a", "b"], "x": 1}));
+    }
+
+    #[tokio::test]
+    async fn the_task_gets_its_traceparent_when_it_has_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = config(
+            &dir,
+            &[("tp", r#"echo "{\"tp\":\"${TRACEPARENT-unset}\"}""#)],
+        );
+        let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let mut l = launch("tp", json!({}), &["0"]);
+        l.traceparent = Some(tp.into());
+        let r = run(&c, l).await.unwrap();
+        assert_eq!(r["output"]["tp"], tp, "{r}");
+        let r = run(&c, launch("tp", json!({}), &["0"])).await.unwrap();
+        assert_eq!(r["output"]["tp"], "unset", "{r}");
     }
 
     #[tokio::test]

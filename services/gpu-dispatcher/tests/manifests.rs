@@ -492,6 +492,7 @@ async fn rendered_manifests_and_a_built_job_are_schema_valid() {
         devices: vec![],
         timeout: std::time::Duration::from_secs(3600),
         cancel: Default::default(),
+        traceparent: None,
     };
     let job = serde_json::to_string(&backend.job_for(&launch).unwrap()).unwrap();
 

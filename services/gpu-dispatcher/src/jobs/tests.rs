@@ -326,6 +326,7 @@ fn launch(kind: &str, payload: Value) -> Launch {
         devices: vec![],
         timeout: Duration::from_millis(90_500),
         cancel: CancellationToken::new(),
+        traceparent: Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into()),
     }
 }
 
@@ -493,7 +494,11 @@ fn job_spec_carries_the_gpu_scheduling_and_task_fields() {
     assert_eq!(env["TASKBUS_KIND"], "train");
     let payload: Value = serde_json::from_str(&env["TASKBUS_PAYLOAD"]).unwrap();
     assert_eq!(payload, l.payload);
-    assert_eq!(env.len(), 5);
+    assert_eq!(
+        env["TRACEPARENT"],
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    );
+    assert_eq!(env.len(), 6);
     assert!(!env.contains_key("NVIDIA_VISIBLE_DEVICES"));
     assert!(!env.contains_key("CUDA_VISIBLE_DEVICES"));
     // The Job round-trips through k8s-openapi's type (what the API server would get).
