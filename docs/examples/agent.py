@@ -45,8 +45,12 @@ async def run_one(nc, js, msg):
     tid = task["id"]
     base = {"task_id": tid, "pool": POOL, "attempt": attempt, "agent_id": AGENT_ID}
     subject = f"{PREFIX}.events.{POOL}.{tid}"
+    # The producer's W3C trace context, if it sent one: pass it on (and start your spans under it).
+    tp = (msg.headers or {}).get("traceparent")
+    trace = {"traceparent": tp} if tp else {}
     # Informational, core NATS only.
-    await nc.publish(f"{subject}.started", json.dumps({"event": "started", "at": now(), **base}).encode())
+    await nc.publish(f"{subject}.started", json.dumps({"event": "started", "at": now(), **base}).encode(),
+                     headers=trace or None)
 
     async def keep_lease():  # extend the lease while the handler runs
         while True:
@@ -67,7 +71,7 @@ async def run_one(nc, js, msg):
     await js.publish(
         f"{subject}.{event['event']}",
         json.dumps(event).encode(),
-        headers={"Nats-Msg-Id": f"{tid}:{attempt}:outcome"},
+        headers={"Nats-Msg-Id": f"{tid}:{attempt}:outcome", **trace},
     )
     await msg.ack()
 

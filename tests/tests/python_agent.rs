@@ -1,6 +1,6 @@
 //! The Python agent that docs/PROTOCOL.md points producers' colleagues to
 //! (`docs/examples/agent.py`, nats-py) runs against a real coordinator: an echo task succeeds
-//! with its result, a failing task is retried and ends dead, a task submitted with high
+//! with its result (and its `traceparent` on the agent's `started` and `succeeded` events), a failing task is retried and ends dead, a task submitted with high
 //! priority is taken too, and on SIGTERM it finishes the task it holds before exiting. It needs `python3` with nats-py (scripts/test.sh installs it into
 //! its virtualenv); without them the test says so and passes, unless `TASKBUS_REQUIRE_PYTHON`
 //! is set, as scripts/test.sh does, so that CI cannot skip it silently.
@@ -52,11 +52,26 @@ async fn the_documented_python_agent_runs_tasks() {
         .spawn()
         .expect("start the Python agent");
 
-    s.submit(
-        "default",
-        json!({"kind": "echo", "id": "py-echo", "payload": {"x": 1}}),
+    // With a trace context, which the agent passes on to its events.
+    const TP: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let mut echo_events = s
+        .client
+        .subscribe("taskbus.events.default.py-echo.*")
+        .await
+        .unwrap();
+    let mut h = async_nats::HeaderMap::new();
+    h.insert("traceparent", TP);
+    s.js.publish_with_headers(
+        "taskbus.submit.default",
+        h,
+        json!({"kind": "echo", "id": "py-echo", "payload": {"x": 1}})
+            .to_string()
+            .into(),
     )
-    .await;
+    .await
+    .unwrap()
+    .await
+    .unwrap();
     s.submit(
         "default",
         json!({"kind": "echo", "id": "py-high", "priority": "high", "payload": [1, 2]}),
@@ -69,6 +84,31 @@ async fn the_documented_python_agent_runs_tasks() {
     .await;
 
     let echo = s.wait_status("py-echo", "succeeded", T).await;
+    let mut traced = std::collections::BTreeMap::new();
+    while traced.len() < 2 {
+        let m = tokio::time::timeout(T, futures::StreamExt::next(&mut echo_events))
+            .await
+            .expect("events of py-echo")
+            .unwrap();
+        let kind = m.subject.rsplit('.').next().unwrap().to_string();
+        if kind != "started" && kind != "succeeded" {
+            continue; // the coordinator's own events
+        }
+        let tp = m
+            .headers
+            .as_ref()
+            .and_then(|h| h.get("traceparent"))
+            .map(|v| v.as_str().to_string());
+        traced.insert(kind, tp);
+    }
+    assert_eq!(
+        traced,
+        [
+            ("started".to_string(), Some(TP.to_string())),
+            ("succeeded".to_string(), Some(TP.to_string()))
+        ]
+        .into()
+    );
     assert_eq!(echo.agent_id.as_deref(), Some("py-test"));
     assert_eq!(
         echo.result,
