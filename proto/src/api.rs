@@ -42,6 +42,9 @@ pub struct TaskRecord {
     pub updated_at: DateTime<Utc>,
     pub started_at: Option<DateTime<Utc>>,
     pub finished_at: Option<DateTime<Utc>>,
+    /// The W3C `traceparent` the task was submitted with, if a valid one (to find its trace).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
 }
 
 /// Error body of every endpoint (also signalled through the services framework's error headers).

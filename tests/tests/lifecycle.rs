@@ -1239,6 +1239,11 @@ async fn a_traceparent_follows_the_task_through_its_attempts_and_events() {
     submit("garbled", "00-NOT-A-TRACE-01\u{7f}").await;
     s.wait_status("traced", "succeeded", T).await;
     s.wait_status("garbled", "succeeded", T).await;
+    // The record says which trace the task belongs to (`taskbus task get`).
+    let traced = api(&s, "task.get", json!({"id": "traced"})).await;
+    assert_eq!(traced["ok"]["traceparent"], TP, "{traced}");
+    let garbled = api(&s, "task.get", json!({"id": "garbled"})).await;
+    assert!(garbled["ok"].get("traceparent").is_none(), "{garbled}");
 
     let mut seen = seen.lock().unwrap().clone();
     seen.sort();

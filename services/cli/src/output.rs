@@ -77,4 +77,7 @@ pub fn task_detail(t: &TaskRecord) {
     if let Some(f) = t.finished_at {
         println!("finished:   {}", f.to_rfc3339());
     }
+    if let Some(tp) = &t.traceparent {
+        println!("trace:      {tp}");
+    }
 }

@@ -514,7 +514,8 @@ pub async fn record_failed(db: &PgPool, rows: &[Failure]) -> DbResult<Vec<Failur
 }
 
 const RECORD_COLUMNS: &str = "task_id, pool, kind, status, priority, attempt, max_attempts, agent_id, result,
-     COALESCE(error, reason_message) AS error, reason, created_at, updated_at, started_at, finished_at";
+     COALESCE(error, reason_message) AS error, reason, created_at, updated_at, started_at, finished_at,
+     traceparent";
 
 fn record(r: sqlx::postgres::PgRow) -> TaskRecord {
     TaskRecord {
@@ -533,6 +534,7 @@ fn record(r: sqlx::postgres::PgRow) -> TaskRecord {
         updated_at: r.get("updated_at"),
         started_at: r.get("started_at"),
         finished_at: r.get("finished_at"),
+        traceparent: r.get("traceparent"),
     }
 }
 
