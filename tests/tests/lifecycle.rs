@@ -1187,8 +1187,8 @@ async fn a_replayed_task_that_dies_again_is_announced_again() {
 
 /// W3C trace context: a valid `traceparent` on the submit message reaches the handler on every
 /// attempt (the retry's work message is built from the task's record) and travels on each
-/// attempt's `started` and outcome events; a malformed one is dropped and the task runs all
-/// the same.
+/// attempt's `started` and outcome events, and on the coordinator's `retry_scheduled`, `dead`
+/// and `rejected` events; a malformed one is dropped and the task runs all the same.
 #[tokio::test]
 async fn a_traceparent_follows_the_task_through_its_attempts_and_events() {
     const TP: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
@@ -1210,8 +1210,8 @@ async fn a_traceparent_follows_the_task_through_its_attempts_and_events() {
             .unwrap()
             .push((t.task_id.clone(), t.attempt, t.traceparent.clone()));
         async move {
-            if t.task_id == "traced" && t.attempt == 1 {
-                Err(TaskError::Retryable("first attempt fails".into()))
+            if t.task_id == "traced" && t.attempt == 1 || t.task_id == "doomed" {
+                Err(TaskError::Retryable("this attempt fails".into()))
             } else {
                 Ok(json!("ok"))
             }
@@ -1225,7 +1225,12 @@ async fn a_traceparent_follows_the_task_through_its_attempts_and_events() {
     let submit = |id: &str, tp: &str| {
         let mut h = async_nats::HeaderMap::new();
         h.insert("traceparent", tp);
-        let body = json!({"kind": "x", "id": id, "max_attempts": 2}).to_string();
+        let body = match id {
+            "doomed" => json!({"kind": "x", "id": id, "max_attempts": 1}),
+            "refused" => json!({"kind": "x", "id": id, "not_a_field": 1}),
+            _ => json!({"kind": "x", "id": id, "max_attempts": 2}),
+        }
+        .to_string();
         let js = s.js.clone();
         async move {
             js.publish_with_headers("taskbus.submit.default", h, body.into())
@@ -1237,8 +1242,12 @@ async fn a_traceparent_follows_the_task_through_its_attempts_and_events() {
     };
     submit("traced", TP).await;
     submit("garbled", "00-NOT-A-TRACE-01\u{7f}").await;
+    submit("doomed", TP).await;
+    submit("refused", TP).await;
     s.wait_status("traced", "succeeded", T).await;
     s.wait_status("garbled", "succeeded", T).await;
+    s.wait_status("doomed", "dead", T).await;
+    s.wait_status("refused", "rejected", T).await;
     // The record says which trace the task belongs to (`taskbus task get`).
     let traced = api(&s, "task.get", json!({"id": "traced"})).await;
     assert_eq!(traced["ok"]["traceparent"], TP, "{traced}");
@@ -1250,6 +1259,7 @@ async fn a_traceparent_follows_the_task_through_its_attempts_and_events() {
     assert_eq!(
         seen,
         [
+            ("doomed".to_string(), 1, Some(TP.to_string())),
             ("garbled".to_string(), 1, None),
             ("traced".to_string(), 1, Some(TP.to_string())),
             ("traced".to_string(), 2, Some(TP.to_string())),
@@ -1264,6 +1274,12 @@ async fn a_traceparent_follows_the_task_through_its_attempts_and_events() {
         (key("traced", "succeeded", 2), Some(TP.to_string())),
         (key("garbled", "started", 1), None),
         (key("garbled", "succeeded", 1), None),
+        // Written by the coordinator, from the task's record or the submit message.
+        (key("traced", "retry_scheduled", 2), Some(TP.to_string())),
+        (key("doomed", "started", 1), Some(TP.to_string())),
+        (key("doomed", "failed", 1), Some(TP.to_string())),
+        (key("doomed", "dead", 1), Some(TP.to_string())),
+        (key("refused", "rejected", 0), Some(TP.to_string())),
     ]
     .into();
     let mut headers = BTreeMap::new();
@@ -1274,12 +1290,22 @@ async fn a_traceparent_follows_the_task_through_its_attempts_and_events() {
         };
         let parts: Vec<&str> = m.subject.split('.').collect();
         let kind = parts[4];
-        if !["started", "failed", "succeeded"].contains(&kind) {
+        let kinds = [
+            "started",
+            "failed",
+            "succeeded",
+            "retry_scheduled",
+            "dead",
+            "rejected",
+        ];
+        if !kinds.contains(&kind) {
             continue;
         }
-        let attempt = serde_json::from_slice::<Value>(&m.payload).unwrap()["attempt"]
+        let body = serde_json::from_slice::<Value>(&m.payload).unwrap();
+        let attempt = body["attempt"]
             .as_u64()
-            .unwrap();
+            .or(body["attempts"].as_u64())
+            .unwrap_or(0);
         let tp = m
             .headers
             .as_ref()

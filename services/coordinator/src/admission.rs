@@ -368,9 +368,12 @@ async fn handle_batch(ctx: &Ctx, mut items: Vec<Item>, slot: Slot) -> Result<(),
                 let subject =
                     ctx.subjects
                         .event(subject_pool(&row.pool), &row.id, EventKind::Rejected);
-                let p = Publish::build()
+                let mut p = Publish::build()
                     .payload(ev.to_json().into())
                     .message_id(format!("{}:rejected", row.id));
+                if let Some(tp) = taskbus_proto::trace::from_headers(it.msg.headers.as_ref()) {
+                    p = p.header(taskbus_proto::HDR_TRACEPARENT, tp);
+                }
                 match ctx.js.send_publish(subject, p).await {
                     Ok(f) => pending.push((i, f)),
                     Err(e) => {

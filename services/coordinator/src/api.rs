@@ -206,7 +206,7 @@ async fn handle_cancel(ctx: &Ctx, payload: &[u8]) -> Bytes {
                 });
                 let mut terminal = Vec::new();
                 let evs = with_closed(ev, priced, attempt);
-                announce(ctx, &pool, &req.id, &evs, &mut terminal).await;
+                announce(ctx, &pool, &req.id, &evs, None, &mut terminal).await;
                 if !confirm_terminal(ctx, terminal).await.is_empty() {
                     return Err(bad(
                         500,

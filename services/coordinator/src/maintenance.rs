@@ -58,7 +58,7 @@ pub(crate) async fn once(ctx: &Ctx) -> Result<(), sqlx::Error> {
             deadline: x.deadline,
         });
         let evs = with_closed(ev, x.priced, x.attempt);
-        announce(ctx, &x.pool, &x.id, &evs, &mut terminal).await;
+        announce(ctx, &x.pool, &x.id, &evs, None, &mut terminal).await;
     }
     confirm_terminal(ctx, terminal).await;
     resend_due_events(ctx).await?;
@@ -90,7 +90,8 @@ pub(crate) async fn once(ctx: &Ctx) -> Result<(), sqlx::Error> {
                 attempt: attempt as u32,
                 agent_id: None,
             });
-            publish_event(ctx, &f.pool, &f.id, &ev, &mut pending).await;
+            let tp = f.traceparent.as_deref();
+            publish_event(ctx, &f.pool, &f.id, &ev, tp, &mut pending).await;
         }
         follow_up_failures(ctx, recorded).await;
     }
@@ -162,7 +163,7 @@ async fn resend_due_events(ctx: &Ctx) -> Result<(), sqlx::Error> {
             )],
         };
         warn!(task_id = %d.id, status = %d.status, "re-sending terminal events a crash left unannounced");
-        announce(ctx, &d.pool, &d.id, &evs, &mut terminal).await;
+        announce(ctx, &d.pool, &d.id, &evs, None, &mut terminal).await;
     }
     store::clear_event_due(&ctx.db, &stale).await?;
     confirm_terminal(ctx, terminal).await;

@@ -263,11 +263,11 @@ async fn handle_batch(
             r.agent.clone(),
             r.reputation.clone(),
         );
-        announce(ctx, &r.pool, id, &[ev], &mut terminal).await;
+        announce(ctx, &r.pool, id, &[ev], None, &mut terminal).await;
     }
     for (id, pool, attempt) in &expired_priced {
         let ev = closed(pool, id, ClosedStatus::Expired, *attempt, None, None);
-        announce(ctx, pool, id, &[ev], &mut terminal).await;
+        announce(ctx, pool, id, &[ev], None, &mut terminal).await;
     }
 
     // Reputation: fold this batch's recorded outcomes into each agent's figures.
@@ -412,7 +412,15 @@ pub(crate) async fn follow_up_failures(ctx: &Ctx, failed: Vec<store::FailureOutc
                 attempt: f.attempt as u32,
                 not_before,
             });
-            publish_event(ctx, &f.pool, &f.id, &ev, &mut pending).await;
+            publish_event(
+                ctx,
+                &f.pool,
+                &f.id,
+                &ev,
+                f.traceparent.as_deref(),
+                &mut pending,
+            )
+            .await;
             dispatches.push(Dispatch {
                 priority: f
                     .priority
@@ -436,7 +444,8 @@ pub(crate) async fn follow_up_failures(ctx: &Ctx, failed: Vec<store::FailureOutc
                 last_error: f.error.clone(),
             });
             let evs = with_closed(ev, f.priced, f.attempt);
-            announce(ctx, &f.pool, &f.id, &evs, &mut terminal).await;
+            let tp = f.traceparent.as_deref();
+            announce(ctx, &f.pool, &f.id, &evs, tp, &mut terminal).await;
         }
     }
     dispatch::dispatch_all(ctx, dispatches).await;
@@ -502,11 +511,12 @@ pub(crate) async fn announce(
     pool: &str,
     id: &str,
     evs: &[Event],
+    traceparent: Option<&str>,
     terminal: &mut Vec<Announced>,
 ) {
     let mut acks = Vec::new();
     for ev in evs {
-        if !publish_event(ctx, pool, id, ev, &mut acks).await {
+        if !publish_event(ctx, pool, id, ev, traceparent, &mut acks).await {
             // Not sent: leave the task due (an empty list would clear the mark).
             acks.clear();
             terminal.push((id.to_string(), Vec::new()));
@@ -543,17 +553,22 @@ pub(crate) async fn confirm_terminal(ctx: &Ctx, terminal: Vec<Announced>) -> Vec
     missing
 }
 
+/// Publish one event the coordinator writes itself, with the task's `traceparent` when given.
 pub(crate) async fn publish_event(
     ctx: &Ctx,
     pool: &str,
     id: &str,
     ev: &Event,
+    traceparent: Option<&str>,
     pending: &mut Vec<async_nats::jetstream::context::PublishAckFuture>,
 ) -> bool {
     let kind = ev.kind();
-    let p = Publish::build()
+    let mut p = Publish::build()
         .payload(ev.to_json().into())
         .message_id(event_msg_id(id, ev));
+    if let Some(tp) = traceparent {
+        p = p.header(taskbus_proto::HDR_TRACEPARENT, tp);
+    }
     match ctx
         .js
         .send_publish(ctx.subjects.event(pool, id, kind), p)
