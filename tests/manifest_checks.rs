@@ -308,6 +308,15 @@ pub fn args_of(c: &Value) -> Vec<(String, String)> {
     out
 }
 
+/// Every value a repeatable flag is given in a container's arguments, in order.
+pub fn arg_values(c: &Value, flag: &str) -> Vec<String> {
+    args_of(c)
+        .into_iter()
+        .filter(|(f, _)| f == flag)
+        .map(|(_, v)| v)
+        .collect()
+}
+
 /// The value an option gets in a container: its argument, else its variable, else its default.
 pub fn effective(c: &Value, help: &Help, flag: &str) -> Option<String> {
     if let Some((_, v)) = args_of(c).into_iter().find(|(f, _)| f == flag) {

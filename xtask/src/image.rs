@@ -524,13 +524,39 @@ pub fn gather(specs: &[Spec], opts: &Options) -> Result<Parts, ImageError> {
 /// Make `dir` an empty directory, replacing an earlier layout there but nothing else.
 fn fresh_dir(dir: &Path) -> Result<(), ImageError> {
     if dir.exists() {
-        let empty = fs::read_dir(dir).map_err(io_err(dir))?.next().is_none();
-        if !empty && !dir.join("oci-layout").is_file() {
+        if has_entries(dir)? && !dir.join("oci-layout").is_file() {
             return Err(ImageError::ForeignDir(dir.display().to_string()));
         }
         fs::remove_dir_all(dir).map_err(io_err(dir))?;
     }
     fs::create_dir_all(dir.join("blobs/sha256")).map_err(io_err(dir))
+}
+
+/// Whether the directory `dir` holds anything.
+fn has_entries(dir: &Path) -> Result<bool, ImageError> {
+    Ok(fs::read_dir(dir).map_err(io_err(dir))?.next().is_some())
+}
+
+/// The layers of `spec`'s image, in order, each with what its history entry says.
+fn layers(spec: &Spec, parts: &Parts) -> Vec<(&'static str, Tree)> {
+    let mut trees = vec![(
+        "base: C runtime, CA certificates, nonroot user",
+        parts.base.clone(),
+    )];
+    if spec.tini {
+        let mut t = Tree::default();
+        t.file(
+            "usr/bin/tini",
+            0o755,
+            parts.tini.clone().unwrap_or_default(),
+        );
+        trees.push(("tini at /usr/bin/tini", t));
+    }
+    let mut t = Tree::default();
+    let binary = parts.binaries.get(spec.name).cloned().unwrap_or_default();
+    t.file(&format!("{BIN_DIR}/{}", spec.name), 0o755, binary);
+    trees.push(("the binary", t));
+    trees
 }
 
 fn arch() -> &'static str {
@@ -553,24 +579,7 @@ pub fn write_image(
     let created = chrono::DateTime::from_timestamp(opts.epoch, 0)
         .unwrap_or_default()
         .to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
-    let mut trees = vec![(
-        "base: C runtime, CA certificates, nonroot user",
-        parts.base.clone(),
-    )];
-    if spec.tini {
-        let mut t = Tree::default();
-        t.file(
-            "usr/bin/tini",
-            0o755,
-            parts.tini.clone().unwrap_or_default(),
-        );
-        trees.push(("tini at /usr/bin/tini", t));
-    }
-    let mut t = Tree::default();
-    let binary = parts.binaries.get(spec.name).cloned().unwrap_or_default();
-    t.file(&format!("{BIN_DIR}/{}", spec.name), 0o755, binary);
-    trees.push(("the binary", t));
-
+    let trees = layers(spec, parts);
     let mut layers = Vec::new();
     let mut history = Vec::new();
     for (what, tree) in &trees {
@@ -656,17 +665,15 @@ pub fn write_image(
 /// a look inside), owners included when running as root.
 pub fn write_rootfs(spec: &Spec, parts: &Parts, root: &Path) -> Result<(), ImageError> {
     use std::os::unix::fs::PermissionsExt;
-    fresh_rootfs(root)?;
-    let mut all = parts.base.clone();
-    if spec.tini {
-        all.file(
-            "usr/bin/tini",
-            0o755,
-            parts.tini.clone().unwrap_or_default(),
-        );
+    if root.exists() && has_entries(root)? {
+        return Err(ImageError::ForeignDir(root.display().to_string()));
     }
-    let binary = parts.binaries.get(spec.name).cloned().unwrap_or_default();
-    all.file(&format!("{BIN_DIR}/{}", spec.name), 0o755, binary);
+    fs::create_dir_all(root).map_err(io_err(root))?;
+    // The layers stacked as a runtime would unpack them: a later entry replaces an earlier one.
+    let mut all = Tree::default();
+    for (_, t) in layers(spec, parts) {
+        all.0.extend(t.0);
+    }
     let is_root = running_as_root();
     for (path, e) in &all.0 {
         let p = root.join(path);
@@ -680,16 +687,6 @@ pub fn write_rootfs(spec: &Spec, parts: &Parts, root: &Path) -> Result<(), Image
         }
     }
     Ok(())
-}
-
-fn fresh_rootfs(root: &Path) -> Result<(), ImageError> {
-    if root.exists() {
-        let empty = fs::read_dir(root).map_err(io_err(root))?.next().is_none();
-        if !empty {
-            return Err(ImageError::ForeignDir(root.display().to_string()));
-        }
-    }
-    fs::create_dir_all(root).map_err(io_err(root))
 }
 
 /// Whether this process runs as root (read from `/proc/self/status`).

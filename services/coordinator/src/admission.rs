@@ -115,6 +115,8 @@ struct Item {
     msg: Message,
     seq: u64,
     verdict: Verdict,
+    /// The submit message's valid `traceparent`, read once.
+    traceparent: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -170,7 +172,13 @@ fn classify(ctx: &Ctx, batch: Vec<Message>) -> Vec<Item> {
             Ok(t) => Verdict::Admit(Box::new(t)),
             Err(r) => Verdict::Reject(r, pool),
         };
-        items.push(Item { msg, seq, verdict });
+        let traceparent = taskbus_proto::trace::from_headers(msg.headers.as_ref());
+        items.push(Item {
+            msg,
+            seq,
+            verdict,
+            traceparent,
+        });
     }
     items
 }
@@ -218,7 +226,7 @@ async fn handle_batch(ctx: &Ctx, mut items: Vec<Item>, slot: Slot) -> Result<(),
                 timeout_ms: t.timeout_ms as i64,
                 held: held_by_fairness(ctx, t),
                 fair_key: fair_key(t),
-                traceparent: taskbus_proto::trace::from_headers(it.msg.headers.as_ref()),
+                traceparent: it.traceparent.clone(),
             });
         }
     }
@@ -316,7 +324,7 @@ async fn handle_batch(ctx: &Ctx, mut items: Vec<Item>, slot: Slot) -> Result<(),
                     attempt: 1,
                     envelope: envelopes.get(&i).cloned().unwrap_or_else(|| "{}".into()),
                     not_before: t.not_before,
-                    traceparent: taskbus_proto::trace::from_headers(it.msg.headers.as_ref()),
+                    traceparent: it.traceparent.clone(),
                 };
                 match dispatch::send(ctx, &d).await {
                     Ok(f) => pending.push((i, f)),
@@ -371,8 +379,8 @@ async fn handle_batch(ctx: &Ctx, mut items: Vec<Item>, slot: Slot) -> Result<(),
                 let mut p = Publish::build()
                     .payload(ev.to_json().into())
                     .message_id(format!("{}:rejected", row.id));
-                if let Some(tp) = taskbus_proto::trace::from_headers(it.msg.headers.as_ref()) {
-                    p = p.header(taskbus_proto::HDR_TRACEPARENT, tp);
+                if let Some(tp) = &it.traceparent {
+                    p = p.header(taskbus_proto::HDR_TRACEPARENT, tp.as_str());
                 }
                 match ctx.js.send_publish(subject, p).await {
                     Ok(f) => pending.push((i, f)),

@@ -213,11 +213,7 @@ fn dispatcher_problems(dep: &Value, help: &Help) -> Vec<String> {
     }
     p.extend(grace_problems(dep, help));
     p.extend(command_problems(c, false));
-    let templates: Vec<String> = args_of(c)
-        .into_iter()
-        .filter(|(f, _)| f == "--job-template")
-        .map(|(_, v)| v)
-        .collect();
+    let templates = arg_values(c, "--job-template");
     if templates.is_empty() {
         p.push("no --job-template".into());
     }
@@ -604,11 +600,7 @@ fn local_problems(all: &[(String, Value)], help: &Help) -> Vec<String> {
             p.push(format!("{flag} is a flag of the Kubernetes backend"));
         }
     }
-    let execs: Vec<String> = args_of(c)
-        .into_iter()
-        .filter(|(f, _)| f == "--exec")
-        .map(|(_, v)| v)
-        .collect();
+    let execs = arg_values(c, "--exec");
     if execs.is_empty() {
         p.push("no --exec: the dispatcher would run no task kind".into());
     }
