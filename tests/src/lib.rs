@@ -35,7 +35,8 @@ pub fn admin_database_url() -> String {
     })
 }
 
-/// A fresh database, dropped (with its connections) when this value is dropped.
+/// A fresh database, dropped (with its connections) when this value is dropped, unless the
+/// test is failing: then it is kept and its name printed.
 pub struct TestDb {
     pub name: String,
     pub url: String,
@@ -81,6 +82,14 @@ impl TestDb {
 
 impl Drop for TestDb {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            // A failing test keeps its database for a post-mortem.
+            eprintln!(
+                "test failed: database {} kept for inspection ({}); drop it with `DROP DATABASE {}`",
+                self.name, self.url, self.name
+            );
+            return;
+        }
         let (admin, name) = (self.admin.clone(), self.name.clone());
         // Drop runs outside async context guarantees: use a private runtime on a thread.
         let _ = std::thread::spawn(move || {

@@ -560,9 +560,12 @@ async fn an_agent_reporting_twice_is_recorded_once() {
     s.submit("default", json!({"kind": "x", "id": "twice"}))
         .await;
     s.wait_status("twice", "queued", T).await;
-    publish_outcome(&s, "twice", 1, "succeeded", json!({"result": "first"})).await;
-    publish_outcome(&s, "twice", 1, "succeeded", json!({"result": "second"})).await;
-    publish_outcome(&s, "twice", 1, "failed", json!({})).await;
+    // The attempt ran on two agents (a redelivery): both report success, then a failure.
+    let first = json!({"result": "first", "agent_id": "dup-a"});
+    publish_outcome(&s, "twice", 1, "succeeded", first).await;
+    let second = json!({"result": "second", "agent_id": "dup-b"});
+    publish_outcome(&s, "twice", 1, "succeeded", second).await;
+    publish_outcome(&s, "twice", 1, "failed", json!({"agent_id": "dup-c"})).await;
     s.wait_status("twice", "succeeded", T).await;
     tokio::time::sleep(Duration::from_millis(800)).await;
     let row = s.task("twice").await.unwrap();
@@ -577,10 +580,31 @@ async fn an_agent_reporting_twice_is_recorded_once() {
     )
     .await;
     s.wait_status("f-twice", "queued", T).await;
-    publish_outcome(&s, "f-twice", 1, "failed", json!({})).await;
-    publish_outcome(&s, "f-twice", 1, "failed", json!({})).await;
+    publish_outcome(&s, "f-twice", 1, "failed", json!({"agent_id": "dup-f"})).await;
+    publish_outcome(&s, "f-twice", 1, "failed", json!({"agent_id": "dup-f"})).await;
     tokio::time::sleep(Duration::from_millis(800)).await;
     assert_eq!(s.task("f-twice").await.unwrap().attempt, 2);
+
+    // Reputation counts what was recorded, once: the success for the agent whose result was
+    // kept, and the repeated failure once.
+    let figures = || async {
+        let rows: Vec<(String, i64, i64)> = sqlx::query_as(
+            "SELECT agent_id, successes, failures FROM coordinator.agents
+             WHERE agent_id LIKE 'dup-%' ORDER BY agent_id",
+        )
+        .fetch_all(&s.pg)
+        .await
+        .unwrap();
+        rows
+    };
+    let want = vec![("dup-a".to_string(), 1, 0), ("dup-f".to_string(), 0, 1)];
+    eventually("reputation figures flushed", T, || async {
+        (figures().await.len() >= 2).then_some(())
+    })
+    .await;
+    // The maintenance pass flushes once a second: give a wrong extra count time to show.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(figures().await, want);
 }
 
 #[tokio::test]

@@ -1,6 +1,7 @@
-//! Property test: random interleavings of outcomes, timeouts, expiries and cancellations (with
+//! Property tests: random interleavings of outcomes, timeouts, expiries and cancellations (with
 //! repeats and stale attempt numbers) always leave a task in exactly one terminal state, and a
-//! terminal state never changes afterwards. Runs the coordinator's own SQL on a real PostgreSQL.
+//! terminal state never changes afterwards; a batch of failures of one task is recorded as if
+//! they came one by one. Runs the coordinator's own SQL on a real PostgreSQL.
 
 use chrono::Utc;
 use proptest::prelude::*;
@@ -190,4 +191,127 @@ async fn the_recorded_success_is_the_current_attempts() {
         })
     );
     assert_eq!(status(&db, "two").await, ("succeeded".into(), 2));
+}
+
+/// A batch can hold a replayed failure of attempt 1 (its first delivery went to a coordinator
+/// that crashed before acking it) next to the failure of attempt 2. Both must count, as if
+/// they had come one by one: the real failure of attempt 2 may not be lost behind the replay
+/// (once, a task stayed `queued` at attempt 2 for good, with no work message left to run it).
+#[tokio::test]
+async fn a_replayed_failure_in_the_same_batch_does_not_hide_the_next_attempts() {
+    let t = TestDb::new().await;
+    let db = taskbus_runtime::db::connect_and_migrate(&t.url, 2)
+        .await
+        .unwrap();
+    let fail = |id: &str, attempt: i32| Failure {
+        id: id.into(),
+        attempt,
+        agent: Some(format!("agent-{attempt}")),
+        error: format!("attempt {attempt}"),
+        retryable: true,
+        at: Utc::now(),
+    };
+    // (max_attempts, the batch's attempts in its order, the expected end)
+    let cases: [(i32, &[i32], (&str, i32)); 6] = [
+        (2, &[1, 2], ("dead", 2)),
+        (2, &[2, 1], ("dead", 2)),
+        (3, &[1, 2], ("queued", 3)),
+        (3, &[2, 1], ("queued", 3)),
+        (3, &[2, 1, 2, 1], ("queued", 3)),
+        (3, &[1, 2, 1, 2], ("queued", 3)),
+    ];
+    for (n, (max_attempts, batch, want)) in cases.into_iter().enumerate() {
+        let id = format!("replay-{n}");
+        store::insert_admitted(
+            &db,
+            &[NewTask {
+                id: id.clone(),
+                pool: "default".into(),
+                kind: "k".into(),
+                priority: "normal".into(),
+                max_attempts,
+                envelope: "{}".into(),
+                submit_seq: n as i64 + 1,
+                payer: None,
+                deadline: None,
+                not_before: None,
+                timeout_ms: 1000,
+                held: false,
+                fair_key: None,
+                traceparent: None,
+            }],
+            &mut Default::default(),
+        )
+        .await
+        .unwrap();
+        // Attempt 1 failed and was recorded: the task waits for attempt 2.
+        store::record_failed(&db, &[fail(&id, 1)]).await.unwrap();
+        assert_eq!(status(&db, &id).await, ("queued".into(), 2));
+
+        let rows: Vec<Failure> = batch.iter().map(|a| fail(&id, *a)).collect();
+        let out = store::record_failed(&db, &rows).await.unwrap();
+        let got = status(&db, &id).await;
+        assert_eq!(
+            (got.0.as_str(), got.1),
+            want,
+            "batch {batch:?} with max_attempts {max_attempts}"
+        );
+        // One answer per task: its state after the whole batch, which the follow-ups use.
+        let mine: Vec<_> = out.iter().filter(|o| o.id == id).collect();
+        assert_eq!(mine.len(), 1, "batch {batch:?}: {out:?}");
+        assert_eq!((mine[0].status.as_str(), mine[0].attempt), want);
+        assert_eq!(mine[0].error, "attempt 2");
+        assert!(mine[0].fresh, "batch {batch:?} recorded a failure");
+        assert_eq!(mine[0].agent.as_deref(), Some("agent-2"));
+
+        // The same failures once more (a later crash's redelivery): nothing changes, and the
+        // answer says so, so that metrics and reputation do not count them again.
+        let again = store::record_failed(&db, &rows).await.unwrap();
+        assert_eq!(status(&db, &id).await, got);
+        assert_eq!(again.len(), 1, "{again:?}");
+        assert!(!again[0].fresh, "a replay is not fresh: {again:?}");
+    }
+}
+
+/// Recording a batch of failures of one task, in any order, ends where recording them one by
+/// one in attempt order does.
+#[test]
+fn a_batch_of_failures_is_recorded_as_if_one_by_one() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (db, _guard) = rt.block_on(async {
+        let t = TestDb::new().await;
+        let pool = taskbus_runtime::db::connect_and_migrate(&t.url, 4)
+            .await
+            .unwrap();
+        (pool, t)
+    });
+    let n = std::sync::atomic::AtomicU32::new(0);
+    let mut config = ProptestConfig::with_cases(80);
+    config.failure_persistence = None;
+    let failures = proptest::collection::vec((1..4i32, any::<bool>()), 1..7);
+    proptest!(config, |(max_attempts in 1..4i32, batch in failures)| {
+        let n = n.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+        let (one_by_one, batched) = (format!("seq{n}"), format!("batch{n}"));
+        rt.block_on(async {
+            for (k, id) in [&one_by_one, &batched].into_iter().enumerate() {
+                store::insert_admitted(&db, &[NewTask {
+                    id: id.clone(), pool: "default".into(), kind: "k".into(), priority: "normal".into(),
+                    max_attempts, envelope: "{}".into(), submit_seq: 2 * n as i64 + k as i64, payer: None,
+                    deadline: None, not_before: None, timeout_ms: 1000, held: false, fair_key: None, traceparent: None,
+                }], &mut Default::default()).await.unwrap();
+            }
+            let fail = |id: &str, (attempt, retryable): (i32, bool)| Failure {
+                id: id.into(), attempt, agent: Some("p".into()), error: "e".into(), retryable, at: Utc::now(),
+            };
+            let mut sorted = batch.clone();
+            sorted.sort_by_key(|f| f.0);
+            for f in &sorted {
+                store::record_failed(&db, &[fail(&one_by_one, *f)]).await.unwrap();
+            }
+            let rows: Vec<Failure> = batch.iter().map(|f| fail(&batched, *f)).collect();
+            store::record_failed(&db, &rows).await.unwrap();
+            prop_assert_eq!(status(&db, &one_by_one).await, status(&db, &batched).await, "batch {:?}", batch);
+            Ok(())
+        })?;
+    });
 }

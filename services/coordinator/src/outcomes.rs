@@ -193,10 +193,7 @@ async fn handle_batch(
         );
         match event {
             Ok(Event::Succeeded(e)) => {
-                durations.insert(
-                    e.task_id.clone(),
-                    (e.agent_id.clone(), e.pool.clone(), e.duration_ms),
-                );
+                durations.insert((e.task_id.clone(), e.agent_id.clone()), e.duration_ms);
                 successes.push(Success {
                     id: e.task_id,
                     attempt: e.attempt as i32,
@@ -270,12 +267,15 @@ async fn handle_batch(
         announce(ctx, pool, id, &[ev], None, &mut terminal).await;
     }
 
-    // Reputation: fold this batch's recorded outcomes into each agent's figures.
+    // Reputation: fold this batch's recorded outcomes into each agent's figures. A batch may
+    // hold two successes of one attempt (it ran on two agents after a redelivery): only the
+    // recorded one counts, with its own duration.
     let mut per_agent: HashMap<String, store::AgentBatch> = HashMap::new();
-    for id in done.keys() {
-        if let Some((agent, pool, ms)) = durations.get(id) {
+    for (id, r) in &done {
+        let Some(agent) = &r.agent else { continue };
+        if let Some(ms) = durations.get(&(id.clone(), agent.clone())) {
             let b = per_agent.entry(agent.clone()).or_default();
-            b.pool = pool.clone();
+            b.pool = r.pool.clone();
             b.successes += 1;
             b.latency_sum_ms += *ms as f64;
         }
@@ -295,18 +295,20 @@ async fn handle_batch(
         .iter()
         .filter(|id| !found.contains_key(*id))
         .collect();
-    for (pool, f) in &failures {
-        if let (Some(agent), true) = (&f.agent, recorded.contains(f.id.as_str())) {
+    // A replayed failure (its effect recorded before a crash) is not held against the agent
+    // again.
+    for f in failed.iter().filter(|f| f.fresh) {
+        if let Some(agent) = &f.agent {
             let b = per_agent.entry(agent.clone()).or_default();
-            b.pool = pool.clone();
+            b.pool = f.pool.clone();
             b.failures += 1;
         }
     }
     crate::registry::accumulate(ctx, per_agent);
 
-    let pools: std::collections::HashSet<String> = durations
+    let pools: std::collections::HashSet<String> = done
         .values()
-        .map(|(_, p, _)| p.clone())
+        .map(|r| r.pool.clone())
         .chain(failures.iter().map(|(p, _)| p.clone()))
         .collect();
     follow_up_failures(ctx, failed).await;
@@ -388,7 +390,9 @@ pub(crate) async fn follow_up_failures(ctx: &Ctx, failed: Vec<store::FailureOutc
     let mut dispatches = Vec::new();
     for f in failed {
         if f.status == "queued" {
-            count(ctx, "retried", 1);
+            if f.fresh {
+                count(ctx, "retried", 1);
+            }
             let env = f.envelope.clone().unwrap_or_else(|| "{}".into());
             let policy = serde_json::from_str::<RetryOnly>(&env)
                 .ok()
@@ -435,7 +439,9 @@ pub(crate) async fn follow_up_failures(ctx: &Ctx, failed: Vec<store::FailureOutc
                 traceparent: f.traceparent,
             });
         } else {
-            count(ctx, "dead", 1);
+            if f.fresh {
+                count(ctx, "dead", 1);
+            }
             let ev = Event::Dead(events::Dead {
                 task_id: f.id.clone(),
                 pool: f.pool.clone(),

@@ -437,10 +437,60 @@ pub struct FailureOutcome {
     /// The task has a price (a `dead` one gets a `closed` event too).
     pub priced: bool,
     pub traceparent: Option<String>,
+    /// This call recorded a failure; false when every failure given for the task was a replay
+    /// whose effect was already recorded (its follow-ups are repeated, but it is not counted
+    /// again in metrics or reputation).
+    pub fresh: bool,
+    /// The agent the task's last failure is held against.
+    pub agent: Option<String>,
 }
 
 /// Record failures of the current attempt; requeue while attempts remain, else `dead`.
+///
+/// A batch may hold several failures of one task: a replayed failure of attempt 1 (its first
+/// delivery went to a coordinator that crashed before acking it) next to the failure of
+/// attempt 2. One UPDATE changes a row at most once, and PostgreSQL picks which of the joined
+/// rows it uses, so a single statement could apply the replay and silently drop the real
+/// failure, leaving the task queued with no work message. Failures are therefore written in
+/// rounds, each with at most one failure per task, in attempt order — as if they had arrived
+/// one by one. What is returned is each task's state after its last round.
 pub async fn record_failed(db: &PgPool, rows: &[Failure]) -> DbResult<Vec<FailureOutcome>> {
+    let rounds = failure_rounds(rows);
+    let mut out: Vec<FailureOutcome> = Vec::new();
+    for round in rounds {
+        for f in record_failed_round(db, &round).await? {
+            match out.iter_mut().find(|o| o.id == f.id) {
+                Some(o) => {
+                    let fresh = o.fresh || f.fresh;
+                    *o = FailureOutcome { fresh, ..f };
+                }
+                None => out.push(f),
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Split failures into rounds with at most one failure per task each; a task's failures go
+/// to successive rounds in attempt order (ties in batch order).
+fn failure_rounds(rows: &[Failure]) -> Vec<Vec<&Failure>> {
+    let mut sorted: Vec<&Failure> = rows.iter().collect();
+    sorted.sort_by_key(|f| f.attempt);
+    let mut rounds: Vec<Vec<&Failure>> = Vec::new();
+    let mut next_round: HashMap<&str, usize> = HashMap::new();
+    for f in sorted {
+        let k = next_round.entry(f.id.as_str()).or_default();
+        if rounds.len() <= *k {
+            rounds.push(Vec::new());
+        }
+        rounds[*k].push(f);
+        *k += 1;
+    }
+    rounds
+}
+
+/// One statement of [`record_failed`]: at most one failure per task.
+async fn record_failed_round(db: &PgPool, rows: &[&Failure]) -> DbResult<Vec<FailureOutcome>> {
     if rows.is_empty() {
         return Ok(Vec::new());
     }
@@ -456,7 +506,9 @@ pub async fn record_failed(db: &PgPool, rows: &[Failure]) -> DbResult<Vec<Failur
     // never strands a task.
     let out = sqlx::query(
         "WITH l AS (
-             SELECT t.task_id, u.attempt, u.agent, u.error, u.retry, u.at FROM coordinator.tasks t
+             SELECT t.task_id, u.attempt, u.agent, u.error, u.retry, u.at,
+                    t.attempt = u.attempt AND t.status <> 'dead' AS fresh
+             FROM coordinator.tasks t
              JOIN UNNEST($1::text[], $2::int4[], $3::text[], $4::text[], $5::bool[], $6::timestamptz[])
                   AS u(id, attempt, agent, error, retry, at)
                ON t.task_id = u.id
@@ -487,7 +539,7 @@ pub async fn record_failed(db: &PgPool, rows: &[Failure]) -> DbResult<Vec<Failur
            AND ((t.attempt = u.attempt AND (t.status || '') IN ('queued', 'running', 'dead'))
              OR (t.attempt = u.attempt + 1 AND (t.status || '') = 'queued'))
          RETURNING t.task_id, t.pool, t.status, t.attempt, t.envelope::text, t.error, t.priority,
-                   t.payer IS NOT NULL, t.traceparent",
+                   t.payer IS NOT NULL, t.traceparent, u.fresh, t.agent_id",
     )
     .bind(&ids)
     .bind(&attempts)
@@ -509,6 +561,8 @@ pub async fn record_failed(db: &PgPool, rows: &[Failure]) -> DbResult<Vec<Failur
             priority: r.get(6),
             priced: r.get(7),
             traceparent: r.get(8),
+            fresh: r.get(9),
+            agent: r.get(10),
         })
         .collect())
 }
@@ -1094,4 +1148,39 @@ pub async fn prune(
         .bind(limit)
         .fetch_all(db)
         .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn failure(id: &str, attempt: i32) -> Failure {
+        Failure {
+            id: id.into(),
+            attempt,
+            agent: None,
+            error: String::new(),
+            retryable: true,
+            at: Utc::now(),
+        }
+    }
+
+    #[test]
+    fn each_round_holds_a_task_once_in_attempt_order() {
+        let rows = [
+            failure("a", 2),
+            failure("b", 1),
+            failure("a", 1),
+            failure("a", 2),
+        ];
+        let rounds: Vec<Vec<(&str, i32)>> = failure_rounds(&rows)
+            .into_iter()
+            .map(|r| r.into_iter().map(|f| (f.id.as_str(), f.attempt)).collect())
+            .collect();
+        assert_eq!(
+            rounds,
+            vec![vec![("b", 1), ("a", 1)], vec![("a", 2)], vec![("a", 2)]]
+        );
+        assert!(failure_rounds(&[]).is_empty());
+    }
 }
