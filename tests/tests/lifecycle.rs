@@ -1249,9 +1249,14 @@ async fn a_traceparent_follows_the_task_through_its_attempts_and_events() {
     let submit = |id: &str, tp: &str| {
         let mut h = async_nats::HeaderMap::new();
         h.insert("traceparent", tp);
+        let later = |s: i64| (Utc::now() + chrono::Duration::seconds(s)).to_rfc3339();
         let body = match id {
             "doomed" => json!({"kind": "x", "id": id, "max_attempts": 1}),
             "refused" => json!({"kind": "x", "id": id, "not_a_field": 1}),
+            // Waits a minute: cancelled, crashed and expired before any agent sees them.
+            "waiting" | "crashed" | "late" => {
+                json!({"kind": "x", "id": id, "not_before": later(60)})
+            }
             _ => json!({"kind": "x", "id": id, "max_attempts": 2}),
         }
         .to_string();
@@ -1268,6 +1273,30 @@ async fn a_traceparent_follows_the_task_through_its_attempts_and_events() {
     submit("garbled", "00-NOT-A-TRACE-01\u{7f}").await;
     submit("doomed", TP).await;
     submit("refused", TP).await;
+    for id in ["waiting", "crashed", "late"] {
+        submit(id, TP).await;
+    }
+    s.wait_status("waiting", "queued", T).await;
+    let v = api(&s, "task.cancel", json!({"id": "waiting"})).await;
+    assert_eq!(v["ok"]["status"], "cancelled", "{v}");
+    // A coordinator killed right after writing `dead` for a priced task: its outbox re-sends
+    // `dead` and `closed`.
+    s.wait_status("crashed", "queued", T).await;
+    sqlx::query(
+        "UPDATE coordinator.tasks SET status = 'dead', error = 'x', payer = 'acme', finished_at = now(),
+                event_due = true, updated_at = now() - interval '10 seconds'
+         WHERE task_id = 'crashed'",
+    )
+    .execute(&s.pg)
+    .await
+    .unwrap();
+    // Its deadline passes while it waits: the coordinator expires it.
+    s.wait_status("late", "queued", T).await;
+    sqlx::query("UPDATE coordinator.tasks SET deadline = now() - interval '1 second' WHERE task_id = 'late'")
+        .execute(&s.pg)
+        .await
+        .unwrap();
+    s.wait_status("late", "expired", T).await;
     s.wait_status("traced", "succeeded", T).await;
     s.wait_status("garbled", "succeeded", T).await;
     s.wait_status("doomed", "dead", T).await;
@@ -1304,6 +1333,10 @@ async fn a_traceparent_follows_the_task_through_its_attempts_and_events() {
         (key("doomed", "failed", 1), Some(TP.to_string())),
         (key("doomed", "dead", 1), Some(TP.to_string())),
         (key("refused", "rejected", 0), Some(TP.to_string())),
+        (key("waiting", "cancelled", 0), Some(TP.to_string())),
+        (key("crashed", "dead", 1), Some(TP.to_string())),
+        (key("crashed", "closed", 1), Some(TP.to_string())),
+        (key("late", "expired", 0), Some(TP.to_string())),
     ]
     .into();
     let mut headers = BTreeMap::new();
@@ -1321,6 +1354,9 @@ async fn a_traceparent_follows_the_task_through_its_attempts_and_events() {
             "retry_scheduled",
             "dead",
             "rejected",
+            "cancelled",
+            "closed",
+            "expired",
         ];
         if !kinds.contains(&kind) {
             continue;

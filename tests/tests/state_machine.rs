@@ -188,6 +188,7 @@ async fn the_recorded_success_is_the_current_attempts() {
             attempt: 2,
             agent: Some("agent-b".into()),
             reputation: Some("0.9".into()),
+            traceparent: None,
         })
     );
     assert_eq!(status(&db, "two").await, ("succeeded".into(), 2));

@@ -194,6 +194,7 @@ async fn handle_cancel(ctx: &Ctx, payload: &[u8]) -> Bytes {
                 pool,
                 attempt,
                 priced,
+                traceparent,
                 ..
             } => {
                 crate::outcomes::count(ctx, "cancelled", 1);
@@ -206,7 +207,8 @@ async fn handle_cancel(ctx: &Ctx, payload: &[u8]) -> Bytes {
                 });
                 let mut terminal = Vec::new();
                 let evs = with_closed(ev, priced, attempt);
-                announce(ctx, &pool, &req.id, &evs, None, &mut terminal).await;
+                let tp = traceparent.as_deref();
+                announce(ctx, &pool, &req.id, &evs, tp, &mut terminal).await;
                 if !confirm_terminal(ctx, terminal).await.is_empty() {
                     return Err(bad(
                         500,

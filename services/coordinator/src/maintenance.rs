@@ -58,7 +58,8 @@ pub(crate) async fn once(ctx: &Ctx) -> Result<(), sqlx::Error> {
             deadline: x.deadline,
         });
         let evs = with_closed(ev, x.priced, x.attempt);
-        announce(ctx, &x.pool, &x.id, &evs, None, &mut terminal).await;
+        let tp = x.traceparent.as_deref();
+        announce(ctx, &x.pool, &x.id, &evs, tp, &mut terminal).await;
     }
     confirm_terminal(ctx, terminal).await;
     resend_due_events(ctx).await?;
@@ -163,7 +164,8 @@ async fn resend_due_events(ctx: &Ctx) -> Result<(), sqlx::Error> {
             )],
         };
         warn!(task_id = %d.id, status = %d.status, "re-sending terminal events a crash left unannounced");
-        announce(ctx, &d.pool, &d.id, &evs, None, &mut terminal).await;
+        let tp = d.traceparent.as_deref();
+        announce(ctx, &d.pool, &d.id, &evs, tp, &mut terminal).await;
     }
     store::clear_event_due(&ctx.db, &stale).await?;
     confirm_terminal(ctx, terminal).await;

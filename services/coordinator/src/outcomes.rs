@@ -260,11 +260,13 @@ async fn handle_batch(
             r.agent.clone(),
             r.reputation.clone(),
         );
-        announce(ctx, &r.pool, id, &[ev], None, &mut terminal).await;
+        let tp = r.traceparent.as_deref();
+        announce(ctx, &r.pool, id, &[ev], tp, &mut terminal).await;
     }
-    for (id, pool, attempt) in &expired_priced {
-        let ev = closed(pool, id, ClosedStatus::Expired, *attempt, None, None);
-        announce(ctx, pool, id, &[ev], None, &mut terminal).await;
+    for x in &expired_priced {
+        let ev = closed(&x.pool, &x.id, ClosedStatus::Expired, x.attempt, None, None);
+        let tp = x.traceparent.as_deref();
+        announce(ctx, &x.pool, &x.id, &[ev], tp, &mut terminal).await;
     }
 
     // Reputation: fold this batch's recorded outcomes into each agent's figures. A batch may

@@ -351,6 +351,8 @@ pub struct RecordedSuccess {
     pub attempt: i32,
     pub agent: Option<String>,
     pub reputation: Option<String>,
+    /// The task's `traceparent`, for its `closed` event.
+    pub traceparent: Option<String>,
 }
 
 /// Record successes for the current attempt of non-terminal tasks; returns what was recorded,
@@ -384,7 +386,7 @@ pub async fn record_succeeded(
              reputation = l.rep, event_due = t.payer IS NOT NULL
          FROM l
          WHERE t.task_id = l.task_id AND t.attempt = l.attempt AND (t.status || '') IN ('queued', 'running')
-         RETURNING t.task_id, t.payer IS NOT NULL, t.attempt, t.agent_id, t.reputation, t.pool",
+         RETURNING t.task_id, t.payer IS NOT NULL, t.attempt, t.agent_id, t.reputation, t.pool, t.traceparent",
     )
     .bind(&ids)
     .bind(&attempts)
@@ -405,6 +407,7 @@ pub async fn record_succeeded(
                     agent: r.get(3),
                     reputation: r.get(4),
                     pool: r.get(5),
+                    traceparent: r.get(6),
                 },
             )
         })
@@ -733,6 +736,7 @@ pub struct ExpiredTask {
     pub deadline: DateTime<Utc>,
     pub attempt: i32,
     pub priced: bool,
+    pub traceparent: Option<String>,
 }
 
 /// The deadline sweep. Its inner predicate is the one of the partial index `tasks_open_deadline`
@@ -744,7 +748,7 @@ pub const EXPIRE_OVERDUE_SQL: &str =
                        WHERE deadline IS NOT NULL AND status IN ('queued', 'admitted') AND deadline < now()
                        ORDER BY task_id LIMIT 1000 FOR UPDATE SKIP LOCKED)
        AND status IN ('queued', 'admitted')
-     RETURNING task_id, pool, deadline, attempt, payer IS NOT NULL";
+     RETURNING task_id, pool, deadline, attempt, payer IS NOT NULL, traceparent";
 
 /// Queued (or fairness-held) tasks whose deadline passed: `expired`.
 pub async fn expire_overdue(db: &PgPool) -> DbResult<Vec<ExpiredTask>> {
@@ -757,17 +761,24 @@ pub async fn expire_overdue(db: &PgPool) -> DbResult<Vec<ExpiredTask>> {
             deadline: r.get(2),
             attempt: r.get(3),
             priced: r.get(4),
+            traceparent: r.get(5),
         })
         .collect())
 }
 
+/// A priced task an agent reported `expired`: its `closed` event is due.
+#[derive(Debug, Clone)]
+pub struct ExpiredByAgent {
+    pub id: String,
+    pub pool: String,
+    pub attempt: i32,
+    pub traceparent: Option<String>,
+}
+
 /// Record `expired` reported by agents (the deadline passed before the attempt started).
-/// Returns `(id, pool, attempt)` of the **priced** tasks recorded: their `closed` event is due
-/// (the agent's own `expired` event already announced the state).
-pub async fn record_expired(
-    db: &PgPool,
-    rows: &[(String, i32)],
-) -> DbResult<Vec<(String, String, i32)>> {
+/// Returns the **priced** tasks recorded: their `closed` event is due (the agent's own
+/// `expired` event already announced the state).
+pub async fn record_expired(db: &PgPool, rows: &[(String, i32)]) -> DbResult<Vec<ExpiredByAgent>> {
     if rows.is_empty() {
         return Ok(Vec::new());
     }
@@ -785,7 +796,7 @@ pub async fn record_expired(
                 event_due = t.payer IS NOT NULL
          FROM l
          WHERE t.task_id = l.task_id AND t.attempt = l.attempt AND (t.status || '') IN ('queued', 'running')
-         RETURNING t.task_id, t.pool, t.attempt, t.payer IS NOT NULL",
+         RETURNING t.task_id, t.pool, t.attempt, t.payer IS NOT NULL, t.traceparent",
     )
     .bind(&ids)
     .bind(&attempts)
@@ -794,7 +805,12 @@ pub async fn record_expired(
     Ok(out
         .into_iter()
         .filter(|r| r.get::<bool, _>(3))
-        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .map(|r| ExpiredByAgent {
+            id: r.get(0),
+            pool: r.get(1),
+            attempt: r.get(2),
+            traceparent: r.get(4),
+        })
         .collect())
 }
 
@@ -829,6 +845,8 @@ pub enum CancelOutcome {
         attempt: i32,
         /// Priced: its `closed` event is due too.
         priced: bool,
+        /// The task's `traceparent`, for its `cancelled` and `closed` events.
+        traceparent: Option<String>,
     },
     /// Already terminal.
     Terminal(String),
@@ -841,7 +859,7 @@ pub async fn cancel(db: &PgPool, id: &str, reason: &str) -> DbResult<CancelOutco
          UPDATE coordinator.tasks t SET status = 'cancelled', error = $2, finished_at = now(), updated_at = now(),
                 dispatch_at = NULL, event_due = true
          FROM prev WHERE t.task_id = prev.task_id AND t.status IN ('admitted', 'queued', 'running')
-         RETURNING t.pool, prev.status, t.agent_id, t.attempt, t.payer IS NOT NULL",
+         RETURNING t.pool, prev.status, t.agent_id, t.attempt, t.payer IS NOT NULL, t.traceparent",
     )
     .bind(id)
     .bind(reason)
@@ -854,6 +872,7 @@ pub async fn cancel(db: &PgPool, id: &str, reason: &str) -> DbResult<CancelOutco
             agent: r.get(2),
             attempt: r.get(3),
             priced: r.get(4),
+            traceparent: r.get(5),
         });
     }
     let status: Option<String> =
@@ -1088,13 +1107,14 @@ pub struct DueEvent {
     pub reputation: Option<String>,
     /// Priced: a `closed` event is due too.
     pub priced: bool,
+    pub traceparent: Option<String>,
 }
 
 /// Terminal events still due `older_than_ms` after their status was written (oldest first).
 pub async fn events_due(db: &PgPool, older_than_ms: i64) -> DbResult<Vec<DueEvent>> {
     let rows = sqlx::query(
         "SELECT task_id, pool, status, attempt, error, deadline, finished_at, agent_id, reputation,
-                payer IS NOT NULL
+                payer IS NOT NULL, traceparent
          FROM coordinator.tasks
          WHERE event_due AND updated_at < now() - make_interval(secs => $1 / 1000.0)
          ORDER BY updated_at LIMIT 500",
@@ -1115,6 +1135,7 @@ pub async fn events_due(db: &PgPool, older_than_ms: i64) -> DbResult<Vec<DueEven
             agent: r.get(7),
             reputation: r.get(8),
             priced: r.get(9),
+            traceparent: r.get(10),
         })
         .collect())
 }
