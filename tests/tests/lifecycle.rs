@@ -194,7 +194,14 @@ async fn deadline_expires_unstarted_tasks_and_they_never_run() {
 
 #[tokio::test]
 async fn maintenance_queries_read_only_the_tasks_they_may_change() {
-    use taskbus_coordinator::store::{EXPIRE_OVERDUE_SQL, POOLS_WITH_HELD_SQL};
+    use taskbus_coordinator::store::{
+        CLAIM_LOST_WORK_SQL, EXPIRE_OVERDUE_SQL, POOLS_WITH_HELD_SQL,
+    };
+    let lost_work = CLAIM_LOST_WORK_SQL
+        .replace("$1", "'default'")
+        .replace("$2", "'normal'")
+        .replace("$3", "now()")
+        .replace("$4", "500");
     let s = Stack::new(30_000).await;
     let (_c, _t) = s.coordinator().await; // runs the migrations
                                           // With sequential scans priced out, a plan shows which index a query can use. Before, the
@@ -203,6 +210,8 @@ async fn maintenance_queries_read_only_the_tasks_they_may_change() {
     for (sql, index) in [
         (EXPIRE_OVERDUE_SQL, "tasks_open_deadline"),
         (POOLS_WITH_HELD_SQL, "tasks_held"),
+        // The lost-work sweep reads the queued tasks of one pool created before its cutoff.
+        (lost_work.as_str(), "tasks_open_pool_status"),
     ] {
         let mut tx = s.pg.begin().await.unwrap();
         sqlx::query("SET LOCAL enable_seqscan = off")

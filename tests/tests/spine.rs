@@ -799,3 +799,81 @@ async fn a_fresh_coordinator_records_running_promptly() {
     token.cancel();
     run.await.unwrap().unwrap();
 }
+
+/// An operator purges the work stream (or it comes back from an old backup) while tasks wait:
+/// PostgreSQL still says `queued`, but no agent will ever see them. The coordinator notices
+/// that their messages are gone and sends each attempt again, once; tasks whose messages are
+/// still there, and a delayed attempt whose time has not come, are left alone.
+#[tokio::test]
+async fn work_the_work_stream_lost_is_sent_again_once() {
+    let s = Stack::new(30_000).await;
+    let mut config = s.coordinator_config();
+    config.ensure_pools = vec!["default".into()];
+    config.lost_work_after = Duration::from_secs(2);
+    let token = CancellationToken::new();
+    let _coord = taskbus_coordinator::start(config, token.clone())
+        .await
+        .expect("coordinator starts");
+    for i in 0..20 {
+        s.submit(
+            "default",
+            json!({"kind": "echo", "id": format!("lost-{i}")}),
+        )
+        .await;
+    }
+    let later = (chrono::Utc::now() + chrono::Duration::seconds(60)).to_rfc3339();
+    s.submit(
+        "default",
+        json!({"kind": "echo", "id": "later", "not_before": later}),
+    )
+    .await;
+    for i in 0..20 {
+        s.wait_status(&format!("lost-{i}"), "queued", T).await;
+    }
+    s.wait_status("later", "queued", T).await;
+    // The work subjects are purged; the delayed attempt's schedule message stays.
+    let mut stream = s.js.get_stream("TASKBUS_WORK").await.unwrap();
+    let purged = stream.purge().filter("taskbus.work.>").await.unwrap();
+    assert_eq!(purged.purged, 20);
+    assert_eq!(stream.info().await.unwrap().state.messages, 1);
+    // Tasks submitted after that have their messages.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    for i in 0..5 {
+        s.submit(
+            "default",
+            json!({"kind": "echo", "id": format!("kept-{i}")}),
+        )
+        .await;
+    }
+
+    let runs = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let r = runs.clone();
+    let mut cfg = AgentConfig::new(s.nats.url(), "default");
+    cfg.agent_id = "after-purge".into();
+    let agent = Agent::new(cfg, move |t: TaskContext| {
+        r.lock().unwrap().push(t.task_id.clone());
+        async move { Ok::<_, TaskError>(json!("ran")) }
+    });
+    let agent_token = CancellationToken::new();
+    let run = tokio::spawn(agent.run(agent_token.clone()));
+    for i in 0..20 {
+        s.wait_status(&format!("lost-{i}"), "succeeded", T).await;
+    }
+    for i in 0..5 {
+        s.wait_status(&format!("kept-{i}"), "succeeded", T).await;
+    }
+    // A few more sweeps: nothing is sent twice, the delayed task waits for its time.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let mut ran = runs.lock().unwrap().clone();
+    ran.sort();
+    let mut want: Vec<String> = (0..5)
+        .map(|i| format!("kept-{i}"))
+        .chain((0..20).map(|i| format!("lost-{i}")))
+        .collect();
+    want.sort();
+    assert_eq!(ran, want, "each task ran exactly once");
+    assert_eq!(s.task("later").await.unwrap().status, "queued");
+    agent_token.cancel();
+    run.await.unwrap().unwrap();
+    token.cancel();
+}

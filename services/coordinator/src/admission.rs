@@ -325,6 +325,7 @@ async fn handle_batch(ctx: &Ctx, mut items: Vec<Item>, slot: Slot) -> Result<(),
                     envelope: envelopes.get(&i).cloned().unwrap_or_else(|| "{}".into()),
                     not_before: t.not_before,
                     traceparent: it.traceparent.clone(),
+                    resend: None,
                 };
                 match dispatch::send(ctx, &d).await {
                     Ok(f) => pending.push((i, f)),

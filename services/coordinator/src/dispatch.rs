@@ -32,6 +32,9 @@ pub(crate) struct Dispatch {
     pub not_before: Option<DateTime<Utc>>,
     /// The task's `traceparent`, put on the work message.
     pub traceparent: Option<String>,
+    /// Appended to the work message's id: a message re-sent because the work stream lost the
+    /// first one must not be dropped as its duplicate (see `crate::lost`).
+    pub resend: Option<String>,
 }
 
 impl From<PendingDispatch> for Dispatch {
@@ -48,6 +51,7 @@ impl From<PendingDispatch> for Dispatch {
             envelope: p.envelope.unwrap_or_else(|| "{}".into()),
             not_before: p.not_before,
             traceparent: p.traceparent,
+            resend: None,
         }
     }
 }
@@ -81,7 +85,11 @@ pub(crate) async fn send(ctx: &Ctx, d: &Dispatch) -> Result<PublishAckFuture, Pu
                 .await
         }
         _ => {
-            let p = p.message_id(format!("{}:{}", d.id, d.attempt));
+            let id = match &d.resend {
+                Some(r) => format!("{}:{}:{r}", d.id, d.attempt),
+                None => format!("{}:{}", d.id, d.attempt),
+            };
+            let p = p.message_id(id);
             ctx.js.send_publish(target, p).await
         }
     }

@@ -10,8 +10,9 @@
 //!   remain, else `dead`);
 //! - **started** tracking from the core-NATS `started` events (best effort, batched);
 //! - **maintenance**: deadlines (`expired`), overdue attempts (`timed_out`), the dispatch
-//!   outbox (attempts whose work message was never confirmed are re-sent) and, when a
-//!   [`retention`] is set, deleting the records of tasks finished long enough ago;
+//!   outbox (attempts whose work message was never confirmed are re-sent), queued tasks whose
+//!   work message the work stream lost (`lost.rs`, re-sent) and, when a [`retention`] is set,
+//!   deleting the records of tasks finished long enough ago;
 //! - the agent **registry** (heartbeats) and reputation (EWMA per agent, published to KV);
 //! - **schedules** (`schedules.rs`): recurring tasks from the `taskbus_schedules` KV bucket,
 //!   submitted at each cron tick under a per-tick id, so every replica may fire every tick
@@ -27,6 +28,7 @@ pub mod api;
 mod dispatch;
 mod fairness;
 mod flush;
+mod lost;
 mod maintenance;
 pub mod metrics;
 pub mod outcomes;
@@ -70,6 +72,11 @@ pub struct Config {
     pub http_listen: Option<SocketAddr>,
     /// Publish the informational `admitted` event on core NATS.
     pub publish_admitted: bool,
+    /// How long before the oldest message of its work band a queued task must have been handed
+    /// out for the coordinator to decide that its work message is lost and send it again
+    /// (default 3 minutes; see `lost.rs`). Longer than the streams' duplicate window, so that
+    /// the new message is not dropped as a duplicate of the lost one.
+    pub lost_work_after: Duration,
     /// How long finished tasks keep their record (default: forever); see [`retention`].
     pub retention: retention::Retention,
 }
@@ -89,6 +96,7 @@ impl Config {
             db_max_connections: 8,
             http_listen: None,
             publish_admitted: true,
+            lost_work_after: Duration::from_secs(180),
             retention: retention::Retention::default(),
         }
     }
@@ -142,6 +150,7 @@ pub(crate) struct Ctx {
     pub admission_pipeline: usize,
     pub publish_admitted: bool,
     pub retention: retention::Retention,
+    pub lost_work_after: Duration,
     /// How far the outcome consumer has got (the `started` writer waits for it).
     pub(crate) outcome_progress: outcomes::Progress,
     /// `started` events waiting to be written.
@@ -226,6 +235,7 @@ pub async fn start(
         admission_pipeline: config.admission_pipeline.max(1),
         publish_admitted: config.publish_admitted,
         retention: config.retention,
+        lost_work_after: config.lost_work_after,
         outcome_progress: outcomes::Progress::default(),
         pending_starts: outcomes::PendingStarts::default(),
     });

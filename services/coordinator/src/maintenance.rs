@@ -2,7 +2,8 @@
 //! out running attempts that overran (when their agent did not report it), promote tasks held
 //! by fairness limits, re-send attempts whose work message was never confirmed and terminal events
 //! (`dead`, `cancelled`, `expired`) a crash left unannounced, and delete the records whose
-//! retention ran out ([`crate::retention`]). Safe on every replica at once: each step is one
+//! retention ran out ([`crate::retention`]). Every 30 s: re-send work the work stream lost
+//! ([`crate::lost`]). Safe on every replica at once: each step is one
 //! guarded UPDATE or DELETE.
 
 use std::sync::Arc;
@@ -31,10 +32,20 @@ const DUE_EVENT_MS: i64 = 5_000;
 pub(crate) async fn run(ctx: Arc<Ctx>, shutdown: CancellationToken) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let every = crate::lost::SWEEP_EVERY.min(ctx.lost_work_after.max(Duration::from_secs(1)));
+    let mut lost = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    lost.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tick.tick() => {}
+            _ = lost.tick() => {
+                if let Err(e) = crate::lost::sweep(&ctx).await {
+                    warn!(error = %e, "lost-work sweep failed");
+                    ctx.metrics.error("lost_work_sweep");
+                }
+                continue;
+            }
         }
         if let Err(e) = once(&ctx).await {
             warn!(error = %e, "maintenance pass failed");

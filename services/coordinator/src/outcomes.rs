@@ -25,6 +25,9 @@ use crate::pipeline::{Next, Pipeline};
 use crate::store::{self, Failure, Success};
 use crate::{CoordinatorError, Ctx};
 
+/// The durable name of the coordinator's outcome consumer (shared by every replica).
+pub(crate) const CONSUMER: &str = "coordinator-outcomes";
+
 pub(crate) async fn consumer(ctx: &Ctx) -> Result<PullConsumer, CoordinatorError> {
     let stream = ctx
         .js
@@ -32,10 +35,7 @@ pub(crate) async fn consumer(ctx: &Ctx) -> Result<PullConsumer, CoordinatorError
         .await
         .map_err(CoordinatorError::js)?;
     let consumer: PullConsumer = stream
-        .get_or_create_consumer(
-            "coordinator-outcomes",
-            streams::outcome_consumer(&ctx.subjects),
-        )
+        .get_or_create_consumer(CONSUMER, streams::outcome_consumer(&ctx.subjects))
         .await
         .map_err(CoordinatorError::js)?;
     // With no outcome waiting, the `started` writer need not wait for the first one to be
@@ -439,6 +439,7 @@ pub(crate) async fn follow_up_failures(ctx: &Ctx, failed: Vec<store::FailureOutc
                 envelope: env,
                 not_before: Some(not_before),
                 traceparent: f.traceparent,
+                resend: None,
             });
         } else {
             if f.fresh {

@@ -158,6 +158,16 @@ impl Pools {
         Ok(())
     }
 
+    /// The configured pools' names.
+    pub fn names(&self) -> Vec<String> {
+        self.inner
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .keys()
+            .cloned()
+            .collect()
+    }
+
     pub fn exists(&self, pool: &str) -> bool {
         self.inner
             .read()

@@ -699,7 +699,7 @@ pub async fn mark_dispatched(
              ORDER BY t.task_id
              FOR UPDATE OF t
          )
-         UPDATE coordinator.tasks t SET dispatch_at = NULL, not_before = l.nb
+         UPDATE coordinator.tasks t SET dispatch_at = NULL, not_before = l.nb, updated_at = now()
          FROM l
          WHERE t.task_id = l.task_id AND t.attempt = l.attempt AND t.dispatch_at IS NOT NULL",
     )
@@ -709,6 +709,42 @@ pub async fn mark_dispatched(
     .execute(db)
     .await?;
     Ok(())
+}
+
+/// The statement of [`claim_lost_work`] (`$1` pool, `$2` priority, `$3` cutoff, `$4` limit);
+/// a test checks that it reads `tasks_open_pool_status`.
+pub const CLAIM_LOST_WORK_SQL: &str = "UPDATE coordinator.tasks SET dispatch_at = now(), updated_at = now()
+     WHERE task_id IN (
+         SELECT task_id FROM coordinator.tasks
+         WHERE pool = $1 AND status = 'queued' AND created_at < $3
+           AND COALESCE(priority, 'normal') = $2 AND dispatch_at IS NULL
+           AND updated_at < $3 AND (not_before IS NULL OR not_before < $3)
+         ORDER BY created_at LIMIT $4 FOR UPDATE SKIP LOCKED)
+       AND status = 'queued' AND dispatch_at IS NULL AND updated_at < $3
+     RETURNING task_id, pool, priority, attempt, envelope::text AS envelope, not_before, traceparent";
+
+/// Claim up to `limit` queued tasks of one pool and priority band that were handed out before
+/// `cutoff` and have no dispatch pending (see `crate::lost`): their outbox mark is set and
+/// `updated_at` moved to now, and their attempts are returned to be sent again. The index
+/// `tasks_open_pool_status` finds them by pool, status and creation time (a task created after
+/// the cutoff cannot have been handed out before it).
+pub async fn claim_lost_work(
+    db: &PgPool,
+    pool: &str,
+    priority: &str,
+    cutoff: DateTime<Utc>,
+    limit: i64,
+) -> DbResult<Vec<PendingDispatch>> {
+    Ok(sqlx::query(CLAIM_LOST_WORK_SQL)
+        .bind(pool)
+        .bind(priority)
+        .bind(cutoff)
+        .bind(limit)
+        .fetch_all(db)
+        .await?
+        .into_iter()
+        .map(pending)
+        .collect())
 }
 
 /// Attempts whose work message was not confirmed within `older_than_ms` (a replica died

@@ -1,0 +1,125 @@
+//! Work the work stream lost: a task PostgreSQL holds as `queued` whose work message is no
+//! longer in `TASKBUS_WORK`, with no outcome on its way. Nothing in taskbus drops a work message
+//! unrecorded, but an operator can (`nats stream purge TASKBUS_WORK`, a stream restored from
+//! an old backup, a single-replica server that lost its disk), and so could a bug: such a task
+//! would wait forever. Every [`SWEEP_EVERY`] (or every `lost_work_after`, when shorter), each
+//! replica looks for such tasks and sends their attempt again.
+//!
+//! The work stream is a work queue: a message stays in it until an agent acks it, so the oldest
+//! message of a pool's priority band is the oldest attempt of that band not yet done. A queued
+//! task that was last handed out (`updated_at`, or `not_before` for a delayed attempt) more
+//! than `lost_work_after` before that oldest message (or before now, when the band is empty)
+//! has no message left. Its attempt might still have ended, with the outcome not yet recorded:
+//! so the sweep runs only while the coordinator's outcome consumer has nothing pending or
+//! unacknowledged, read after the work stream, which means every outcome stored before that
+//! read has been recorded. Under a load that never lets the outcome consumer idle, lost work is
+//! re-sent at the next lull.
+//!
+//! A re-sent attempt goes through the dispatch outbox (its `dispatch_at` mark) under a new
+//! message id (`<id>:<attempt>:lost-<ms>`: the lost message's id may still be in the duplicate
+//! window), and its `updated_at` moves to now, so it is not found again while it waits.
+
+use std::time::Duration;
+
+use async_nats::jetstream;
+use chrono::{DateTime, Utc};
+use taskbus_proto::Priority;
+use tracing::{debug, warn};
+
+use crate::dispatch::{self, Dispatch};
+use crate::{store, CoordinatorError, Ctx};
+
+/// How often a replica looks for lost work (at most).
+pub(crate) const SWEEP_EVERY: Duration = Duration::from_secs(30);
+
+/// Most attempts re-sent per pool band and sweep.
+const LIMIT: i64 = 500;
+
+/// One sweep: re-send the attempts of every pool whose work message is gone. Returns how many
+/// were re-sent.
+pub(crate) async fn sweep(ctx: &Ctx) -> Result<usize, CoordinatorError> {
+    let stream = ctx
+        .js
+        .get_stream_no_info(ctx.subjects.work_stream())
+        .await
+        .map_err(CoordinatorError::js)?;
+    let now = Utc::now();
+    let after = chrono::Duration::from_std(ctx.lost_work_after).unwrap_or(chrono::Duration::MAX);
+    // 1. For each pool band, the time before which a queued task's message would be found.
+    let mut bands = Vec::new();
+    for pool in ctx.pools.names() {
+        for priority in Priority::ALL {
+            let subject = ctx.subjects.work(&pool, priority);
+            let oldest = match stream.get_first_raw_message_by_subject(&subject, 0).await {
+                Ok(m) => m.time,
+                Err(e) if e.kind() == jetstream::stream::RawMessageErrorKind::NoMessageFound => now,
+                Err(e) => return Err(CoordinatorError::js(e)),
+            };
+            bands.push((pool.clone(), priority, oldest.min(now) - after));
+        }
+    }
+    // 2. Every outcome stored so far is recorded.
+    let events = ctx
+        .js
+        .get_stream_no_info(ctx.subjects.events_stream())
+        .await
+        .map_err(CoordinatorError::js)?;
+    let info = events
+        .consumer_info(crate::outcomes::CONSUMER)
+        .await
+        .map_err(CoordinatorError::js)?;
+    if info.num_pending > 0 || info.num_ack_pending > 0 {
+        debug!(
+            pending = info.num_pending,
+            ack_pending = info.num_ack_pending,
+            "outcomes are being recorded; the lost-work sweep waits for a lull"
+        );
+        return Ok(0);
+    }
+    // 3. Queued tasks handed out before their band's cutoff have no message: send them again.
+    let mut sent = 0;
+    for (pool, priority, cutoff) in bands {
+        sent += resend(ctx, &pool, priority, cutoff).await?;
+    }
+    Ok(sent)
+}
+
+async fn resend(
+    ctx: &Ctx,
+    pool: &str,
+    priority: Priority,
+    cutoff: DateTime<Utc>,
+) -> Result<usize, CoordinatorError> {
+    let lost = store::claim_lost_work(&ctx.db, pool, priority.as_str(), cutoff, LIMIT).await?;
+    if lost.is_empty() {
+        return Ok(0);
+    }
+    let sample: Vec<&str> = lost.iter().take(10).map(|p| p.id.as_str()).collect();
+    warn!(
+        pool,
+        priority = priority.as_str(),
+        tasks = lost.len(),
+        first = ?sample,
+        "queued tasks have no work message (the work stream lost them); sending them again"
+    );
+    for p in &lost {
+        debug!(task_id = %p.id, attempt = p.attempt, "re-sending lost work");
+    }
+    for _ in &lost {
+        ctx.metrics.error("lost_work");
+    }
+    let n = lost.len();
+    // The lost message's id may still be in the duplicate window: a new one.
+    let resend = format!("lost-{}", Utc::now().timestamp_millis());
+    let items: Vec<Dispatch> = lost
+        .into_iter()
+        .map(|p| Dispatch {
+            // Its time came long ago: straight to the work subject.
+            not_before: None,
+            resend: Some(resend.clone()),
+            ..Dispatch::from(p)
+        })
+        .collect();
+    dispatch::dispatch_all(ctx, items).await;
+    Ok(n)
+}
