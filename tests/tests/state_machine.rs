@@ -32,6 +32,42 @@ fn op() -> impl Strategy<Value = Op> {
 
 const TERMINAL: [&str; 4] = ["succeeded", "dead", "cancelled", "expired"];
 
+/// A fresh, migrated database and a runtime to drive it from a (synchronous) property test.
+fn property_db() -> (tokio::runtime::Runtime, sqlx::PgPool, TestDb) {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (db, guard) = rt.block_on(async {
+        let t = TestDb::new().await;
+        let pool = taskbus_runtime::db::connect_and_migrate(&t.url, 4)
+            .await
+            .unwrap();
+        (pool, t)
+    });
+    (rt, db, guard)
+}
+
+/// Admit task `id` (queued, attempt 1), priced when `payer` is given.
+async fn admit(db: &sqlx::PgPool, id: &str, max_attempts: i32, seq: i64, payer: Option<&str>) {
+    let task = NewTask {
+        id: id.into(),
+        pool: "default".into(),
+        kind: "k".into(),
+        priority: "normal".into(),
+        max_attempts,
+        envelope: "{}".into(),
+        submit_seq: seq,
+        payer: payer.map(Into::into),
+        deadline: None,
+        not_before: None,
+        timeout_ms: 1000,
+        held: false,
+        fair_key: None,
+        traceparent: None,
+    };
+    store::insert_admitted(db, &[task], &mut Default::default())
+        .await
+        .unwrap();
+}
+
 async fn status(db: &sqlx::PgPool, id: &str) -> (String, i32) {
     sqlx::query_as("SELECT status, attempt FROM coordinator.tasks WHERE task_id = $1")
         .bind(id)
@@ -88,14 +124,7 @@ async fn apply(db: &sqlx::PgPool, id: &str, op: &Op) {
 
 #[test]
 fn every_interleaving_ends_in_exactly_one_terminal_state() {
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let (db, _guard) = rt.block_on(async {
-        let t = TestDb::new().await;
-        let pool = taskbus_runtime::db::connect_and_migrate(&t.url, 4)
-            .await
-            .unwrap();
-        (pool, t)
-    });
+    let (rt, db, _guard) = property_db();
     let n = std::sync::atomic::AtomicU32::new(0);
     let mut config = ProptestConfig::with_cases(150);
     config.failure_persistence = None;
@@ -103,11 +132,7 @@ fn every_interleaving_ends_in_exactly_one_terminal_state() {
         let n = n.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
         let id = format!("p{n}");
         rt.block_on(async {
-            store::insert_admitted(&db, &[NewTask {
-                id: id.clone(), pool: "default".into(), kind: "k".into(), priority: "normal".into(),
-                max_attempts, envelope: "{}".into(), submit_seq: n as i64, payer: None,
-                deadline: None, not_before: None, timeout_ms: 1000, held: false, fair_key: None, traceparent: None,
-            }], &mut Default::default()).await.unwrap();
+            admit(&db, &id, max_attempts, n as i64, None).await;
             let mut terminal: Option<(String, i32)> = None;
             // Every op twice in a row (replays), then a final cancel so the task must end.
             for op in ops.iter().flat_map(|o| [o.clone(), o.clone()]).chain([Op::Cancel]) {
@@ -135,28 +160,7 @@ async fn the_recorded_success_is_the_current_attempts() {
     let db = taskbus_runtime::db::connect_and_migrate(&t.url, 2)
         .await
         .unwrap();
-    store::insert_admitted(
-        &db,
-        &[NewTask {
-            id: "two".into(),
-            pool: "default".into(),
-            kind: "k".into(),
-            priority: "normal".into(),
-            max_attempts: 3,
-            envelope: "{}".into(),
-            submit_seq: 1,
-            payer: Some("acme".into()),
-            deadline: None,
-            not_before: None,
-            timeout_ms: 1000,
-            held: false,
-            fair_key: None,
-            traceparent: None,
-        }],
-        &mut Default::default(),
-    )
-    .await
-    .unwrap();
+    admit(&db, "two", 3, 1, Some("acme")).await;
     let failure = Failure {
         id: "two".into(),
         attempt: 1,
@@ -223,28 +227,7 @@ async fn a_replayed_failure_in_the_same_batch_does_not_hide_the_next_attempts() 
     ];
     for (n, (max_attempts, batch, want)) in cases.into_iter().enumerate() {
         let id = format!("replay-{n}");
-        store::insert_admitted(
-            &db,
-            &[NewTask {
-                id: id.clone(),
-                pool: "default".into(),
-                kind: "k".into(),
-                priority: "normal".into(),
-                max_attempts,
-                envelope: "{}".into(),
-                submit_seq: n as i64 + 1,
-                payer: None,
-                deadline: None,
-                not_before: None,
-                timeout_ms: 1000,
-                held: false,
-                fair_key: None,
-                traceparent: None,
-            }],
-            &mut Default::default(),
-        )
-        .await
-        .unwrap();
+        admit(&db, &id, max_attempts, n as i64 + 1, None).await;
         // Attempt 1 failed and was recorded: the task waits for attempt 2.
         store::record_failed(&db, &[fail(&id, 1)]).await.unwrap();
         assert_eq!(status(&db, &id).await, ("queued".into(), 2));
@@ -278,14 +261,7 @@ async fn a_replayed_failure_in_the_same_batch_does_not_hide_the_next_attempts() 
 /// one in attempt order does.
 #[test]
 fn a_batch_of_failures_is_recorded_as_if_one_by_one() {
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let (db, _guard) = rt.block_on(async {
-        let t = TestDb::new().await;
-        let pool = taskbus_runtime::db::connect_and_migrate(&t.url, 4)
-            .await
-            .unwrap();
-        (pool, t)
-    });
+    let (rt, db, _guard) = property_db();
     let n = std::sync::atomic::AtomicU32::new(0);
     let mut config = ProptestConfig::with_cases(80);
     config.failure_persistence = None;
@@ -295,11 +271,7 @@ fn a_batch_of_failures_is_recorded_as_if_one_by_one() {
         let (one_by_one, batched) = (format!("seq{n}"), format!("batch{n}"));
         rt.block_on(async {
             for (k, id) in [&one_by_one, &batched].into_iter().enumerate() {
-                store::insert_admitted(&db, &[NewTask {
-                    id: id.clone(), pool: "default".into(), kind: "k".into(), priority: "normal".into(),
-                    max_attempts, envelope: "{}".into(), submit_seq: 2 * n as i64 + k as i64, payer: None,
-                    deadline: None, not_before: None, timeout_ms: 1000, held: false, fair_key: None, traceparent: None,
-                }], &mut Default::default()).await.unwrap();
+                admit(&db, id, max_attempts, 2 * n as i64 + k as i64, None).await;
             }
             let fail = |id: &str, (attempt, retryable): (i32, bool)| Failure {
                 id: id.into(), attempt, agent: Some("p".into()), error: "e".into(), retryable, at: Utc::now(),
