@@ -697,6 +697,8 @@ fn coordinator_refuses_bad_tuning_flags_with_a_clear_error() {
         ("--batch-size", "many"),
         ("--admission-pipeline", "0"),
         ("--admission-pipeline", "99"),
+        ("--lost-work-after", "10s"),
+        ("--lost-work-after", "soon"),
     ] {
         let out = std::process::Command::new(workspace_bin("taskbus-coordinator"))
             .args([flag, value])

@@ -28,7 +28,7 @@ pub mod api;
 mod dispatch;
 mod fairness;
 mod flush;
-mod lost;
+pub mod lost;
 mod maintenance;
 pub mod metrics;
 pub mod outcomes;
@@ -74,8 +74,8 @@ pub struct Config {
     pub publish_admitted: bool,
     /// How long before the oldest message of its work band a queued task must have been handed
     /// out for the coordinator to decide that its work message is lost and send it again
-    /// (default 3 minutes; see `lost.rs`). Longer than the streams' duplicate window, so that
-    /// the new message is not dropped as a duplicate of the lost one.
+    /// (default 3 minutes; see `lost.rs`). Longer than any clock difference between the
+    /// coordinator's PostgreSQL and nats-server; the command line takes at least 30 s.
     pub lost_work_after: Duration,
     /// How long finished tasks keep their record (default: forever); see [`retention`].
     pub retention: retention::Retention,

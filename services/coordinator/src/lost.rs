@@ -35,6 +35,21 @@ pub(crate) const SWEEP_EVERY: Duration = Duration::from_secs(30);
 /// Most attempts re-sent per pool band and sweep.
 const LIMIT: i64 = 500;
 
+/// The shortest `--lost-work-after` the command line accepts.
+pub const MIN_LOST_WORK_AFTER: Duration = Duration::from_secs(30);
+
+/// Parse `--lost-work-after` from the command line: a duration such as `3min` or `90s`, at
+/// least [`MIN_LOST_WORK_AFTER`].
+pub fn parse_lost_work_after(s: &str) -> Result<Duration, String> {
+    crate::retention::duration_at_least(
+        s,
+        MIN_LOST_WORK_AFTER,
+        "3min or 90s",
+        "the NATS and PostgreSQL hosts' clocks may differ by seconds, and work still on its way \
+         could be sent twice; the default is 3min",
+    )
+}
+
 /// One sweep: re-send the attempts of every pool whose work message is gone. Returns how many
 /// were re-sent.
 pub(crate) async fn sweep(ctx: &Ctx) -> Result<usize, CoordinatorError> {
@@ -122,4 +137,27 @@ async fn resend(
         .collect();
     dispatch::dispatch_all(ctx, items).await;
     Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lost_work_after_parses_with_units_and_refuses_bad_or_short_values() {
+        for (input, secs) in [("3min", 180), ("90s", 90), (" 30s ", 30), ("1h", 3_600)] {
+            assert_eq!(
+                parse_lost_work_after(input),
+                Ok(Duration::from_secs(secs)),
+                "{input}"
+            );
+        }
+        for bad in ["", "180", "soon", "-3min", "29s", "0s", "3min; rm -rf /"] {
+            let e = parse_lost_work_after(bad).unwrap_err();
+            assert!(e.contains(&format!("{bad:?}")), "{bad}: {e}");
+        }
+        assert!(parse_lost_work_after("10s")
+            .unwrap_err()
+            .contains("minimum of 30s"));
+    }
 }

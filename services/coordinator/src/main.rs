@@ -68,6 +68,13 @@ struct Args {
     #[arg(long, env = "TASKBUS_DEAD_RETENTION", value_name = "DURATION",
           value_parser = taskbus_coordinator::retention::parse_retention)]
     dead_retention: Option<Duration>,
+    /// Send a queued task's work again when its message is gone from TASKBUS_WORK (purged, or
+    /// lost with a server's disk) and it was handed out at least this long before the oldest
+    /// message of its pool and priority, e.g. 3min, 10min (at least 30s). Agents that ack work
+    /// before they publish `started` and run longer than this may see an attempt twice.
+    #[arg(long, env = "TASKBUS_LOST_WORK_AFTER", value_name = "DURATION", default_value = "3min",
+          value_parser = taskbus_coordinator::lost::parse_lost_work_after)]
+    lost_work_after: Duration,
     /// Log format.
     #[arg(long, env = "TASKBUS_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -86,6 +93,7 @@ async fn main() -> anyhow::Result<()> {
     config.limits.max_message_bytes = args.max_message_bytes;
     config.batch_size = args.batch_size as usize;
     config.admission_pipeline = args.admission_pipeline as usize;
+    config.lost_work_after = args.lost_work_after;
     config.retention.finished = args.finished_retention;
     config.retention.dead = args.dead_retention;
     let shutdown = CancellationToken::new();

@@ -58,14 +58,30 @@ impl Retention {
 /// Parse a retention from the command line: a duration such as `7d`, `36h` or `90min`, at least
 /// [`MIN_RETENTION`].
 pub fn parse_retention(s: &str) -> Result<Duration, String> {
+    duration_at_least(
+        s,
+        MIN_RETENTION,
+        "7d, 36h or 90min",
+        "a finished task's late messages could outlive its record; leave the option out to \
+         keep records forever",
+    )
+}
+
+/// Parse a duration flag such as `7d` or `90s` that must be at least `min`; `examples` go into
+/// the error for text that is not a duration, `why` into the one for a value under `min`.
+pub(crate) fn duration_at_least(
+    s: &str,
+    min: Duration,
+    examples: &str,
+    why: &str,
+) -> Result<Duration, String> {
     let d = humantime::parse_duration(s.trim()).map_err(|e| {
-        format!("{s:?} is not a duration ({e}); write a number and a unit, e.g. 7d, 36h or 90min")
+        format!("{s:?} is not a duration ({e}); write a number and a unit, e.g. {examples}")
     })?;
-    if d < MIN_RETENTION {
+    if d < min {
         return Err(format!(
-            "{s:?} is shorter than the minimum of {}: a finished task's late messages could \
-             outlive its record; leave the option out to keep records forever",
-            humantime::format_duration(MIN_RETENTION)
+            "{s:?} is shorter than the minimum of {}: {why}",
+            humantime::format_duration(min)
         ));
     }
     Ok(d)
