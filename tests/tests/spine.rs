@@ -806,6 +806,86 @@ async fn a_fresh_coordinator_records_running_promptly() {
 /// PostgreSQL still says `queued`, but no agent will ever see them. The coordinator notices
 /// that their messages are gone and sends each attempt again, once; tasks whose messages are
 /// still there, and a delayed attempt whose time has not come, are left alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_work_is_sent_again_while_outcomes_keep_coming() {
+    let s = Stack::new(30_000).await;
+    let mut config = s.coordinator_config();
+    config.lost_work_after = Duration::from_secs(2);
+    let token = CancellationToken::new();
+    let _coord = taskbus_coordinator::start(config, token.clone())
+        .await
+        .expect("coordinator starts");
+    for i in 0..20 {
+        s.submit(
+            "default",
+            json!({"kind": "echo", "id": format!("lost-{i}")}),
+        )
+        .await;
+    }
+    for i in 0..20 {
+        s.wait_status(&format!("lost-{i}"), "queued", T).await;
+    }
+    let mut stream = s.js.get_stream("TASKBUS_WORK").await.unwrap();
+    assert_eq!(stream.purge().await.unwrap().purged, 20);
+
+    // From now on tasks keep coming, about 200 a second, each taking 20 ms: the outcome
+    // consumer is never idle for long, and lost work must not wait for it to be.
+    let runs = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let r = runs.clone();
+    let mut cfg = AgentConfig::new(s.nats.url(), "default");
+    cfg.agent_id = "under-load".into();
+    cfg.concurrency = 16;
+    let agent = Agent::new(cfg, move |t: TaskContext| {
+        r.lock().unwrap().push(t.task_id.clone());
+        async move {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            Ok::<_, TaskError>(json!("ran"))
+        }
+    });
+    let agent_token = CancellationToken::new();
+    let run = tokio::spawn(agent.run(agent_token.clone()));
+    let load_token = CancellationToken::new();
+    let load = {
+        let (js, subject, stop) = (
+            s.js.clone(),
+            s.subjects.submit("default"),
+            load_token.clone(),
+        );
+        tokio::spawn(async move {
+            let mut n = 0;
+            let mut tick = tokio::time::interval(Duration::from_millis(5));
+            while !stop.is_cancelled() {
+                tick.tick().await;
+                let body = json!({"kind": "echo", "id": format!("load-{n}")});
+                js.publish(subject.clone(), body.to_string().into())
+                    .await
+                    .unwrap()
+                    .await
+                    .unwrap();
+                n += 1;
+            }
+            n
+        })
+    };
+    for i in 0..20 {
+        s.wait_status(&format!("lost-{i}"), "succeeded", T).await;
+    }
+    assert!(!load.is_finished(), "the load was still running");
+    load_token.cancel();
+    let submitted = load.await.unwrap();
+    assert!(submitted > 0);
+    for n in 0..submitted {
+        s.wait_status(&format!("load-{n}"), "succeeded", T).await;
+    }
+    let ran = runs.lock().unwrap().clone();
+    let once: std::collections::BTreeSet<&String> = ran.iter().collect();
+    assert_eq!(once.len(), ran.len(), "no task ran twice");
+    assert_eq!(ran.len() as u64, 20 + submitted);
+    agent_token.cancel();
+    run.await.unwrap().unwrap();
+    token.cancel();
+}
+
 #[tokio::test]
 async fn work_the_work_stream_lost_is_sent_again_once() {
     let s = Stack::new(30_000).await;

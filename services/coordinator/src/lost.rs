@@ -9,11 +9,13 @@
 //! message of a pool's priority band is the oldest attempt of that band not yet done. A queued
 //! task that was last handed out (`updated_at`, or `not_before` for a delayed attempt) more
 //! than `lost_work_after` before that oldest message (or before now, when the band is empty)
-//! has no message left. Its attempt might still have ended, with the outcome not yet recorded:
-//! so the sweep runs only while the coordinator's outcome consumer has nothing pending or
-//! unacknowledged, read after the work stream, which means every outcome stored before that
-//! read has been recorded. Under a load that never lets the outcome consumer idle, lost work is
-//! re-sent at the next lull.
+//! has no message left. Its attempt might still have ended, with the outcome not yet recorded
+//! (an agent stores its outcome before it acks the work): so after reading the work stream the
+//! sweep reads the events stream's last sequence and waits, up to 10 s, until the coordinators'
+//! outcome consumer has acknowledged everything up to it (its ack floor passed it, or it has
+//! nothing pending at all). Under steady load that takes one batch. An outcome waiting for its
+//! task's row (see `outcomes::wait_for_row`) holds the floor back, and sweeps are skipped until
+//! it is recorded or dropped.
 //!
 //! A re-sent attempt goes through the dispatch outbox (its `dispatch_at` mark) under a new
 //! message id (`<id>:<attempt>:lost-<ms>`: the lost message's id may still be in the duplicate
@@ -24,6 +26,7 @@ use std::time::Duration;
 use async_nats::jetstream;
 use chrono::{DateTime, Utc};
 use taskbus_proto::Priority;
+use taskbus_runtime::CancellationToken;
 use tracing::{debug, warn};
 
 use crate::dispatch::{self, Dispatch};
@@ -52,7 +55,10 @@ pub fn parse_lost_work_after(s: &str) -> Result<Duration, String> {
 
 /// One sweep: re-send the attempts of every pool whose work message is gone. Returns how many
 /// were re-sent.
-pub(crate) async fn sweep(ctx: &Ctx) -> Result<usize, CoordinatorError> {
+pub(crate) async fn sweep(
+    ctx: &Ctx,
+    shutdown: &CancellationToken,
+) -> Result<usize, CoordinatorError> {
     let stream = ctx
         .js
         .get_stream_no_info(ctx.subjects.work_stream())
@@ -76,19 +82,11 @@ pub(crate) async fn sweep(ctx: &Ctx) -> Result<usize, CoordinatorError> {
     // 2. Every outcome stored so far is recorded.
     let events = ctx
         .js
-        .get_stream_no_info(ctx.subjects.events_stream())
+        .get_stream(ctx.subjects.events_stream())
         .await
         .map_err(CoordinatorError::js)?;
-    let info = events
-        .consumer_info(crate::outcomes::CONSUMER)
-        .await
-        .map_err(CoordinatorError::js)?;
-    if info.num_pending > 0 || info.num_ack_pending > 0 {
-        debug!(
-            pending = info.num_pending,
-            ack_pending = info.num_ack_pending,
-            "outcomes are being recorded; the lost-work sweep waits for a lull"
-        );
+    let stored = events.cached_info().state.last_sequence;
+    if !outcomes_recorded_through(&events, stored, shutdown).await? {
         return Ok(0);
     }
     // 3. Queued tasks handed out before their band's cutoff have no message: send them again.
@@ -97,6 +95,55 @@ pub(crate) async fn sweep(ctx: &Ctx) -> Result<usize, CoordinatorError> {
         sent += resend(ctx, &pool, priority, cutoff).await?;
     }
     Ok(sent)
+}
+
+/// How long a sweep waits for the outcome consumer to record what was stored before it looked.
+const OUTCOME_WAIT: Duration = Duration::from_secs(10);
+
+/// Wait (up to [`OUTCOME_WAIT`]) until the coordinators' outcome consumer has recorded every
+/// outcome the events stream held up to sequence `stored`. False when it has not by then (an
+/// outcome waiting for its task's row holds the floor back) or on shutdown: the sweep is
+/// skipped and tried again next time.
+async fn outcomes_recorded_through(
+    events: &jetstream::stream::Stream,
+    stored: u64,
+    shutdown: &CancellationToken,
+) -> Result<bool, CoordinatorError> {
+    let deadline = tokio::time::Instant::now() + OUTCOME_WAIT;
+    loop {
+        let info = events
+            .consumer_info(crate::outcomes::CONSUMER)
+            .await
+            .map_err(CoordinatorError::js)?;
+        let floor = info.ack_floor.stream_sequence;
+        if recorded_through(floor, info.num_pending, info.num_ack_pending, stored) {
+            return Ok(true);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            debug!(
+                stored,
+                ack_floor = floor,
+                pending = info.num_pending,
+                ack_pending = info.num_ack_pending,
+                "outcomes stored before the sweep are not all recorded yet; it waits for the next"
+            );
+            return Ok(false);
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(false),
+            _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+        }
+    }
+}
+
+/// Whether a consumer whose acknowledgement floor is at stream sequence `ack_floor`, with
+/// `pending` messages not yet delivered and `ack_pending` delivered but not acknowledged, has
+/// acknowledged every message of its stream up to `stored`. The floor is the highest sequence
+/// up to which every message the consumer takes is acknowledged (nats-server moves it past
+/// messages outside the consumer's filter), so a busy consumer passes `stored` within one
+/// batch; an idle one may leave it below messages it does not take.
+fn recorded_through(ack_floor: u64, pending: u64, ack_pending: usize, stored: u64) -> bool {
+    ack_floor >= stored || (pending == 0 && ack_pending == 0)
 }
 
 async fn resend(
@@ -142,6 +189,21 @@ async fn resend(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn outcomes_count_as_recorded_once_the_floor_passes_or_nothing_waits() {
+        // Busy: more outcomes keep coming, but everything up to 100 is acknowledged.
+        assert!(recorded_through(100, 40, 12, 100));
+        assert!(recorded_through(130, 40, 12, 100));
+        // Busy and behind: outcome 100 (or one before it) is not acknowledged yet.
+        assert!(!recorded_through(99, 40, 12, 100));
+        assert!(!recorded_through(99, 0, 1, 100));
+        assert!(!recorded_through(99, 1, 0, 100));
+        // Idle: the floor may sit below events the consumer does not take.
+        assert!(recorded_through(90, 0, 0, 100));
+        // An empty stream.
+        assert!(recorded_through(0, 0, 0, 0));
+    }
 
     #[test]
     fn lost_work_after_parses_with_units_and_refuses_bad_or_short_values() {

@@ -40,7 +40,7 @@ pub(crate) async fn run(ctx: Arc<Ctx>, shutdown: CancellationToken) {
             _ = shutdown.cancelled() => return,
             _ = tick.tick() => {}
             _ = lost.tick() => {
-                if let Err(e) = crate::lost::sweep(&ctx).await {
+                if let Err(e) = crate::lost::sweep(&ctx, &shutdown).await {
                     warn!(error = %e, "lost-work sweep failed");
                     ctx.metrics.error("lost_work_sweep");
                 }
