@@ -825,7 +825,7 @@ async fn lost_work_is_sent_again_while_outcomes_keep_coming() {
     for i in 0..20 {
         s.wait_status(&format!("lost-{i}"), "queued", T).await;
     }
-    let mut stream = s.js.get_stream("TASKBUS_WORK").await.unwrap();
+    let stream = s.js.get_stream("TASKBUS_WORK").await.unwrap();
     assert_eq!(stream.purge().await.unwrap().purged, 20);
 
     // From now on tasks keep coming, about 200 a second, each taking 20 ms: the outcome
