@@ -175,6 +175,34 @@ pub fn tls_fixture(name: &str) -> std::path::PathBuf {
         .join(name)
 }
 
+/// A Python with nats-py: the test virtualenv's (`$TASKBUS_VENV`, else ~/.cache/taskbus-venv),
+/// then `python3` on PATH. Without one the caller's test says so and passes, unless
+/// `TASKBUS_REQUIRE_PYTHON` is set, as scripts/test.sh does, so that CI cannot skip it silently.
+pub fn python_with_nats_or_skip() -> Option<std::path::PathBuf> {
+    use std::path::PathBuf;
+    let venv = std::env::var_os("TASKBUS_VENV")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/taskbus-venv")));
+    let candidates = venv
+        .map(|v| v.join("bin/python"))
+        .into_iter()
+        .chain([PathBuf::from("python3")]);
+    let found = candidates.into_iter().find(|py| {
+        std::process::Command::new(py)
+            .args(["-c", "import nats"])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    });
+    if found.is_none() {
+        assert!(
+            std::env::var_os("TASKBUS_REQUIRE_PYTHON").is_none(),
+            "TASKBUS_REQUIRE_PYTHON is set but no python with nats-py was found"
+        );
+        eprintln!("skipped: no python3 with nats-py (pip install nats-py)");
+    }
+    found
+}
+
 /// Path of a workspace binary built beside the test executable (`target/<profile>/<name>`).
 /// scripts/test.sh builds them first (`cargo build --workspace --bins`): cargo builds a
 /// package's binaries only for that package's own integration tests.

@@ -13,31 +13,9 @@ use taskbus_tests::stack::Stack;
 
 const T: Duration = Duration::from_secs(30);
 
-/// A Python with nats-py: the test virtualenv's, then `python3` on PATH.
-fn python_with_nats() -> Option<PathBuf> {
-    let venv = std::env::var_os("TASKBUS_VENV")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/taskbus-venv")));
-    let candidates = venv
-        .map(|v| v.join("bin/python"))
-        .into_iter()
-        .chain([PathBuf::from("python3")]);
-    candidates.into_iter().find(|py| {
-        std::process::Command::new(py)
-            .args(["-c", "import nats"])
-            .output()
-            .is_ok_and(|o| o.status.success())
-    })
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_documented_python_agent_runs_tasks() {
-    let Some(python) = python_with_nats() else {
-        assert!(
-            std::env::var_os("TASKBUS_REQUIRE_PYTHON").is_none(),
-            "TASKBUS_REQUIRE_PYTHON is set but no python with nats-py was found"
-        );
-        eprintln!("skipped: no python3 with nats-py (pip install nats-py)");
+    let Some(python) = taskbus_tests::python_with_nats_or_skip() else {
         return;
     };
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../docs/examples/agent.py");
