@@ -531,6 +531,39 @@ async fn cancelling_a_queued_task_means_it_never_runs() {
 }
 
 #[tokio::test]
+async fn tasks_cancelled_before_an_agent_starts_are_never_run_by_it() {
+    let s = Stack::new(30_000).await;
+    let (_c, _ct) = s.coordinator().await;
+    for i in 0..30 {
+        s.submit("default", json!({"kind": "x", "id": format!("pre-{i}")}))
+            .await;
+    }
+    for i in 0..30 {
+        let id = format!("pre-{i}");
+        s.wait_status(&id, "queued", T).await;
+        let v = api(&s, "task.cancel", json!({"id": id})).await;
+        assert_eq!(v["ok"]["status"], "cancelled", "{v}");
+    }
+    // The agent starts with thirty cancelled tasks' work messages waiting for it: it pulls only
+    // once it has replayed their cancellations, and acks them away unrun.
+    let ran = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let r = ran.clone();
+    let _a = agent(&s, "late-agent", move |t: TaskContext| {
+        r.lock().unwrap().push(t.task_id.clone());
+        async { Ok(json!(1)) }
+    });
+    s.submit("default", json!({"kind": "x", "id": "after"}))
+        .await;
+    s.wait_status("after", "succeeded", T).await;
+    eventually("the work stream to be empty", T, || async {
+        let mut st = s.js.get_stream("TASKBUS_WORK").await.ok()?;
+        (st.info().await.ok()?.state.messages == 0).then_some(())
+    })
+    .await;
+    assert_eq!(*ran.lock().unwrap(), vec!["after".to_string()]);
+}
+
+#[tokio::test]
 async fn cancelling_a_running_task_tells_the_handler_and_late_outcomes_are_ignored() {
     let s = Stack::new(30_000).await;
     let (_c, _t) = s.coordinator().await;

@@ -432,6 +432,20 @@ class Agent:
     # -- background ----------------------------------------------------------------------
 
     async def _watch_cancellations(self):
+        """Follow the pool's `cancelled` events, replaying the last hour; returns once the
+        replay has caught up (up to 5 s), so that no task cancelled before the agent started
+        is pulled and run."""
+        subject = f"{self.prefix}.events.{self.pool}.*.cancelled"
+        since = _now() - datetime.timedelta(hours=1)
+        try:
+            last = await self._js.get_last_msg(f"{self.prefix.upper()}_EVENTS", subject)
+            replay_to = last.seq if last.time is None or last.time >= since else 0
+        except nats.js.errors.NotFoundError:
+            replay_to = 0
+        caught_up = asyncio.Event()
+        if not replay_to:
+            caught_up.set()
+
         async def on_cancel(m):
             tid = m.subject.split(".")[-2]
             self._cancelled[tid] = None
@@ -439,14 +453,21 @@ class Agent:
                 self._cancelled.pop(next(iter(self._cancelled)))
             if tid in self._running:
                 self._running[tid].set()
+            if m.metadata.sequence.stream >= replay_to:
+                caught_up.set()
 
-        return await self._js.subscribe(
-            f"{self.prefix}.events.{self.pool}.*.cancelled",
+        sub = await self._js.subscribe(
+            subject,
             cb=on_cancel,
             ordered_consumer=True,
             deliver_policy=api.DeliverPolicy.BY_START_TIME,
-            config=api.ConsumerConfig(opt_start_time=_now() - datetime.timedelta(hours=1)),
+            config=api.ConsumerConfig(opt_start_time=since),
         )
+        try:
+            await asyncio.wait_for(caught_up.wait(), 5)
+        except asyncio.TimeoutError:
+            log.warning("the last hour's cancellations were not all replayed within 5 s; going on")
+        return sub
 
     async def _heartbeats(self, stop: asyncio.Event) -> None:
         subject = f"{self.prefix}.agents.{self.pool}.{self.agent_id}.heartbeat"

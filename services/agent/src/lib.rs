@@ -459,10 +459,24 @@ impl<H: Handler> Agent<H> {
         // Side loops (cancellations, heartbeats, reputation) live until the agent has drained.
         let aux_stop = CancellationToken::new();
         let aux = taskbus_runtime::TaskTracker::new();
-        aux.spawn(watch_cancellations(shared.clone(), aux_stop.clone()));
+        let replayed = CancellationToken::new();
+        aux.spawn(watch_cancellations(
+            shared.clone(),
+            replayed.clone(),
+            aux_stop.clone(),
+        ));
         aux.spawn(heartbeats(shared.clone(), aux_stop.clone()));
         aux.spawn(watch_reputation(shared.clone(), aux_stop.clone()));
         aux.close();
+        // Pull only once the last hour's cancellations are known, so that a task cancelled
+        // while it waited is not run by an agent that just started.
+        tokio::select! {
+            _ = replayed.cancelled() => {}
+            _ = shutdown.cancelled() => {}
+            _ = tokio::time::sleep(CANCEL_REPLAY_WAIT) => {
+                warn!("the last hour's cancellations were not all replayed within 5 s; pulling anyway");
+            }
+        }
         let tracker = taskbus_runtime::TaskTracker::new();
         if let Some(h) = &health {
             h.set_ready(true);
@@ -916,16 +930,35 @@ async fn refresh_settings<H>(shared: &Shared<H>) {
     }
 }
 
+/// How long a starting agent waits for the replay of the last hour's cancellations.
+const CANCEL_REPLAY_WAIT: Duration = Duration::from_secs(5);
+
 /// Follow `cancelled` events of the pool (replaying the last hour first, so an agent started
 /// after a cancellation still skips the task): running tasks are told through their
-/// cancellation token, queued ones are skipped when pulled.
-async fn watch_cancellations<H: Handler>(shared: Arc<Shared<H>>, stop: CancellationToken) {
+/// cancellation token, queued ones are skipped when pulled. `replayed` is cancelled once the
+/// replay has reached the newest cancellation stored when it began.
+async fn watch_cancellations<H: Handler>(
+    shared: Arc<Shared<H>>,
+    replayed: CancellationToken,
+    stop: CancellationToken,
+) {
     use async_nats::jetstream::consumer::{self, DeliverPolicy};
     let subject = format!(
         "{}.events.{}.*.cancelled",
         shared.subjects.prefix(),
         shared.config.pool
     );
+    let since = Utc::now() - chrono::Duration::hours(1);
+    let replay_to = match shared.js.get_stream(shared.subjects.events_stream()).await {
+        Ok(stream) => match stream.get_last_raw_message_by_subject(&subject).await {
+            Ok(m) if m.time >= since => m.sequence,
+            _ => 0,
+        },
+        Err(_) => 0,
+    };
+    if replay_to == 0 {
+        replayed.cancel();
+    }
     while !stop.is_cancelled() {
         let consumer = match shared.js.get_stream(shared.subjects.events_stream()).await {
             Ok(stream) => stream
@@ -953,6 +986,9 @@ async fn watch_cancellations<H: Handler>(shared: Arc<Shared<H>>, stop: Cancellat
                 m = messages.next() => m,
             };
             let Some(Ok(m)) = m else { break };
+            if m.info().is_ok_and(|i| i.stream_sequence >= replay_to) {
+                replayed.cancel();
+            }
             if let Some(id) = m.subject.split('.').rev().nth(1) {
                 if let Some(token) = lock(&shared.running).get(id) {
                     token.cancel();
