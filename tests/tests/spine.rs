@@ -802,17 +802,14 @@ async fn a_fresh_coordinator_records_running_promptly() {
     run.await.unwrap().unwrap();
 }
 
-/// An operator purges the work stream (or it comes back from an old backup) while tasks wait:
-/// PostgreSQL still says `queued`, but no agent will ever see them. The coordinator notices
-/// that their messages are gone and sends each attempt again, once; tasks whose messages are
-/// still there, and a delayed attempt whose time has not come, are left alone.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn lost_work_is_sent_again_while_outcomes_keep_coming() {
+/// A coordinator that looks for lost work every 2 s, with tasks `lost-0` to `lost-19` queued
+/// and no agent.
+async fn lost_work_stack() -> (Stack, CancellationToken, taskbus_coordinator::Running) {
     let s = Stack::new(30_000).await;
     let mut config = s.coordinator_config();
     config.lost_work_after = Duration::from_secs(2);
     let token = CancellationToken::new();
-    let _coord = taskbus_coordinator::start(config, token.clone())
+    let coord = taskbus_coordinator::start(config, token.clone())
         .await
         .expect("coordinator starts");
     for i in 0..20 {
@@ -825,6 +822,13 @@ async fn lost_work_is_sent_again_while_outcomes_keep_coming() {
     for i in 0..20 {
         s.wait_status(&format!("lost-{i}"), "queued", T).await;
     }
+    (s, token, coord)
+}
+
+/// Lost work is found while tasks keep coming and the outcome consumer never idles.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_work_is_sent_again_while_outcomes_keep_coming() {
+    let (s, token, _coord) = lost_work_stack().await;
     let stream = s.js.get_stream("TASKBUS_WORK").await.unwrap();
     assert_eq!(stream.purge().await.unwrap().purged, 20);
 
@@ -886,32 +890,19 @@ async fn lost_work_is_sent_again_while_outcomes_keep_coming() {
     token.cancel();
 }
 
+/// An operator purges the work stream (or it comes back from an old backup) while tasks wait:
+/// PostgreSQL still says `queued`, but no agent will ever see them. The coordinator notices
+/// that their messages are gone and sends each attempt again, once; tasks whose messages are
+/// still there, and a delayed attempt whose time has not come, are left alone.
 #[tokio::test]
 async fn work_the_work_stream_lost_is_sent_again_once() {
-    let s = Stack::new(30_000).await;
-    let mut config = s.coordinator_config();
-    config.ensure_pools = vec!["default".into()];
-    config.lost_work_after = Duration::from_secs(2);
-    let token = CancellationToken::new();
-    let _coord = taskbus_coordinator::start(config, token.clone())
-        .await
-        .expect("coordinator starts");
-    for i in 0..20 {
-        s.submit(
-            "default",
-            json!({"kind": "echo", "id": format!("lost-{i}")}),
-        )
-        .await;
-    }
+    let (s, token, _coord) = lost_work_stack().await;
     let later = (chrono::Utc::now() + chrono::Duration::seconds(60)).to_rfc3339();
     s.submit(
         "default",
         json!({"kind": "echo", "id": "later", "not_before": later}),
     )
     .await;
-    for i in 0..20 {
-        s.wait_status(&format!("lost-{i}"), "queued", T).await;
-    }
     s.wait_status("later", "queued", T).await;
     // The work subjects are purged; the delayed attempt's schedule message stays.
     let mut stream = s.js.get_stream("TASKBUS_WORK").await.unwrap();
