@@ -488,6 +488,15 @@ pub mod stack {
                 .expect("outcome stored");
         }
 
+        /// Wait until the stream `name` holds no message (every one acked off a work queue).
+        pub async fn wait_stream_empty(&self, name: &str, timeout: Duration) {
+            super::eventually(&format!("stream {name} to be empty"), timeout, || async {
+                let mut st = self.js.get_stream(name).await.ok()?;
+                (st.info().await.ok()?.state.messages == 0).then_some(())
+            })
+            .await;
+        }
+
         pub async fn count(&self, status: &str) -> i64 {
             sqlx::query_scalar("SELECT count(*) FROM coordinator.tasks WHERE status = $1")
                 .bind(status)

@@ -555,11 +555,7 @@ async fn tasks_cancelled_before_an_agent_starts_are_never_run_by_it() {
     s.submit("default", json!({"kind": "x", "id": "after"}))
         .await;
     s.wait_status("after", "succeeded", T).await;
-    eventually("the work stream to be empty", T, || async {
-        let mut st = s.js.get_stream("TASKBUS_WORK").await.ok()?;
-        (st.info().await.ok()?.state.messages == 0).then_some(())
-    })
-    .await;
+    s.wait_stream_empty("TASKBUS_WORK", T).await;
     assert_eq!(*ran.lock().unwrap(), vec!["after".to_string()]);
 }
 

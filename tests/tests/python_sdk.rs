@@ -79,14 +79,6 @@ impl PyAgent {
     }
 }
 
-async fn work_stream_empty(s: &Stack) {
-    eventually("the work stream to be empty", T, || async {
-        let mut st = s.js.get_stream("TASKBUS_WORK").await.ok()?;
-        (st.info().await.ok()?.state.messages == 0).then_some(())
-    })
-    .await;
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_python_sdk_reports_every_kind_of_outcome() {
     let Some(python) = taskbus_tests::python_with_nats_or_skip() else {
@@ -230,7 +222,7 @@ async fn the_python_sdk_reports_every_kind_of_outcome() {
             .map(|v| v.as_str()),
         Some("1")
     );
-    work_stream_empty(&s).await;
+    s.wait_stream_empty("TASKBUS_WORK", T).await;
     s.submit("default", json!({"kind": "echo", "id": "sdk-after"}))
         .await;
     s.wait_status("sdk-after", "succeeded", T).await;
@@ -321,7 +313,7 @@ async fn the_python_sdk_stops_cancelled_tasks_and_hands_back_on_sigterm() {
     let done = s.wait_status("sdk-handback", "succeeded", T).await;
     assert_eq!(done.agent_id.as_deref(), Some("py-b"));
     assert_eq!(done.attempt, 1, "handed back, not failed: {done:?}");
-    work_stream_empty(&s).await;
+    s.wait_stream_empty("TASKBUS_WORK", T).await;
     assert_eq!(s.task("sdk-precancel").await.unwrap().status, "cancelled");
     let lines = b.stop().await;
     assert!(

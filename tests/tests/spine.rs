@@ -750,11 +750,7 @@ async fn a_burst_of_repeated_ids_across_concurrent_batches_runs_each_once() {
     })
     .await;
     // Every submit message was handled (acked), none is left to redeliver.
-    eventually("submit stream drained", T, || async {
-        let mut st = s.js.get_stream(s.subjects.submit_stream()).await.ok()?;
-        (st.info().await.ok()?.state.messages == 0).then_some(())
-    })
-    .await;
+    s.wait_stream_empty(&s.subjects.submit_stream(), T).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(runs.load(Ordering::Relaxed), 10, "each id ran exactly once");
     let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM coordinator.tasks")

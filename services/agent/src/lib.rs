@@ -949,7 +949,11 @@ async fn watch_cancellations<H: Handler>(
         shared.config.pool
     );
     let since = Utc::now() - chrono::Duration::hours(1);
-    let replay_to = match shared.js.get_stream(shared.subjects.events_stream()).await {
+    let replay_to = match shared
+        .js
+        .get_stream_no_info(shared.subjects.events_stream())
+        .await
+    {
         Ok(stream) => match stream.get_last_raw_message_by_subject(&subject).await {
             Ok(m) if m.time >= since => m.sequence,
             _ => 0,

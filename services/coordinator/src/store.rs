@@ -458,16 +458,19 @@ pub struct FailureOutcome {
 /// rounds, each with at most one failure per task, in attempt order — as if they had arrived
 /// one by one. What is returned is each task's state after its last round.
 pub async fn record_failed(db: &PgPool, rows: &[Failure]) -> DbResult<Vec<FailureOutcome>> {
-    let rounds = failure_rounds(rows);
     let mut out: Vec<FailureOutcome> = Vec::new();
-    for round in rounds {
+    let mut index: HashMap<String, usize> = HashMap::new();
+    for round in failure_rounds(rows) {
         for f in record_failed_round(db, &round).await? {
-            match out.iter_mut().find(|o| o.id == f.id) {
-                Some(o) => {
-                    let fresh = o.fresh || f.fresh;
-                    *o = FailureOutcome { fresh, ..f };
+            match index.get(&f.id) {
+                Some(&i) => {
+                    let fresh = out[i].fresh || f.fresh;
+                    out[i] = FailureOutcome { fresh, ..f };
                 }
-                None => out.push(f),
+                None => {
+                    index.insert(f.id.clone(), out.len());
+                    out.push(f);
+                }
             }
         }
     }
