@@ -43,17 +43,18 @@ ensure_nats() {
   command -v nats-server >/dev/null || { echo "nats-server still missing" >&2; exit 1; }
 }
 
-# nats-py in the same virtualenv, for the test that runs docs/examples/agent.py.
+# nats-py (with nkeys, for .creds and nkey credentials) in the same virtualenv, for the tests of
+# the Python agent SDK (sdk/python) and of docs/examples/agent.py.
 ensure_python_nats() {
-  if [ -x "$TASKBUS_VENV/bin/python" ] && "$TASKBUS_VENV/bin/python" -c 'import nats' 2>/dev/null; then
+  if [ -x "$TASKBUS_VENV/bin/python" ] && "$TASKBUS_VENV/bin/python" -c 'import nats, nkeys' 2>/dev/null; then
     return
   fi
-  log "installing nats-py (PyPI) into $TASKBUS_VENV"
+  log "installing nats-py and nkeys (PyPI) into $TASKBUS_VENV"
   if [ ! -x "$TASKBUS_VENV/bin/python" ] && ! python3 -m venv "$TASKBUS_VENV" 2>/dev/null; then
     apt_install python3-venv
     python3 -m venv "$TASKBUS_VENV"
   fi
-  "$TASKBUS_VENV/bin/pip" install -q --upgrade nats-py
+  "$TASKBUS_VENV/bin/pip" install -q --upgrade 'nats-py[nkeys]'
 }
 
 # Prometheus and promtool (Debian's prometheus package), for the test of deploy/monitoring/

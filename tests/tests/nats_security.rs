@@ -1,7 +1,8 @@
 //! NATS credentials and TLS against real nats-servers configured for them: tokens,
 //! users/passwords (flags and URL), nkeys, `.creds` files (operator/JWT mode) and TLS (own CA,
-//! mutual TLS, TLS-first), and the whole spine (coordinator, agent, producer) over mutual TLS
-//! with a token. Each refusal must come back as an error that names what to check.
+//! mutual TLS, TLS-first), the whole spine (coordinator, agent, producer) over mutual TLS
+//! with a token, and the Python agent SDK with the same settings. Each refusal must come back
+//! as an error that names what to check.
 
 use std::time::Duration;
 
@@ -648,4 +649,389 @@ async fn flags_are_checked_and_secrets_stay_hidden() {
             "{bin} --help shows a secret:\n{help}"
         );
     }
+}
+
+/// `python -m taskbus_agent` (the Python agent SDK) serving `default` with the handlers of
+/// tests/python/sdk_handlers.py, with no `TASKBUS_NATS_*` variable but those in `env`.
+fn py_agent(
+    python: &std::path::Path,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> tokio::process::Command {
+    let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let mut c = tokio::process::Command::new(python);
+    c.args(["-m", "taskbus_agent", "default", "sdk_handlers:handle"])
+        .args(args)
+        .env(
+            "PYTHONPATH",
+            format!(
+                "{}:{}",
+                root.join("sdk/python").display(),
+                root.join("tests/python").display()
+            ),
+        )
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true);
+    for v in [
+        "URL",
+        "CREDS",
+        "NKEY",
+        "TOKEN",
+        "USER",
+        "PASSWORD",
+        "TLS_CA",
+        "TLS_CERT",
+        "TLS_KEY",
+        "TLS",
+        "TLS_FIRST",
+    ] {
+        c.env_remove(format!("TASKBUS_NATS_{v}"));
+    }
+    c.envs(env.iter().copied());
+    c
+}
+
+/// Run a Python agent that must give up: its exit code and standard error.
+async fn py_agent_fails(
+    python: &std::path::Path,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> (i32, String) {
+    let out = tokio::time::timeout(
+        Duration::from_secs(30),
+        py_agent(python, args, env).output(),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("the Python agent with {args:?} kept running"))
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "{args:?} succeeded: {stderr}");
+    for secret in ["s3cr3t", "wrong-token"] {
+        assert!(!stderr.contains(secret), "{args:?}: a secret in {stderr}");
+    }
+    assert!(!stderr.contains("Traceback"), "{args:?}: {stderr}");
+    (out.status.code().unwrap_or(-1), stderr)
+}
+
+/// Start a coordinator with `auth` and submit one echo task with it; the Python agent started
+/// by `agent` must complete it.
+async fn python_agent_completes_a_task(
+    nats: &NatsServer,
+    auth: &NatsAuth,
+    mut agent: tokio::process::Command,
+    id: &str,
+) {
+    let db = TestDb::new().await;
+    let shutdown = CancellationToken::new();
+    let mut cfg = taskbus_coordinator::Config::new(nats.url(), db.url.clone());
+    cfg.nats_auth = auth.clone();
+    let coordinator = taskbus_coordinator::start(cfg, shutdown.clone())
+        .await
+        .expect("coordinator");
+    let mut child = agent.spawn().expect("start the Python agent");
+    let js = jetstream::new(connect(&nats.url(), auth).await.unwrap());
+    js.publish(
+        "taskbus.submit.default",
+        format!(r#"{{"id":"{id}","kind":"echo","payload":{{"x":1}}}}"#).into(),
+    )
+    .await
+    .unwrap()
+    .await
+    .expect("publish ack");
+    let pg = db.pool().await;
+    let result: Option<serde_json::Value> = eventually(
+        &format!("{id} to succeed"),
+        Duration::from_secs(30),
+        || async {
+            sqlx::query_as::<_, (String, Option<serde_json::Value>)>(
+                "SELECT status, result FROM coordinator.tasks WHERE task_id = $1",
+            )
+            .bind(id)
+            .fetch_optional(&pg)
+            .await
+            .ok()
+            .flatten()
+            .filter(|(s, _)| s == "succeeded")
+            .map(|(_, r)| r)
+        },
+    )
+    .await;
+    assert_eq!(result.unwrap()["echo"], serde_json::json!({"x": 1}));
+    let _ = child.start_kill();
+    shutdown.cancel();
+    coordinator.wait().await;
+}
+
+/// The Python agent SDK takes the same credentials and TLS settings as the Rust services (here
+/// from their `TASKBUS_NATS_*` variables and flags), completes tasks with mutual TLS and a token
+/// and with a `.creds` file, and gives up at once, saying what to check, when the server refuses
+/// its credentials or certificate or does not speak TLS. Settings that cannot work are refused
+/// before connecting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_python_sdk_connects_with_tls_tokens_and_creds_files() {
+    let Some(python) = taskbus_tests::python_with_nats_or_skip() else {
+        return;
+    };
+    let (ca, cert, key) = (
+        path_str("ca.pem"),
+        path_str("client.pem"),
+        path_str("client.key"),
+    );
+    let mtls_env = [
+        ("TASKBUS_NATS_TLS_CA", ca.as_str()),
+        ("TASKBUS_NATS_TLS_CERT", cert.as_str()),
+        ("TASKBUS_NATS_TLS_KEY", key.as_str()),
+    ];
+
+    // Mutual TLS and a token.
+    let nats = server(format!(
+        "{}authorization {{ token: \"s3cr3t-py\" }}\n",
+        tls_block("verify: true")
+    ))
+    .await;
+    let url = nats.url();
+    let mut env = mtls_env.to_vec();
+    env.extend([
+        ("TASKBUS_NATS_URL", url.as_str()),
+        ("TASKBUS_NATS_TOKEN", "s3cr3t-py"),
+    ]);
+    let auth = NatsAuth {
+        token: Some(Secret::new("s3cr3t-py")),
+        ..mtls()
+    };
+    python_agent_completes_a_task(&nats, &auth, py_agent(&python, &[], &env), "py-tls-1").await;
+
+    env.pop();
+    let (code, err) = py_agent_fails(&python, &["--nats-token", "wrong-token"], &env).await;
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("refused the credentials") && err.contains("--nats-token"),
+        "{err}"
+    );
+    // The token in the URL instead.
+    let in_url = url.replace("nats://", "nats://wrong-token@");
+    let (_, err) = py_agent_fails(&python, &["--nats-url", &in_url], &mtls_env).await;
+    assert!(err.contains("refused the credentials"), "{err}");
+    let ca_only = [
+        ("TASKBUS_NATS_URL", url.as_str()),
+        ("TASKBUS_NATS_TLS_CA", ca.as_str()),
+    ];
+    let (_, err) = py_agent_fails(&python, &["--nats-token", "s3cr3t-py"], &ca_only).await;
+    assert!(
+        err.contains("client certificate") && err.contains("--nats-tls-cert"),
+        "{err}"
+    );
+    let other = path_str("other-ca.pem");
+    let (_, err) =
+        py_agent_fails(&python, &["--nats-url", &url, "--nats-tls-ca", &other], &[]).await;
+    assert!(
+        err.contains("TLS failed") && err.contains("--nats-tls-ca"),
+        "{err}"
+    );
+
+    // A server without TLS gets no token when TLS is required.
+    let plain = server("authorization { token: \"s3cr3t-py\" }\n".into()).await;
+    let (code, err) = py_agent_fails(
+        &python,
+        &[
+            "--nats-url",
+            &plain.url(),
+            "--nats-tls",
+            "--nats-token",
+            "s3cr3t-py",
+        ],
+        &[],
+    )
+    .await;
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("does not speak TLS") && err.contains("no credentials were sent"),
+        "{err}"
+    );
+
+    // Operator (JWT) mode and a .creds file.
+    let op = OperatorMode::new();
+    let jwt_server = server(op.config(&[])).await;
+    let creds = temp_file(&OperatorMode::creds(
+        &nkeys::KeyPair::new_user(),
+        &op.account,
+    ));
+    let creds_path = creds.path().display().to_string();
+    let agent = py_agent(
+        &python,
+        &["--nats-url", &jwt_server.url(), "--nats-creds", &creds_path],
+        &[],
+    );
+    python_agent_completes_a_task(&jwt_server, &creds_auth(creds.path()), agent, "py-creds-1")
+        .await;
+    let stranger = temp_file(&OperatorMode::creds(
+        &nkeys::KeyPair::new_user(),
+        &nkeys::KeyPair::new_account(),
+    ));
+    let stranger_path = stranger.path().display().to_string();
+    let (_, err) = py_agent_fails(
+        &python,
+        &[
+            "--nats-url",
+            &jwt_server.url(),
+            "--nats-creds",
+            &stranger_path,
+        ],
+        &[],
+    )
+    .await;
+    assert!(err.contains("refused the credentials"), "{err}");
+}
+
+/// Flags, variables, and what the refusal must say.
+type BadSettings<'a> = (Vec<&'a str>, Vec<(&'a str, &'a str)>, Vec<&'a str>);
+
+/// Python agent settings that cannot work are refused before connecting (exit 2), naming the
+/// flag or variable and what is wrong, without a traceback or the secret.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_python_sdk_refuses_bad_nats_settings_before_connecting() {
+    let Some(python) = taskbus_tests::python_with_nats_or_skip() else {
+        return;
+    };
+    let user = nkeys::KeyPair::new_user();
+    let account = nkeys::KeyPair::new_account();
+    let garbage = temp_file("hello\n");
+    let half = temp_file(&OperatorMode::creds(&user, &account).replace("USER NKEY SEED", "X"));
+    let public = temp_file(&format!("{}\n", user.public_key()));
+    let big = temp_file(&"x".repeat(2 << 20));
+    let (g, h, p, b) = (
+        garbage.path().display().to_string(),
+        half.path().display().to_string(),
+        public.path().display().to_string(),
+        big.path().display().to_string(),
+    );
+    let (ca, cert, key) = (
+        path_str("ca.pem"),
+        path_str("client.pem"),
+        path_str("client.key"),
+    );
+    let server_key = path_str("server.key");
+    let url = "nats://127.0.0.1:1";
+    let cases: Vec<BadSettings> = vec![
+        (
+            vec!["--nats-creds", &g],
+            vec![],
+            vec!["--nats-creds", "not a NATS credentials file"],
+        ),
+        (vec!["--nats-creds", &h], vec![], vec!["no seed"]),
+        (
+            vec![],
+            vec![("TASKBUS_NATS_CREDS", "/no/such/file")],
+            vec!["TASKBUS_NATS_CREDS", "cannot read it"],
+        ),
+        (vec!["--nats-creds", &b], vec![], vec!["larger than 1 MiB"]),
+        (
+            vec!["--nats-nkey", &p],
+            vec![],
+            vec!["--nats-nkey", "that is the public key"],
+        ),
+        (vec!["--nats-nkey", &g], vec![], vec!["holds no nkey seed"]),
+        (
+            vec!["--nats-tls-ca", &g],
+            vec![],
+            vec!["--nats-tls-ca", "no PEM certificate"],
+        ),
+        (
+            vec!["--nats-tls-cert", &cert, "--nats-tls-key", &cert],
+            vec![],
+            vec!["--nats-tls-key", "no PEM private key"],
+        ),
+        (
+            vec!["--nats-tls-cert", &cert, "--nats-tls-key", &server_key],
+            vec![],
+            vec!["not a certificate and its private key"],
+        ),
+        (
+            vec!["--nats-tls-cert", &cert],
+            vec![],
+            vec!["--nats-tls-key go together"],
+        ),
+        (
+            vec![
+                "--nats-token",
+                "s3cr3t-a",
+                "--nats-user",
+                "u",
+                "--nats-password",
+                "s3cr3t-b",
+            ],
+            vec![],
+            vec!["only one of"],
+        ),
+        (
+            vec!["--nats-user", "u"],
+            vec![],
+            vec!["--nats-password go together"],
+        ),
+        (
+            vec![
+                "--nats-url",
+                "nats://s3cr3t-x@h:4222",
+                "--nats-token",
+                "s3cr3t-y",
+            ],
+            vec![],
+            vec!["carries credentials"],
+        ),
+        (
+            vec!["--nats-url", "nats://a:s3cr3t-1@h:1,nats://a:s3cr3t-2@g:1"],
+            vec![],
+            vec!["different credentials"],
+        ),
+        (
+            vec!["--nats-url", "http://h:4222"],
+            vec![],
+            vec!["not a server address"],
+        ),
+        (
+            vec!["--nats-url", "nats://h:99999"],
+            vec![],
+            vec!["NATS URL"],
+        ),
+        (
+            vec![],
+            vec![("TASKBUS_NATS_TLS", "maybe")],
+            vec!["TASKBUS_NATS_TLS", "true or false"],
+        ),
+    ];
+    for (args, env, want) in cases {
+        let mut all = vec!["--nats-url", url];
+        all.extend(args.iter().copied());
+        if args.first() == Some(&"--nats-url") {
+            all = args.clone();
+        }
+        let (code, err) = py_agent_fails(&python, &all, &env).await;
+        assert_eq!(code, 2, "{all:?} {env:?}: {err}");
+        for w in want {
+            assert!(err.contains(w), "{all:?} {env:?}: {err:?} lacks {w:?}");
+        }
+    }
+    // Good files pass the checks: the agent then waits for the (absent) server.
+    let mut waiting = py_agent(
+        &python,
+        &[
+            "--nats-url",
+            url,
+            "--nats-tls-ca",
+            &ca,
+            "--nats-tls-cert",
+            &cert,
+            "--nats-tls-key",
+            &key,
+        ],
+        &[],
+    );
+    let mut child = waiting.spawn().unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the agent gave up on a server that is not up yet"
+    );
+    child.start_kill().unwrap();
 }

@@ -33,6 +33,8 @@ What the SDK does for you (the protocol is docs/PROTOCOL.md, "Writing an agent")
   tasks back to the queue so that another agent runs them at once. Give the pod a
   ``terminationGracePeriodSeconds`` longer than ``grace``.
 
+It connects with the credentials and TLS settings every taskbus service takes (``.creds`` and
+nkey files, tokens, users, CAs, client certificates; see :mod:`taskbus_agent.connection`).
 Unlike the Rust SDK it has no circuit breaker and no placement hooks.
 """
 
@@ -48,10 +50,13 @@ import time
 from typing import Any, Awaitable, Callable, Dict, Optional
 
 import nats
+from nats.aio.client import Client as NatsClient
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js import api
 
-__all__ = ["Agent", "Task", "Permanent", "ConfigError", "VERSION"]
+from .connection import ConfigError, ConnectRefused, NatsSettings, encrypted, fatal
+
+__all__ = ["Agent", "Task", "Permanent", "ConfigError", "ConnectRefused", "NatsSettings", "VERSION"]
 VERSION = "0.1.0"
 
 log = logging.getLogger("taskbus_agent")
@@ -67,10 +72,6 @@ _POOL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 
 class Permanent(Exception):
     """Raise from a handler to fail the attempt for good: the task is not retried."""
-
-
-class ConfigError(ValueError):
-    """An agent setting that cannot work; the message says which and why."""
 
 
 @dataclasses.dataclass
@@ -163,6 +164,7 @@ class Agent:
         grace: float = 30.0,
         prefix: str = "taskbus",
         heartbeat_every: float = 5.0,
+        connection: Optional[NatsSettings] = None,
     ):
         if not isinstance(pool, str) or not _POOL.match(pool):
             raise ConfigError(
@@ -185,7 +187,10 @@ class Agent:
             raise ConfigError("handler must be an async function taking a Task")
         self.pool = pool
         self.handler = handler
-        self.nats_url = nats_url or os.environ.get("TASKBUS_NATS_URL", "nats://127.0.0.1:4222")
+        if connection is not None and nats_url is not None:
+            raise ConfigError("give nats_url or connection (NatsSettings), not both")
+        #: Where and how to connect: URLs, credentials, TLS (see taskbus_agent.connection).
+        self.connection = connection or NatsSettings.resolve(nats_url)
         self.agent_id = agent_id
         self.concurrency = concurrency
         self.grace = float(grace)
@@ -210,23 +215,48 @@ class Agent:
             stop = asyncio.Event()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, stop.set)
+        nc = NatsClient()
+        refused: "asyncio.Future[str]" = loop.create_future()
+
         async def nats_error(e):
+            why = None if nc.is_connected else fatal(e, self.connection)
+            if why is not None:
+                if not refused.done():
+                    refused.set_result(why)
+                return
             log.warning("NATS: %s", e or type(e).__name__)
 
-        # Connecting is retried until it works (NATS may start after the pod) or stop is set.
+        # Connecting is retried until it works (NATS may start after the pod) or stop is set;
+        # credentials the server refuses or a failed TLS handshake end it at once.
         connecting = asyncio.ensure_future(
-            nats.connect(
-                self.nats_url.split(","),
+            nc.connect(
+                **self.connection.connect_options(nc),
                 name=self.agent_id,
                 max_reconnect_attempts=-1,
                 error_cb=nats_error,
             )
         )
-        await _first(asyncio.shield(connecting), stop.wait())
+        await _first(asyncio.shield(connecting), stop.wait(), asyncio.shield(refused))
         if not connecting.done():
             connecting.cancel()
+            await asyncio.gather(connecting, return_exceptions=True)
+            await nc.close()
+            if refused.done():
+                raise ConnectRefused(f"cannot connect to NATS at {self.connection.display_url}: {refused.result()}")
             return
-        nc = connecting.result()
+        nc_error = connecting.exception()
+        if nc_error is not None:
+            why = refused.result() if refused.done() else fatal(nc_error, self.connection)
+            await nc.close()
+            if why is not None:
+                raise ConnectRefused(f"cannot connect to NATS at {self.connection.display_url}: {why}")
+            raise nc_error
+        if self.connection.require_tls and not encrypted(nc):
+            await nc.close()
+            raise ConnectRefused(
+                f"cannot connect to NATS at {self.connection.display_url}: the server does not speak "
+                "TLS, and TLS is required (--nats-tls, a CA or client certificate, or a tls:// URL)"
+            )
         self._nc, self._js = nc, nc.jetstream()
         try:
             subs = await self._bind(stop)
@@ -264,7 +294,7 @@ class Agent:
     async def _bind(self, stop: asyncio.Event):
         """The three work consumers (the coordinator creates them), waiting until they exist."""
         stream = f"{self.prefix.upper()}_WORK"
-        warned = False
+        warned = set()
         while not stop.is_set():
             try:
                 info = await self._js.consumer_info(stream, f"work-{self.pool}-normal")
@@ -273,15 +303,20 @@ class Agent:
                     b: await self._js.pull_subscribe_bind(durable=f"work-{self.pool}-{b}", stream=stream)
                     for b in BANDS
                 }
+            except nats.js.errors.ServiceUnavailableError:
+                why = (
+                    f"JetStream does not answer at {self.connection.display_url}; is nats-server "
+                    "running with -js (JetStream enabled)? waiting"
+                )
             except nats.js.errors.NotFoundError:
-                if not warned:
-                    log.warning(
-                        "work consumers of pool %s not found yet; is the coordinator running "
-                        "and the pool configured? waiting",
-                        self.pool,
-                    )
-                    warned = True
-                await _first(asyncio.sleep(0.5), stop.wait())
+                why = (
+                    f"work consumers of pool {self.pool} not found yet; is the coordinator running "
+                    "and the pool configured? waiting"
+                )
+            if why not in warned:  # each reason once
+                log.warning("%s", why)
+                warned.add(why)
+            await _first(asyncio.sleep(0.5), stop.wait())
         return None
 
     async def _next_batch(self, subs, n: int):
