@@ -882,6 +882,40 @@ async fn the_python_sdk_connects_with_tls_tokens_and_creds_files() {
     )
     .await;
     assert!(err.contains("refused the credentials"), "{err}");
+
+    // An nkey user, the seed's file named by the variable.
+    let user = nkeys::KeyPair::new_user();
+    let nkey_server = server(format!(
+        "authorization {{ users: [ {{ nkey: {} }} ] }}",
+        user.public_key()
+    ))
+    .await;
+    let seed = temp_file(&format!("{}\n", user.seed().unwrap()));
+    let (nkey_url, seed_path) = (nkey_server.url(), seed.path().display().to_string());
+    let env = [
+        ("TASKBUS_NATS_URL", nkey_url.as_str()),
+        ("TASKBUS_NATS_NKEY", seed_path.as_str()),
+    ];
+    let auth = NatsAuth {
+        nkey: Some(seed.path().into()),
+        ..Default::default()
+    };
+    python_agent_completes_a_task(
+        &nkey_server,
+        &auth,
+        py_agent(&python, &[], &env),
+        "py-nkey-1",
+    )
+    .await;
+    let other = temp_file(&nkeys::KeyPair::new_user().seed().unwrap());
+    let other_path = other.path().display().to_string();
+    let (_, err) = py_agent_fails(
+        &python,
+        &["--nats-url", &nkey_url, "--nats-nkey", &other_path],
+        &[],
+    )
+    .await;
+    assert!(err.contains("refused the credentials"), "{err}");
 }
 
 /// Flags, variables, and what the refusal must say.
@@ -900,6 +934,8 @@ async fn the_python_sdk_refuses_bad_nats_settings_before_connecting() {
     let half = temp_file(&OperatorMode::creds(&user, &account).replace("USER NKEY SEED", "X"));
     let public = temp_file(&format!("{}\n", user.public_key()));
     let big = temp_file(&"x".repeat(2 << 20));
+    let noisy = temp_file(&format!("# my seed\n{}\n", user.seed().unwrap()));
+    let seed_and_more = noisy.path().display().to_string();
     let (g, h, p, b) = (
         garbage.path().display().to_string(),
         half.path().display().to_string(),
@@ -932,6 +968,11 @@ async fn the_python_sdk_refuses_bad_nats_settings_before_connecting() {
             vec!["--nats-nkey", "that is the public key"],
         ),
         (vec!["--nats-nkey", &g], vec![], vec!["holds no nkey seed"]),
+        (
+            vec!["--nats-nkey", &seed_and_more],
+            vec![],
+            vec!["keep only the SU... line"],
+        ),
         (
             vec!["--nats-tls-ca", &g],
             vec![],

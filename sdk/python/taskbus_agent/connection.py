@@ -165,6 +165,11 @@ def _check_nkey(path: str) -> None:
         )
         raise ConfigError(f"{_label('nkey')} {path}: holds no nkey seed (a line starting with SU){hint}")
     _check_seed("nkey", path, seed)
+    if text.strip() != seed:
+        raise ConfigError(
+            f"{_label('nkey')} {path}: holds more than the seed; nats-py reads the whole file as "
+            "the seed, so keep only the SU... line in it"
+        )
 
 
 def _check_pem(name: str, path: str, marker: str, what: str) -> None:
