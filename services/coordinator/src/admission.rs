@@ -284,6 +284,13 @@ async fn handle_batch(ctx: &Ctx, mut items: Vec<Item>, slot: Slot) -> Result<(),
     store::insert_rejected(&ctx.db_admit, &rekeyed, &mut incarnations).await?;
 
     // 3. Publish work and rejected events, all in flight at once.
+    // Whether acking depends on rows this batch wrote or will act on being durable: not when
+    // every message is a duplicate of a task recorded by another message (whose own ack waits
+    // for its row), so a burst of duplicates is not held up by WAL flushes.
+    let mut needs_flush = !inserted.is_empty()
+        || !rej_inserted.is_empty()
+        || !rekeyed.is_empty()
+        || !admitted_earlier.is_empty();
     let now = Utc::now();
     let mut pending = Vec::new(); // (item index, ack future)
     let mut fair_pools = std::collections::HashSet::new();
@@ -317,6 +324,7 @@ async fn handle_batch(ctx: &Ctx, mut items: Vec<Item>, slot: Slot) -> Result<(),
                 if !publish {
                     continue;
                 }
+                needs_flush = true;
                 let d = Dispatch {
                     id: t.id.clone(),
                     pool: t.pool.clone(),
@@ -353,6 +361,7 @@ async fn handle_batch(ctx: &Ctx, mut items: Vec<Item>, slot: Slot) -> Result<(),
             }
             Verdict::Wait => ackable[i] = false,
             Verdict::Reject(r, _) => {
+                needs_flush = true;
                 let Some(row) = rejections.get(&i) else {
                     continue;
                 };
@@ -403,7 +412,13 @@ async fn handle_batch(ctx: &Ctx, mut items: Vec<Item>, slot: Slot) -> Result<(),
                 .into_iter()
                 .map(|(i, f)| async move { (i, f.await) }),
         ),
-        ctx.wal_flush.wait(&ctx.db, &incarnations),
+        async {
+            if needs_flush {
+                ctx.wal_flush.wait(&ctx.db, &incarnations).await
+            } else {
+                Ok(())
+            }
+        },
     );
     for (i, r) in results {
         if let Err(e) = r {

@@ -17,6 +17,12 @@
 //! 2,000 tasks/s that is about 43 waits a second (three cheap queries each) instead of one
 //! disk flush per admission batch (about 900 a second), and the acks come 10–20 ms later.
 //!
+//! A batch whose messages are all duplicates of tasks recorded by other messages acks without
+//! waiting: it wrote nothing and publishes nothing, and each of those other messages is acked
+//! only once its own row is durable (a lost row means that message is redelivered and admitted
+//! again, and the duplicate stays dropped). Before, a burst of repeated ids was acked at one
+//! batch per flush (about 35 messages a second here).
+//!
 //! What a PostgreSQL crash can do now: the rows of batches whose flush had not completed are
 //! lost although their work was published. A flush that ends after the crash must not vouch
 //! for them, so every statement of a batch also reads the server's incarnation token, kept in
