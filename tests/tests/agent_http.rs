@@ -45,15 +45,22 @@ async fn agent_serves_health_and_metrics_and_is_unready_while_draining() {
     let mut cfg = AgentConfig::new(s.nats.url(), "default");
     cfg.agent_id = "metered".into();
     cfg.http_listen = Some(addr);
-    cfg.grace = Duration::from_secs(10);
-    let agent = Agent::new(cfg, |t: TaskContext| async move {
-        match t.kind.as_str() {
-            "fail" => Err(TaskError::Fatal("no".into())),
-            "sleep" => {
-                tokio::time::sleep(Duration::from_millis(1500)).await;
-                Ok(json!(null))
+    cfg.grace = Duration::from_secs(20);
+    // The draining task runs until the test has seen the agent unready and still alive (a
+    // fixed sleep could end first on a loaded machine, and the agent would be gone).
+    let release = std::sync::Arc::new(tokio::sync::Semaphore::new(0));
+    let gate = release.clone();
+    let agent = Agent::new(cfg, move |t: TaskContext| {
+        let gate = gate.clone();
+        async move {
+            match t.kind.as_str() {
+                "fail" => Err(TaskError::Fatal("no".into())),
+                "sleep" => {
+                    let _ = gate.acquire().await;
+                    Ok(json!(null))
+                }
+                _ => Ok(t.payload),
             }
-            _ => Ok(t.payload),
         }
     });
     let stats = agent.stats();
@@ -134,6 +141,7 @@ async fn agent_serves_health_and_metrics_and_is_unready_while_draining() {
         200,
         "alive while draining"
     );
+    release.add_permits(1);
     run.await.unwrap().expect("agent stops cleanly");
     s.wait_status("m-drain", "succeeded", T).await;
     assert!(
