@@ -203,6 +203,24 @@ pub fn python_with_nats_or_skip() -> Option<std::path::PathBuf> {
     found
 }
 
+/// `python -m taskbus_agent default sdk_handlers:handle`: the Python agent SDK (sdk/python)
+/// serving pool `default` with the handlers of tests/python/sdk_handlers.py, killed on drop.
+pub fn python_sdk_agent(python: &std::path::Path) -> tokio::process::Command {
+    let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let mut c = tokio::process::Command::new(python);
+    c.args(["-m", "taskbus_agent", "default", "sdk_handlers:handle"])
+        .env(
+            "PYTHONPATH",
+            format!(
+                "{}:{}",
+                root.join("sdk/python").display(),
+                root.join("tests/python").display()
+            ),
+        )
+        .kill_on_drop(true);
+    c
+}
+
 /// Path of a workspace binary built beside the test executable (`target/<profile>/<name>`).
 /// scripts/test.sh builds them first (`cargo build --workspace --bins`): cargo builds a
 /// package's binaries only for that package's own integration tests.

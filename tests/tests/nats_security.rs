@@ -131,14 +131,19 @@ async fn token_and_user_password_from_flags_or_url() {
     .await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn nkey_seed_file() {
-    let user = nkeys::KeyPair::new_user();
-    let nats = server(format!(
+/// A server whose one user is the nkey `user`.
+async fn nkey_server(user: &nkeys::KeyPair) -> NatsServer {
+    server(format!(
         "authorization {{ users: [ {{ nkey: {} }} ] }}",
         user.public_key()
     ))
-    .await;
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nkey_seed_file() {
+    let user = nkeys::KeyPair::new_user();
+    let nats = nkey_server(&user).await;
     let seed = temp_file(&format!("{}\n", user.seed().unwrap()));
     let auth = |p: &std::path::Path| NatsAuth {
         nkey: Some(p.into()),
@@ -658,21 +663,10 @@ fn py_agent(
     args: &[&str],
     env: &[(&str, &str)],
 ) -> tokio::process::Command {
-    let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
-    let mut c = tokio::process::Command::new(python);
-    c.args(["-m", "taskbus_agent", "default", "sdk_handlers:handle"])
-        .args(args)
-        .env(
-            "PYTHONPATH",
-            format!(
-                "{}:{}",
-                root.join("sdk/python").display(),
-                root.join("tests/python").display()
-            ),
-        )
+    let mut c = taskbus_tests::python_sdk_agent(python);
+    c.args(args)
         .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true);
+        .stderr(std::process::Stdio::piped());
     for v in [
         "URL",
         "CREDS",
@@ -885,11 +879,7 @@ async fn the_python_sdk_connects_with_tls_tokens_and_creds_files() {
 
     // An nkey user, the seed's file named by the variable.
     let user = nkeys::KeyPair::new_user();
-    let nkey_server = server(format!(
-        "authorization {{ users: [ {{ nkey: {} }} ] }}",
-        user.public_key()
-    ))
-    .await;
+    let nkey_server = nkey_server(&user).await;
     let seed = temp_file(&format!("{}\n", user.seed().unwrap()));
     let (nkey_url, seed_path) = (nkey_server.url(), seed.path().display().to_string());
     let env = [

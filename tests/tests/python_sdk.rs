@@ -5,7 +5,6 @@
 //! passed, heartbeats, cancellation of a running and of a queued task, and SIGTERM handing back
 //! a task that outlives the grace period. Needs python3 with nats-py, like python_agent.rs.
 
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -24,21 +23,12 @@ struct PyAgent {
 }
 
 impl PyAgent {
-    fn start(python: &PathBuf, s: &Stack, args: &[&str], env: &[(&str, &str)]) -> Self {
-        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
-        let path = format!(
-            "{}:{}",
-            root.join("sdk/python").display(),
-            root.join("tests/python").display()
-        );
-        let mut child = tokio::process::Command::new(python)
-            .args(["-m", "taskbus_agent", "default", "sdk_handlers:handle"])
+    fn start(python: &std::path::Path, s: &Stack, args: &[&str], env: &[(&str, &str)]) -> Self {
+        let mut child = taskbus_tests::python_sdk_agent(python)
             .args(args)
-            .env("PYTHONPATH", path)
             .env("TASKBUS_NATS_URL", s.nats.url())
             .envs(env.iter().copied())
             .stdout(std::process::Stdio::piped())
-            .kill_on_drop(true)
             .spawn()
             .expect("start the Python SDK agent");
         let lines = Arc::new(Mutex::new(Vec::new()));

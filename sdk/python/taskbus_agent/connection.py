@@ -279,7 +279,8 @@ class NatsSettings:
 
     @property
     def display_url(self) -> str:
-        return redact_url(",".join(self.urls))
+        """The URLs for messages (credentials were taken out of them by :meth:`resolve`)."""
+        return ",".join(self.urls)
 
     def ssl_context(self) -> Optional[ssl.SSLContext]:
         """The TLS context to connect with (None: nats-py's default, used only if the server

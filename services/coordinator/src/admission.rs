@@ -284,13 +284,10 @@ async fn handle_batch(ctx: &Ctx, mut items: Vec<Item>, slot: Slot) -> Result<(),
     store::insert_rejected(&ctx.db_admit, &rekeyed, &mut incarnations).await?;
 
     // 3. Publish work and rejected events, all in flight at once.
-    // Whether acking depends on rows this batch wrote or will act on being durable: not when
-    // every message is a duplicate of a task recorded by another message (whose own ack waits
-    // for its row), so a burst of duplicates is not held up by WAL flushes.
-    let mut needs_flush = !inserted.is_empty()
-        || !rej_inserted.is_empty()
-        || !rekeyed.is_empty()
-        || !admitted_earlier.is_empty();
+    // Whether acking waits for the WAL flush (`crate::flush`): it does for every message that
+    // wrote or relies on its own row, not for a duplicate of a task another message recorded
+    // (whose own ack waits for that row), so a burst of duplicates is not held up by flushes.
+    let mut needs_flush = false;
     let now = Utc::now();
     let mut pending = Vec::new(); // (item index, ack future)
     let mut fair_pools = std::collections::HashSet::new();
@@ -301,6 +298,7 @@ async fn handle_batch(ctx: &Ctx, mut items: Vec<Item>, slot: Slot) -> Result<(),
                 let first_in_batch = envelopes.contains_key(&i);
                 let held = held_by_fairness(ctx, t);
                 let publish = if first_in_batch && inserted.contains(&t.id) {
+                    needs_flush = true;
                     ctx.metrics.admitted.inc();
                     if held {
                         fair_pools.insert(t.pool.clone());
@@ -312,6 +310,7 @@ async fn handle_batch(ctx: &Ctx, mut items: Vec<Item>, slot: Slot) -> Result<(),
                         Some((Some(seq), status, _, _))
                             if first_in_batch && *seq == it.seq as i64 =>
                         {
+                            needs_flush = true;
                             status == "queued"
                         }
                         _ => {
@@ -324,7 +323,6 @@ async fn handle_batch(ctx: &Ctx, mut items: Vec<Item>, slot: Slot) -> Result<(),
                 if !publish {
                     continue;
                 }
-                needs_flush = true;
                 let d = Dispatch {
                     id: t.id.clone(),
                     pool: t.pool.clone(),
